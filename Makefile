@@ -1,0 +1,28 @@
+# Every target sets up .venv idempotently first (re-installs only when the lock files change).
+SHELL := /bin/bash
+PY := .venv/bin/python
+STAMP := .venv/.feedrec-installed
+
+.PHONY: venv demo test lint format clean-run
+
+venv: $(STAMP)
+
+$(STAMP): requirements/cpu.lock.txt requirements/cpu-nodeps.txt pyproject.toml
+	test -x $(PY) || python3 -m venv .venv
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -r requirements/cpu.lock.txt
+	$(PY) -m pip install -q --no-deps -r requirements/cpu-nodeps.txt
+	$(PY) -m pip install -q --no-deps --no-build-isolation -e .
+	touch $(STAMP)
+
+# The main job: the whole pipeline on the `small` preset, then feeds over HTTP, then shutdown.
+demo: venv
+	$(PY) -m jobs.demo --preset small
+
+test: venv
+	$(PY) -m pytest tests -x -q
+
+lint: venv
+	.venv/bin/ruff check libs apps jobs tests bench
+	.venv/bin/ruff format --check libs apps jobs tests bench
+	.venv/bin/mypy libs

@@ -1,0 +1,281 @@
+"""Preprocess with Ray Data: sharded logs -> point-in-time features, vocabularies, splits, examples.
+
+Pipeline (streaming; only per-entity daily sums ever reach the driver):
+
+1. read ``logs/day=D/*.parquet`` (hive partitions),
+2. ``map_batches``: partial daily sums per user, user x topic, post and creator,
+3. driver: fold the sums into :class:`FeatureTables` (trailing windows over *earlier* days only),
+4. ``map_batches``: the point-in-time join (:meth:`FeatureTables.lookup`) + split label,
+5. write ``examples/split={train,valid,test}/`` and the retrieval positives ``pairs/``.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import ray
+import ray.data
+from feedrec.data.examples import EXAMPLE_SCHEMA, arrow_from_columns
+from feedrec.features.tables import (
+    CREATOR_STATS,
+    POST_STATS,
+    USER_STATS,
+    USER_TOPIC_STATS,
+    EntityAttributes,
+    FeatureTables,
+)
+from feedrec.features.vocabulary import Vocabularies, Vocabulary
+from feedrec.schema.registry import LABELS, TABLES
+from feedrec.world.generator import load_world_config
+from feedrec.world.layout import WorldLayout
+from ray.data import SaveMode
+
+SPLITS = ("train", "valid", "test")
+#: Engagements that make a (user, post) pair a retrieval positive.
+POSITIVE_LABELS = ("like", "comment", "share")
+
+
+@dataclass(frozen=True)
+class PreprocessConfig:
+    """Args: world_dir: a generated world; out_dir: where outputs go; valid/test_days: the last
+    days of the log held out (time-based split)."""
+
+    world_dir: Path
+    out_dir: Path
+    valid_days: int = 1
+    test_days: int = 1
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        if self.valid_days < 1 or self.test_days < 1:
+            raise ValueError("preprocess config: valid_days and test_days must be >= 1")
+
+
+@dataclass(frozen=True)
+class PreprocessLayout:
+    """Outputs of the preprocess job."""
+
+    root: Path
+
+    @property
+    def tables(self) -> Path:
+        return self.root / "feature_tables.npz"
+
+    @property
+    def vocabularies(self) -> Path:
+        return self.root / "vocabularies.npz"
+
+    def examples(self, split: str) -> Path:
+        if split not in SPLITS:
+            raise ValueError(f"unknown split {split!r}; expected one of {SPLITS}")
+        return self.root / "examples" / f"split={split}"
+
+    @property
+    def pairs(self) -> Path:
+        return self.root / "pairs"
+
+    @property
+    def meta(self) -> Path:
+        return self.root / "meta.json"
+
+    def read_meta(self) -> dict[str, Any]:
+        return dict(json.loads(self.meta.read_text()))
+
+
+def read_logs(world: WorldLayout) -> ray.data.Dataset:
+    """The sharded impression logs as a Ray Dataset (``day`` from the hive partition)."""
+    return ray.data.read_parquet(
+        str(world.logs),
+        partitioning=ray.data.datasource.Partitioning("hive", field_types={"day": int}),
+    )
+
+
+def load_entity_attributes(world: WorldLayout) -> EntityAttributes:
+    users = pq.read_table(world.users).to_pydict()
+    posts = pq.read_table(world.posts)
+    creators = pq.read_table(world.creators)
+    content = posts.column("content_emb").combine_chunks()
+    dim = content.type.list_size
+    return EntityAttributes(
+        user_segment=np.asarray(users["user_segment"], dtype=np.int64),
+        post_creator=posts.column("creator_id").to_numpy(),
+        post_topic=posts.column("topic").to_numpy(),
+        post_media=posts.column("media_type").to_numpy(),
+        post_created_at=posts.column("created_at").to_numpy(),
+        post_content=content.flatten().to_numpy().reshape(-1, dim).astype(np.float32),
+        creator_followers=creators.column("followers").to_numpy().astype(np.float32),
+    )
+
+
+#: Which log column each aggregated statistic sums ("imps" counts rows).
+_STAT_SOURCE = {
+    "imps": None,
+    "likes": "like",
+    "comments": "comment",
+    "shares": "share",
+    "hides": "hide",
+    "dwell": "dwell",
+}
+
+
+def _accumulate(
+    into: np.ndarray, batch: dict[str, np.ndarray], keys: tuple[str, ...], stats: tuple[str, ...]
+) -> None:
+    """``into[keys..., stat] += batch sums`` (unbuffered, so repeated keys add up)."""
+    n = len(batch["user_id"])
+    values = np.stack(
+        [
+            np.ones(n) if _STAT_SOURCE[s] is None else np.asarray(batch[_STAT_SOURCE[s]], float)
+            for s in stats
+        ],
+        axis=1,
+    )
+    np.add.at(into, tuple(np.asarray(batch[k], np.int64) for k in keys), values)
+
+
+@dataclass(frozen=True)
+class DailySums:
+    """Per-day sums from the logs. Shapes: user [D, U, 6], user_topic [D, U, T, 2],
+    post [D, P, 6], creator [D, C, 3] (stat order: ``feedrec.features.tables``)."""
+
+    user: np.ndarray
+    user_topic: np.ndarray
+    post: np.ndarray
+    creator: np.ndarray
+
+
+def daily_sums(
+    logs: ray.data.Dataset, attrs: EntityAttributes, n_days: int, n_topics: int
+) -> DailySums:
+    """Partial sums in Ray Data ``map_batches``, folded on the driver batch by batch."""
+    post_topic, post_creator = ray.put(attrs.post_topic), ray.put(attrs.post_creator)
+    needed = ("user_id", "post_id", "day", *LABELS)
+
+    def with_entities(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        out = {k: batch[k] for k in needed}
+        out["topic"] = ray.get(post_topic)[batch["post_id"]]
+        out["creator_id"] = ray.get(post_creator)[batch["post_id"]]
+        return out
+
+    # Each batch is folded as it arrives: the driver never holds more than one batch of logs.
+    sums = DailySums(
+        user=np.zeros((n_days, attrs.n_users, len(USER_STATS))),
+        user_topic=np.zeros((n_days, attrs.n_users, n_topics, len(USER_TOPIC_STATS))),
+        post=np.zeros((n_days, attrs.n_posts, len(POST_STATS))),
+        creator=np.zeros((n_days, len(attrs.creator_followers), len(CREATOR_STATS))),
+    )
+    stream = logs.select_columns(list(needed)).map_batches(with_entities, batch_format="numpy")
+    for b in stream.iter_batches(batch_size=65536, batch_format="numpy"):
+        _accumulate(sums.user, b, ("day", "user_id"), USER_STATS)
+        _accumulate(sums.user_topic, b, ("day", "user_id", "topic"), USER_TOPIC_STATS)
+        _accumulate(sums.post, b, ("day", "post_id"), POST_STATS)
+        _accumulate(sums.creator, b, ("day", "creator_id"), CREATOR_STATS)
+    return sums
+
+
+def fit_vocabularies(sums: DailySums, attrs: EntityAttributes, train_days: int) -> Vocabularies:
+    """Vocabularies of the entities seen in the training days only."""
+    users = np.flatnonzero(sums.user[:train_days, :, 0].sum(axis=0) > 0)
+    posts = np.flatnonzero(sums.post[:train_days, :, 0].sum(axis=0) > 0)
+    creators = np.flatnonzero(sums.creator[:train_days, :, 0].sum(axis=0) > 0)
+    vocabs = {
+        "user_id": Vocabulary.fit(users),
+        "user_segment": Vocabulary.fit(attrs.user_segment[users]),
+        "post_id": Vocabulary.fit(posts),
+        "creator_id": Vocabulary.fit(creators),
+        "topic": Vocabulary.fit(attrs.post_topic[posts]),
+        "media_type": Vocabulary.fit(attrs.post_media[posts]),
+    }
+    return Vocabularies({t.vocab: vocabs[t.vocab] for t in TABLES})
+
+
+def split_of(day: np.ndarray, n_days: int, valid_days: int, test_days: int) -> np.ndarray:
+    """Time-based split label per row: the last days are test, the ones before valid."""
+    test_start = n_days - test_days
+    valid_start = test_start - valid_days
+    return np.where(day >= test_start, "test", np.where(day >= valid_start, "valid", "train"))
+
+
+def join_examples(
+    batch: dict[str, np.ndarray], tables: FeatureTables, split: np.ndarray
+) -> dict[str, np.ndarray]:
+    """Logged impressions -> example columns (raw features as of the impression, labels)."""
+    out = tables.lookup(
+        batch["user_id"], batch["post_id"], batch["day"], batch["ts"], batch["position"]
+    )
+    out.update({label: np.asarray(batch[label], np.float32) for label in LABELS})
+    for name in ("impression_id", "day", "ts", "propensity"):
+        out[name] = batch[name]
+    out["split"] = split
+    return out
+
+
+def run_preprocess(cfg: PreprocessConfig) -> PreprocessLayout:
+    """Run the whole preprocess job (Ray must be initialised). Re-running overwrites outputs."""
+    started = time.perf_counter()
+    ray.data.DataContext.get_current().enable_progress_bars = cfg.progress
+    world = WorldLayout(Path(cfg.world_dir))
+    world_cfg = load_world_config(world)
+    out = PreprocessLayout(Path(cfg.out_dir))
+    out.root.mkdir(parents=True, exist_ok=True)
+    n_days = world_cfg.n_days
+    train_days = n_days - cfg.valid_days - cfg.test_days
+    if train_days < 1:
+        raise ValueError(f"preprocess: {n_days} days leave no training day")
+
+    attrs = load_entity_attributes(world)
+    logs = read_logs(world)
+    sums = daily_sums(logs, attrs, n_days, world_cfg.n_topics)
+    tables = FeatureTables.from_daily(
+        attrs,
+        user_daily=sums.user,
+        user_topic_daily=sums.user_topic,
+        post_daily=sums.post,
+        creator_daily=sums.creator,
+    )
+    vocabs = fit_vocabularies(sums, attrs, train_days)
+    tables.save(out.tables)
+    vocabs.save(out.vocabularies)
+
+    tables_ref = ray.put(tables)
+    schema = EXAMPLE_SCHEMA.append(pa.field("split", pa.string()))
+
+    def to_examples(batch: dict[str, np.ndarray]) -> pa.Table:
+        split = split_of(batch["day"], n_days, cfg.valid_days, cfg.test_days)
+        return arrow_from_columns(join_examples(batch, ray.get(tables_ref), split), schema)
+
+    examples = logs.map_batches(to_examples, batch_format="numpy", batch_size=16384)
+    examples.write_parquet(
+        str(out.root / "examples"), partition_cols=["split"], mode=SaveMode.OVERWRITE
+    )
+    positive = " or ".join(f"{label} > 0" for label in POSITIVE_LABELS)
+    pairs = ray.data.read_parquet(str(out.examples("train"))).filter(expr=positive)
+    pairs.write_parquet(str(out.pairs), mode=SaveMode.OVERWRITE)
+
+    counts = {s: _count_rows(out.examples(s)) for s in SPLITS}
+    meta = {
+        "config": {k: str(v) for k, v in asdict(cfg).items()},
+        "world": world_cfg.to_dict(),
+        "n_days": n_days,
+        "train_days": list(range(train_days)),
+        "valid_days": list(range(train_days, n_days - cfg.test_days)),
+        "test_days": list(range(n_days - cfg.test_days, n_days)),
+        "serving_day": n_days,
+        "rows": counts,
+        "pairs": _count_rows(out.pairs),
+        "vocab_rows": vocabs.num_rows(),
+        "seconds": round(time.perf_counter() - started, 1),
+    }
+    out.meta.write_text(json.dumps(meta, indent=2))
+    return out
+
+
+def _count_rows(path: Path) -> int:
+    return sum(pq.ParquetFile(f).metadata.num_rows for f in sorted(path.rglob("*.parquet")))

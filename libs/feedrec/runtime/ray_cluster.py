@@ -1,0 +1,46 @@
+"""Connect to a Ray cluster, or start a local one bound to loopback."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import ray
+
+#: Logical CPUs of a local cluster. More than the 2 physical cores of a laptop on purpose: two
+#: training workers at 1 CPU each would otherwise leave nothing for Ray Data and starve it.
+LOCAL_LOGICAL_CPUS = 4
+
+
+def _repo_root() -> Path:
+    # libs/feedrec/runtime/ray_cluster.py -> repo root (apps/ and jobs/ live there)
+    return Path(__file__).resolve().parents[3]
+
+
+def init_ray(address: str | None = None, *, num_cpus: int | None = None) -> None:
+    """Connect to ``address`` (or ``$RAY_ADDRESS``), else start a local loopback-only cluster.
+
+    Workers get the repo's ``libs/`` and root on ``PYTHONPATH`` so that ``feedrec.*`` and the Serve
+    app under ``apps/`` import the same way on a laptop and under ``ray job submit``.
+    """
+    if ray.is_initialized():
+        return
+    root = _repo_root()
+    pythonpath = os.pathsep.join(
+        p for p in (str(root / "libs"), str(root), os.environ.get("PYTHONPATH", "")) if p
+    )
+    runtime_env = {"env_vars": {"PYTHONPATH": pythonpath, "OMP_NUM_THREADS": "1"}}
+    address = address or os.environ.get("RAY_ADDRESS")
+    if address:
+        ray.init(address=address, runtime_env=runtime_env, log_to_driver=True)
+        return
+    # Without this variable Ray replaces 127.0.0.1 by the host's address and listens on 0.0.0.0.
+    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+    os.environ["PYTHONPATH"] = pythonpath
+    ray.init(
+        num_cpus=num_cpus or max(LOCAL_LOGICAL_CPUS, os.cpu_count() or 1),
+        include_dashboard=False,
+        _node_ip_address="127.0.0.1",
+        runtime_env=runtime_env,
+        log_to_driver=True,
+    )

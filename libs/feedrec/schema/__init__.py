@@ -1,0 +1,41 @@
+"""The feature registry: the one place feature names, dims, pooling and vocabs are declared."""
+
+from feedrec.schema.registry import (
+    DENSE_FEATURES,
+    HISTORY_LEN,
+    LABELS,
+    RAW_COLUMNS,
+    SPARSE_FEATURES,
+    TABLES,
+    TASKS,
+    DenseFeature,
+    ModelPart,
+    RawColumn,
+    SparseFeature,
+    TableSpec,
+    dense_dim,
+    dense_features,
+    example_arrow_schema,
+    sparse_features,
+    tables_for,
+)
+
+__all__ = [
+    "DENSE_FEATURES",
+    "HISTORY_LEN",
+    "LABELS",
+    "RAW_COLUMNS",
+    "SPARSE_FEATURES",
+    "TABLES",
+    "TASKS",
+    "DenseFeature",
+    "ModelPart",
+    "RawColumn",
+    "SparseFeature",
+    "TableSpec",
+    "dense_dim",
+    "dense_features",
+    "example_arrow_schema",
+    "sparse_features",
+    "tables_for",
+]

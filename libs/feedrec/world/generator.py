@@ -1,0 +1,249 @@
+"""Generate a synthetic feed world: entities, follow graph and day-partitioned impression logs."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+from feedrec.schema.registry import CONTENT_DIM
+from feedrec.world.config import WorldConfig
+from feedrec.world.layout import WorldLayout
+from feedrec.world.truth import (
+    BINARY_TASKS,
+    DWELL_SIGMA,
+    LATENT_DIM,
+    MEDIA_VIDEO,
+    N_MEDIA,
+    N_SEGMENTS,
+    GroundTruth,
+)
+from tqdm import tqdm
+
+# How strongly the logging policy follows its (noisy) view of the user's interests and of creator
+# popularity. It is deliberately imperfect so that a learned ranker has something to improve on.
+POLICY_INTEREST_WEIGHT = 1.0
+POLICY_INTEREST_NOISE = 1.0
+POLICY_POPULARITY_WEIGHT = 0.3
+POLICY_FRESHNESS_WEIGHT = 0.3
+
+
+def _entities(
+    cfg: WorldConfig, rng: np.random.Generator
+) -> tuple[GroundTruth, dict[str, np.ndarray]]:
+    t, u, c, p = cfg.n_topics, cfg.n_users, cfg.n_creators, cfg.n_posts
+    theta = rng.dirichlet(np.full(t, 0.3), size=u).astype(np.float32)
+    z_user = rng.standard_normal((u, LATENT_DIM), dtype=np.float32)
+    segment = rng.integers(0, N_SEGMENTS, size=u)
+    activity = rng.lognormal(0.0, 0.8, size=u)
+    signup_day = np.where(
+        rng.random(u) < cfg.new_user_frac, rng.integers(1, cfg.n_days, size=u), 0
+    ).astype(np.int64)
+
+    quality = rng.normal(0.0, 0.5, size=c).astype(np.float32)
+    main_topic = rng.integers(0, t, size=c)
+    creator_activity = rng.lognormal(0.0, 1.0, size=c)
+
+    # Every creator has at least one post; the rest follow creator activity.
+    creator = np.concatenate(
+        [np.arange(c), rng.choice(c, size=p - c, p=creator_activity / creator_activity.sum())]
+    )
+    rng.shuffle(creator)
+    topic = np.where(rng.random(p) < 0.75, main_topic[creator], rng.integers(0, t, size=p))
+    media = rng.choice(N_MEDIA, size=p, p=[0.5, 0.3, 0.2])
+    created_at = rng.uniform(-cfg.post_lifetime_days, cfg.n_days, size=p)
+    z_post = rng.standard_normal((p, LATENT_DIM), dtype=np.float32)
+    media_pref = rng.normal(0.0, 1.0, size=(N_SEGMENTS, N_MEDIA)).astype(np.float32)
+
+    # Content embedding: topic centroid + a projection of the latent taste + noise, unit norm.
+    centroids = rng.standard_normal((t, CONTENT_DIM), dtype=np.float32)
+    proj = rng.standard_normal((LATENT_DIM, CONTENT_DIM), dtype=np.float32) / np.sqrt(LATENT_DIM)
+    noise = rng.standard_normal((p, CONTENT_DIM), dtype=np.float32)
+    content = centroids[topic] + 0.7 * z_post @ proj + 0.5 * noise
+    content /= np.linalg.norm(content, axis=1, keepdims=True)
+
+    truth = GroundTruth(
+        theta=theta,
+        z_user=z_user,
+        segment=segment,
+        z_post=z_post,
+        topic=topic,
+        media=media,
+        creator=creator,
+        created_at=created_at,
+        quality=quality,
+        media_pref=media_pref,
+    )
+    extra = {
+        "activity": activity,
+        "signup_day": signup_day,
+        "main_topic": main_topic,
+        "creator_activity": creator_activity,
+        "content": content.astype(np.float32),
+    }
+    return truth, extra
+
+
+def _follows(
+    cfg: WorldConfig, rng: np.random.Generator, truth: GroundTruth, main_topic: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
+    """Follows: a topic drawn from the user's interests, then a creator of it by quality."""
+    n_follow = rng.poisson(cfg.follows_per_user, size=cfg.n_users)
+    users = np.repeat(np.arange(cfg.n_users), n_follow)
+    cum_theta = np.cumsum(truth.theta[users], axis=1)
+    topics = (cum_theta < rng.random((len(users), 1)) * cum_theta[:, -1:]).sum(axis=1)
+    topics = np.minimum(topics, cfg.n_topics - 1)
+    order = np.argsort(main_topic, kind="stable")
+    weights = np.exp(truth.quality[order]).astype(np.float64)
+    cum = np.cumsum(weights)
+    start = np.searchsorted(main_topic[order], np.arange(cfg.n_topics), side="left")
+    end = np.searchsorted(main_topic[order], np.arange(cfg.n_topics), side="right")
+    has = end[topics] > start[topics]
+    users, topics = users[has], topics[has]
+    lo = np.where(start[topics] > 0, cum[np.maximum(start[topics] - 1, 0)], 0.0)
+    hi = cum[end[topics] - 1]
+    picked = np.searchsorted(cum, lo + rng.random(len(users)) * (hi - lo), side="right")
+    creators = order[np.minimum(picked, end[topics] - 1)]
+    keys = np.unique(users.astype(np.int64) * cfg.n_creators + creators)
+    return keys // cfg.n_creators, keys % cfg.n_creators
+
+
+def _write_table(path: Path, columns: dict[str, np.ndarray]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    arrays = {}
+    for name, col in columns.items():
+        if col.ndim == 2:
+            flat = pa.array(col.reshape(-1))
+            arrays[name] = pa.FixedSizeListArray.from_arrays(flat, col.shape[1])
+        else:
+            arrays[name] = pa.array(col)
+    pq.write_table(pa.table(arrays), path)
+
+
+def _simulate_day(
+    day: int,
+    cfg: WorldConfig,
+    rng: np.random.Generator,
+    truth: GroundTruth,
+    extra: dict[str, np.ndarray],
+    follow_keys: np.ndarray,
+    followers: np.ndarray,
+) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+    """One day of sessions under the logging policy. Returns (log columns, truth columns).
+
+    The day is not a column: it is the hive partition (``logs/day=D/``) the files are written to.
+    """
+    eligible = np.flatnonzero(
+        (truth.created_at < day) & (truth.created_at >= day - cfg.post_lifetime_days)
+    )
+    active = np.flatnonzero(extra["signup_day"] <= day)
+    weights = extra["activity"][active]
+    n_sess = cfg.sessions_per_day
+    users = active[rng.choice(len(active), size=n_sess, p=weights / weights.sum())]
+    ts = day + np.sort(rng.random(n_sess))
+
+    pool_size = min(cfg.pool_size, len(eligible))
+    pool = eligible[rng.integers(0, len(eligible), size=(n_sess, pool_size))]
+    keys = users[:, None].astype(np.int64) * cfg.n_creators + truth.creator[pool]
+    idx = np.minimum(np.searchsorted(follow_keys, keys), max(len(follow_keys) - 1, 0))
+    followed = (follow_keys[idx] == keys) if len(follow_keys) else np.zeros_like(keys, bool)
+
+    noisy_interest = np.log(truth.theta[users[:, None], truth.topic[pool]] + 0.02)
+    noisy_interest += rng.normal(0.0, POLICY_INTEREST_NOISE, size=pool.shape)
+    age = ts[:, None] - truth.created_at[pool]
+    score = (
+        POLICY_INTEREST_WEIGHT * noisy_interest
+        + POLICY_POPULARITY_WEIGHT * np.log1p(followers[truth.creator[pool]])
+        - POLICY_FRESHNESS_WEIGHT * age
+    )
+    score = np.where(followed, -np.inf, score)
+    logp = score - score.max(axis=1, keepdims=True)
+    logp -= np.log(np.exp(logp).sum(axis=1, keepdims=True))
+    # Gumbel top-k = sampling session_len posts without replacement from softmax(score).
+    gumbel = logp - np.log(-np.log(rng.random(pool.shape)))
+    top = np.argsort(-gumbel, axis=1)[:, : cfg.session_len]
+    rows = np.arange(n_sess)[:, None]
+    posts = pool[rows, top]
+    # Probability that this post is the policy's draw for a slot: pool inclusion x softmax share.
+    propensity = np.exp(logp[rows, top]) * pool_size / len(eligible)
+    keep = np.isfinite(logp[rows, top])  # never log a followed creator's post as a suggestion
+
+    position = np.broadcast_to(np.arange(cfg.session_len), posts.shape)
+    u, p = np.broadcast_to(users[:, None], posts.shape)[keep], posts[keep]
+    t = np.broadcast_to(ts[:, None], posts.shape)[keep]
+    pos = position[keep]
+    prob = truth.probabilities(u, p, t, pos)
+    view = rng.random(len(u)) < prob["view"]
+    labels: dict[str, np.ndarray] = {"view": view.astype(np.int8)}
+    for task in BINARY_TASKS:
+        labels[task] = (view & (rng.random(len(u)) * prob["view"] < prob[task])).astype(np.int8)
+    is_video = (truth.media[p] == MEDIA_VIDEO).astype(np.float64)
+    mu = GroundTruth.dwell_mu(truth.affinity(u, p), is_video)
+    dwell = np.where(view, rng.lognormal(mu, DWELL_SIGMA), 0.0).astype(np.float32)
+
+    first_id = day * cfg.sessions_per_day * cfg.session_len
+    impression_id = first_id + np.flatnonzero(keep.reshape(-1)).astype(np.int64)
+    logs = {
+        "impression_id": impression_id,
+        "ts": t.astype(np.float64),
+        "user_id": u.astype(np.int64),
+        "post_id": p.astype(np.int64),
+        "position": pos.astype(np.int64),
+        "propensity": propensity[keep].astype(np.float32),
+        **labels,
+        "dwell": dwell,
+    }
+    truth_cols = {"impression_id": impression_id}
+    truth_cols.update({f"p_{k}": v.astype(np.float32) for k, v in prob.items() if k != "dwell"})
+    truth_cols["e_dwell"] = prob["dwell"].astype(np.float32)
+    return logs, truth_cols
+
+
+def generate_world(cfg: WorldConfig, out_dir: Path, *, progress: bool = True) -> WorldLayout:
+    """Write a world to ``out_dir`` (see :class:`WorldLayout`). Deterministic given ``cfg``."""
+    layout = WorldLayout(Path(out_dir))
+    rng = np.random.default_rng(cfg.seed)
+    truth, extra = _entities(cfg, rng)
+    f_users, f_creators = _follows(cfg, rng, truth, extra["main_topic"])
+    follow_keys = f_users * cfg.n_creators + f_creators  # sorted by construction
+    followers = np.bincount(f_creators, minlength=cfg.n_creators).astype(np.float32)
+
+    _write_table(
+        layout.users,
+        {
+            "user_id": np.arange(cfg.n_users, dtype=np.int64),
+            "user_segment": truth.segment.astype(np.int64),
+            "signup_day": extra["signup_day"],
+        },
+    )
+    _write_table(
+        layout.posts,
+        {
+            "post_id": np.arange(cfg.n_posts, dtype=np.int64),
+            "creator_id": truth.creator.astype(np.int64),
+            "topic": truth.topic.astype(np.int64),
+            "media_type": truth.media.astype(np.int64),
+            "created_at": truth.created_at.astype(np.float64),
+            "content_emb": extra["content"],
+        },
+    )
+    _write_table(
+        layout.creators,
+        {"creator_id": np.arange(cfg.n_creators, dtype=np.int64), "followers": followers},
+    )
+    _write_table(layout.follows, {"user_id": f_users, "creator_id": f_creators})
+    truth.save(layout.latent)
+
+    for day in tqdm(range(cfg.n_days), desc="generate days", disable=not progress):
+        logs, truth_cols = _simulate_day(day, cfg, rng, truth, extra, follow_keys, followers)
+        _write_table(layout.log_day(day) / "part-0.parquet", logs)
+        _write_table(layout.truth_impressions / f"day={day}" / "part-0.parquet", truth_cols)
+    layout.config.write_text(json.dumps(cfg.to_dict(), indent=2))
+    return layout
+
+
+def load_world_config(layout: WorldLayout) -> WorldConfig:
+    """The config a world was generated with."""
+    return WorldConfig(**json.loads(layout.config.read_text()))
