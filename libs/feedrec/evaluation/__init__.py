@@ -1,0 +1,1 @@
+"""Offline evaluation: metrics, oracle and popularity comparisons, the HTML report."""

@@ -1,0 +1,1 @@
+"""TorchRec models: the served modules and the ``...Train`` wrappers that own the losses."""

@@ -1,0 +1,97 @@
+"""Two-tower retrieval model and ``TwoTowerTrain`` (in-batch negatives) which owns its loss."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from feedrec.models.batch import PairBatch
+from feedrec.models.embeddings import embedding_bag_collection, pooled_dim
+from feedrec.schema.registry import ModelPart, dense_dim
+from torch import nn
+from torchrec.modules.mlp import MLP
+from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
+
+
+@dataclass(frozen=True)
+class TwoTowerConfig:
+    """Args: num_rows per table; tower MLP sizes; output embedding dim; softmax temperature."""
+
+    num_rows: dict[str, int]
+    tower_arch: tuple[int, ...] = (128,)
+    embedding_dim: int = 64
+    temperature: float = 0.05
+
+    def __post_init__(self) -> None:
+        if not self.tower_arch or self.embedding_dim < 1 or self.temperature <= 0:
+            raise ValueError(
+                "two-tower config: need a tower layer, embedding_dim >= 1, temperature > 0"
+            )
+
+
+class _Tower(nn.Module):
+    """Embeddings of one part + its dense features -> MLP -> unit-norm embedding."""
+
+    def __init__(
+        self, part: ModelPart, config: TwoTowerConfig, embedding_device: torch.device | None
+    ) -> None:
+        super().__init__()
+        self.ebc = embedding_bag_collection(part, config.num_rows, device=embedding_device)
+        in_size = pooled_dim(part) + dense_dim(part)
+        self.mlp = MLP(in_size, list(config.tower_arch))
+        self.out = nn.Linear(config.tower_arch[-1], config.embedding_dim)
+
+    def forward(self, dense: torch.Tensor, sparse: KeyedJaggedTensor) -> torch.Tensor:
+        x = torch.cat([self.ebc(sparse).values(), dense], dim=1)
+        return nn.functional.normalize(self.out(self.mlp(x)), dim=1)
+
+
+class TwoTower(nn.Module):
+    """User and item towers mapping to the same unit sphere; score = inner product.
+
+    Example::
+
+        model = TwoTower(TwoTowerConfig(num_rows=vocabs.num_rows()))
+        u = model.user_embedding(user_dense, user_kjt)  # [B, E], unit norm
+        v = model.item_embedding(item_dense, item_kjt)  # [N, E], unit norm
+    """
+
+    def __init__(
+        self, config: TwoTowerConfig, embedding_device: torch.device | None = None
+    ) -> None:
+        """``embedding_device="meta"`` defers the tables to ``DistributedModelParallel``."""
+        super().__init__()
+        self.config = config
+        self.user_tower = _Tower("user_tower", config, embedding_device)
+        self.item_tower = _Tower("item_tower", config, embedding_device)
+
+    def user_embedding(self, dense: torch.Tensor, sparse: KeyedJaggedTensor) -> torch.Tensor:
+        """dense [B, dense_dim("user_tower")], user KJT -> [B, embedding_dim]."""
+        return self.user_tower(dense, sparse)
+
+    def item_embedding(self, dense: torch.Tensor, sparse: KeyedJaggedTensor) -> torch.Tensor:
+        """dense [N, dense_dim("item_tower")], item KJT -> [N, embedding_dim]."""
+        return self.item_tower(dense, sparse)
+
+    def forward(
+        self,
+        user_dense: torch.Tensor,
+        user_sparse: KeyedJaggedTensor,
+        item_dense: torch.Tensor,
+        item_sparse: KeyedJaggedTensor,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.user_tower(user_dense, user_sparse), self.item_tower(item_dense, item_sparse)
+
+
+class TwoTowerTrain(nn.Module):
+    """Sampled-softmax loss with in-batch negatives: row i's positive is item i."""
+
+    def __init__(self, model: TwoTower) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, batch: PairBatch) -> tuple[torch.Tensor, torch.Tensor]:
+        u, v = self.model(batch.user.dense, batch.user.sparse, batch.item.dense, batch.item.sparse)
+        logits = u @ v.T / self.model.config.temperature
+        target = torch.arange(len(u), device=u.device)
+        return nn.functional.cross_entropy(logits, target), logits.detach()

@@ -1,0 +1,1 @@
+"""Online serving: Triton Inference Server process management, model repository, clients."""

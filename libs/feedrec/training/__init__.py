@@ -1,0 +1,1 @@
+"""Ray Train + TorchRec training: sharding plans, the per-worker loop, the driver."""

@@ -1,0 +1,72 @@
+"""Training configuration and presets."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field, replace
+from typing import Any, Literal
+
+ModelKind = Literal["ranker", "two_tower"]
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """How to train one model.
+
+    Args:
+        model: which model.
+        epochs: passes over the training split.
+        batch_size: rows per worker per step (global batch = batch_size x num_workers).
+        dense_lr: Adam learning rate of the dense layers.
+        sparse_lr: row-wise Adagrad learning rate fused into the embedding backward.
+        num_workers: Ray Train workers (ranks).
+        cpus_per_worker: logical CPUs reserved per worker.
+        use_gpu: None = use GPUs when the cluster has one per worker (NCCL), else CPU (gloo).
+        sharding_overrides: table name -> sharding type, forced over the planner's choice.
+        seed: initialisation seed (same on every rank).
+    """
+
+    model: ModelKind
+    epochs: int = 2
+    batch_size: int = 1024
+    dense_lr: float = 2e-3
+    sparse_lr: float = 0.05
+    num_workers: int = 2
+    cpus_per_worker: float = 1.0
+    use_gpu: bool | None = None
+    sharding_overrides: dict[str, str] = field(default_factory=dict)
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.model not in ("ranker", "two_tower"):
+            raise ValueError(f"train config: model must be ranker or two_tower, not {self.model!r}")
+        for name in ("epochs", "batch_size", "num_workers"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"train config: {name} must be >= 1")
+        if self.dense_lr <= 0 or self.sparse_lr <= 0 or self.cpus_per_worker <= 0:
+            raise ValueError("train config: learning rates and cpus_per_worker must be > 0")
+
+    def with_overrides(self, **overrides: Any) -> TrainConfig:
+        unknown = set(overrides) - set(asdict(self))
+        if unknown:
+            raise ValueError(f"train config: unknown field(s) {sorted(unknown)}")
+        return replace(self, **overrides)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+#: Per-preset defaults: ``debug`` runs in seconds on CPU (what tests use).
+PRESETS: dict[str, dict[ModelKind, TrainConfig]] = {
+    "debug": {
+        "ranker": TrainConfig("ranker", epochs=1, batch_size=256),
+        "two_tower": TrainConfig("two_tower", epochs=2, batch_size=128, dense_lr=3e-3),
+    },
+    "small": {
+        "ranker": TrainConfig("ranker", epochs=2, batch_size=2048),
+        "two_tower": TrainConfig("two_tower", epochs=4, batch_size=512, dense_lr=3e-3),
+    },
+    "large": {
+        "ranker": TrainConfig("ranker", epochs=1, batch_size=8192),
+        "two_tower": TrainConfig("two_tower", epochs=2, batch_size=4096),
+    },
+}

@@ -1,0 +1,139 @@
+"""Driver side: Ray Data inputs, ``TorchTrainer`` with DMP workers, the model artifact."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import ray
+import ray.data
+import ray.train
+import torch
+from feedrec.artifacts import save_artifact
+from feedrec.data.examples import columns_from_arrow
+from feedrec.data.preprocess import PreprocessLayout
+from feedrec.features.transform import FeatureTransform
+from feedrec.features.vocabulary import Vocabularies
+from feedrec.models.batch import BINARY_TASKS
+from feedrec.models.ranker import RankerConfig
+from feedrec.models.two_tower import TwoTowerConfig
+from feedrec.training.config import TrainConfig
+from feedrec.training.loop import CHECKPOINT_STATE, CHECKPOINT_WEIGHTS, train_loop_per_worker
+from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+from ray.train.torch import TorchConfig, TorchTrainer
+
+
+def ranker_columns(transform: FeatureTransform, table: pa.Table) -> dict[str, np.ndarray]:
+    """Examples -> ranker inputs + labels (a Ray Data batch)."""
+    raw = columns_from_arrow(table)
+    out = transform(raw, "ranker").to_columns()
+    out.update({task: raw[task] for task in (*BINARY_TASKS, "dwell")})
+    return out
+
+
+def pair_columns(transform: FeatureTransform, table: pa.Table) -> dict[str, np.ndarray]:
+    """Positive pairs -> user-tower and item-tower inputs (prefixed ``user_`` / ``item_``)."""
+    raw = columns_from_arrow(table)
+    out = transform(raw, "user_tower").to_columns("user_")
+    out.update(transform(raw, "item_tower").to_columns("item_"))
+    return out
+
+
+def training_datasets(
+    cfg: TrainConfig, data: PreprocessLayout, transform: FeatureTransform
+) -> dict[str, ray.data.Dataset]:
+    """Streaming Ray Datasets of transformed training and validation rows."""
+    to_columns = ranker_columns if cfg.model == "ranker" else pair_columns
+
+    def fn(table: pa.Table) -> dict[str, np.ndarray]:
+        return to_columns(transform, table)
+
+    if cfg.model == "ranker":
+        train_path, valid = (
+            data.examples("train"),
+            ray.data.read_parquet(str(data.examples("valid"))),
+        )
+    else:
+        train_path = data.pairs
+        positive = "like > 0 or comment > 0 or share > 0"
+        valid = ray.data.read_parquet(str(data.examples("valid"))).filter(expr=positive)
+    train = ray.data.read_parquet(str(train_path)).randomize_block_order(seed=cfg.seed)
+    return {
+        "train": train.map_batches(fn, batch_format="pyarrow", batch_size=8192),
+        "valid": valid.map_batches(fn, batch_format="pyarrow", batch_size=8192),
+    }
+
+
+def _use_gpu(cfg: TrainConfig) -> bool:
+    if cfg.use_gpu is not None:
+        return cfg.use_gpu
+    return float(ray.cluster_resources().get("GPU", 0)) >= cfg.num_workers
+
+
+def train_model(
+    cfg: TrainConfig,
+    data: PreprocessLayout,
+    artifact_dir: Path,
+    *,
+    storage_dir: Path,
+    model_overrides: dict[str, Any] | None = None,
+) -> Path:
+    """Train ``cfg.model`` with Ray Train on ``cfg.num_workers`` DMP workers; write the artifact.
+
+    Returns the artifact directory (see ``feedrec.artifacts``).
+    """
+    started = time.perf_counter()
+    vocabs = Vocabularies.load(data.vocabularies)
+    transform = FeatureTransform(vocabs)
+    model_config: RankerConfig | TwoTowerConfig
+    if cfg.model == "ranker":
+        model_config = RankerConfig(num_rows=vocabs.num_rows(), **(model_overrides or {}))
+    else:
+        model_config = TwoTowerConfig(num_rows=vocabs.num_rows(), **(model_overrides or {}))
+    use_gpu = _use_gpu(cfg)
+    trainer = TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config={"train": cfg.to_dict(), "model_config": model_config},
+        scaling_config=ScalingConfig(
+            num_workers=cfg.num_workers,
+            use_gpu=use_gpu,
+            resources_per_worker={"CPU": cfg.cpus_per_worker},
+        ),
+        torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
+        datasets=training_datasets(cfg, data, transform),
+        run_config=RunConfig(
+            name=f"{cfg.model}-{int(time.time())}",
+            storage_path=str(Path(storage_dir).resolve()),
+            checkpoint_config=CheckpointConfig(num_to_keep=2),
+            failure_config=FailureConfig(max_failures=1),
+        ),
+    )
+    result = trainer.fit()
+    if result.checkpoint is None:
+        raise RuntimeError(f"training {cfg.model} produced no checkpoint: {result.error}")
+    with result.checkpoint.as_directory() as ckpt:
+        state_dict = torch.load(Path(ckpt) / CHECKPOINT_WEIGHTS, weights_only=True)
+        info = json.loads((Path(ckpt) / CHECKPOINT_STATE).read_text())
+    metadata = {
+        "train_config": cfg.to_dict(),
+        "history": info["history"],
+        "sharding_plan": info["plan"],
+        "device": "cuda" if use_gpu else "cpu",
+        "data": {"root": str(data.root), **data.read_meta()},
+        "train_seconds": round(time.perf_counter() - started, 1),
+        "checkpoint": result.checkpoint.path,
+        "host_cpus": os.cpu_count(),
+    }
+    return save_artifact(
+        Path(artifact_dir),
+        kind=cfg.model,
+        state_dict=state_dict,
+        model_config=model_config,
+        vocabs=vocabs,
+        metadata=metadata,
+    )
