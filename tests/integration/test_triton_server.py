@@ -31,8 +31,8 @@ name: "toy"
 backend: "python"
 max_batch_size: 64
 input [
-  {{ name: "sparse_ids" data_type: TYPE_INT64 dims: [ {S} ] }},
-  {{ name: "recent_topics" data_type: TYPE_INT64 dims: [ {H} ] }},
+  {{ name: "single_ids" data_type: TYPE_INT64 dims: [ {S} ] }},
+  {{ name: "multi_ids" data_type: TYPE_INT64 dims: [ {H} ] }},
   {{ name: "dense" data_type: TYPE_FP32 dims: [ {D} ] }}
 ]
 output [ {{ name: "scores" data_type: TYPE_FP32 dims: [ 1 ] }} ]
@@ -78,7 +78,7 @@ class FakePredictor:
     def from_artifact(cls, artifact_dir):
         return cls(Path(artifact_dir))
 
-    def __call__(self, sparse_ids, recent_topics, dense):
+    def __call__(self, single_ids, multi_ids, dense):
         first = not self.calls.exists()
         with self.calls.open("a") as f:
             f.write(f"{len(dense)}\\n")
@@ -89,8 +89,8 @@ class FakePredictor:
         # [N, 3]: sum of ids, count of non-padding topics, scale * sum of dense.
         return torch.stack(
             [
-                sparse_ids.sum(1).float(),
-                (recent_topics >= 0).sum(1).float(),
+                single_ids.sum(1).float(),
+                (multi_ids >= 0).sum(1).float(),
                 dense.sum(1) * self.scale,
             ],
             dim=1,
@@ -135,8 +135,8 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TritonServer]:
     write_model_repository(
         repo,
         artifact,
-        num_sparse=S,
-        history_len=H,
+        num_single=S,
+        num_multi=H,
         num_dense=D,
         num_outputs=3,
         max_batch_size=64,
@@ -261,11 +261,11 @@ def test_client_validates_inputs_before_sending() -> None:
     sparse, topics, dense = _rows(3)
     with pytest.raises(ValueError, match="dense"):
         client.score_sync(sparse, topics, dense.astype(np.float64))
-    with pytest.raises(ValueError, match="recent_topics"):
+    with pytest.raises(ValueError, match="multi_ids"):
         client.score_sync(sparse, topics[:2], dense)
-    with pytest.raises(ValueError, match="sparse_ids"):
+    with pytest.raises(ValueError, match="single_ids"):
         client.score_sync(sparse[:, 0], topics, dense)
-    with pytest.raises(ValueError, match="recent_topics"):
+    with pytest.raises(ValueError, match="multi_ids"):
         asyncio.run(client.score(sparse, topics.astype(np.int32), dense, timeout_s=1))
 
 

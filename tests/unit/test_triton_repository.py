@@ -16,7 +16,7 @@ from feedrec.serving.triton_repository import ranker_model_template, write_model
 from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2
 
-DIMS: dict[str, Any] = {"num_sparse": 5, "history_len": 20, "num_dense": 7, "num_outputs": 3}
+DIMS: dict[str, Any] = {"num_single": 5, "num_multi": 20, "num_dense": 7, "num_outputs": 3}
 
 
 def _parse(model_dir: Path) -> Any:
@@ -40,8 +40,8 @@ def test_writes_parseable_config_and_copies_template(tmp_path: Path) -> None:
         i.name: (model_config_pb2.DataType.Name(i.data_type), list(i.dims)) for i in cfg.input
     }
     assert inputs == {
-        "sparse_ids": ("TYPE_INT64", [5]),
-        "recent_topics": ("TYPE_INT64", [20]),
+        "single_ids": ("TYPE_INT64", [5]),
+        "multi_ids": ("TYPE_INT64", [20]),
         "dense": ("TYPE_FP32", [7]),
     }
     [out] = cfg.output
@@ -85,7 +85,7 @@ def test_new_version_and_extra_parameters(tmp_path: Path) -> None:
     ("kwargs", "match"),
     [
         ({"num_dense": 0}, "num_dense"),
-        ({"history_len": -1}, "history_len"),
+        ({"num_multi": -1}, "num_multi"),
         ({"version": 0}, "version"),
         ({"max_queue_delay_us": -5}, "max_queue_delay_us"),
         ({"model_name": "../escape"}, "model_name"),
@@ -159,8 +159,8 @@ def template(monkeypatch: pytest.MonkeyPatch) -> Any:
 
 def _request(n: int, d: int = 3) -> dict[str, _FakeTensor]:
     return {
-        "sparse_ids": _FakeTensor("sparse_ids", torch.arange(n * 2).reshape(n, 2)),
-        "recent_topics": _FakeTensor("recent_topics", torch.full((n, 4), -1)),
+        "single_ids": _FakeTensor("single_ids", torch.arange(n * 2).reshape(n, 2)),
+        "multi_ids": _FakeTensor("multi_ids", torch.full((n, 4), -1)),
         "dense": _FakeTensor("dense", torch.ones(n, d)),
     }
 

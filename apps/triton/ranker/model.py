@@ -7,8 +7,8 @@ Copied into ``<repo>/<model>/<version>/model.py`` by
 via ``FEEDREC_TRITON_PYTHONPATH``).
 
 I/O per row (the batch dim N is added by Triton, ``max_batch_size`` > 0):
-    sparse_ids     int64 [S]   categorical ids, one per sparse feature
-    recent_topics  int64 [H]   recent topic ids, -1 = padding
+    single_ids     int64 [S]   categorical ids, one per sparse feature
+    multi_ids  int64 [H]   recent topic ids, -1 = padding
     dense          fp32  [D]   dense features
     scores         fp32  [K]   one score per task head
 
@@ -29,10 +29,10 @@ import torch
 import torch.utils.dlpack
 import triton_python_backend_utils as pb_utils
 
-INPUTS = ("sparse_ids", "recent_topics", "dense")
+INPUTS = ("single_ids", "multi_ids", "dense")
 OUTPUT = "scores"
 DEFAULT_FACTORY = "feedrec.models.predictor:RankerPredictor.from_artifact"
-_DTYPES = {"sparse_ids": torch.int64, "recent_topics": torch.int64, "dense": torch.float32}
+_DTYPES = {"single_ids": torch.int64, "multi_ids": torch.int64, "dense": torch.float32}
 
 
 class TritonPythonModel:

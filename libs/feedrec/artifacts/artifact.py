@@ -55,7 +55,7 @@ def library_versions() -> dict[str, str]:
 
 
 def _model_config(kind: str, config: dict[str, Any]) -> RankerConfig | TwoTowerConfig:
-    tuples = {k: tuple(v) if isinstance(v, list) else v for k, v in config.items()}
+    tuples: dict[str, Any] = {k: tuple(v) if isinstance(v, list) else v for k, v in config.items()}
     if kind == "ranker":
         return RankerConfig(**tuples)
     if kind == "two_tower":
@@ -72,6 +72,7 @@ class ModelArtifact:
     model_config: RankerConfig | TwoTowerConfig
     vocabs: Vocabularies
     metadata: dict[str, Any]
+    version: str  # kind + the first 12 hex digits of the weights' sha256
     state_dict: dict[str, torch.Tensor] = field(repr=False)
 
     def build_model(self) -> nn.Module:
@@ -145,5 +146,6 @@ def load_artifact(root: Path) -> ModelArtifact:
         model_config=_model_config(manifest["kind"], manifest["model_config"]),
         vocabs=Vocabularies.load(root / VOCABULARIES),
         metadata=manifest["metadata"],
+        version=f"{manifest['kind']}-{manifest['sha256'][WEIGHTS][:12]}",
         state_dict=state_dict,
     )

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -78,6 +78,10 @@ class PreprocessLayout:
         return self.root / "examples" / f"split={split}"
 
     @property
+    def seen(self) -> Path:
+        return self.root / "seen_pairs.npy"
+
+    @property
     def pairs(self) -> Path:
         return self.root / "pairs"
 
@@ -93,7 +97,9 @@ def read_logs(world: WorldLayout) -> ray.data.Dataset:
     """The sharded impression logs as a Ray Dataset (``day`` from the hive partition)."""
     return ray.data.read_parquet(
         str(world.logs),
-        partitioning=ray.data.datasource.Partitioning("hive", field_types={"day": int}),
+        partitioning=ray.data.datasource.Partitioning(
+            ray.data.datasource.PartitionStyle.HIVE, field_types={"day": int}
+        ),
     )
 
 
@@ -130,13 +136,11 @@ def _accumulate(
 ) -> None:
     """``into[keys..., stat] += batch sums`` (unbuffered, so repeated keys add up)."""
     n = len(batch["user_id"])
-    values = np.stack(
-        [
-            np.ones(n) if _STAT_SOURCE[s] is None else np.asarray(batch[_STAT_SOURCE[s]], float)
-            for s in stats
-        ],
-        axis=1,
-    )
+    columns = []
+    for stat in stats:
+        source = _STAT_SOURCE[stat]
+        columns.append(np.ones(n) if source is None else np.asarray(batch[source], np.float64))
+    values = np.stack(columns, axis=1)
     np.add.at(into, tuple(np.asarray(batch[k], np.int64) for k in keys), values)
 
 
@@ -149,12 +153,16 @@ class DailySums:
     user_topic: np.ndarray
     post: np.ndarray
     creator: np.ndarray
+    seen: np.ndarray  # int64 [K] sorted unique user_id * n_posts + post_id of logged impressions
 
 
 def daily_sums(
     logs: ray.data.Dataset, attrs: EntityAttributes, n_days: int, n_topics: int
 ) -> DailySums:
-    """Partial sums in Ray Data ``map_batches``, folded on the driver batch by batch."""
+    """Partial sums in Ray Data ``map_batches``, folded on the driver batch by batch.
+
+    Also collects the (user, post) pairs already shown, which serving filters out.
+    """
     post_topic, post_creator = ray.put(attrs.post_topic), ray.put(attrs.post_creator)
     needed = ("user_id", "post_id", "day", *LABELS)
 
@@ -170,14 +178,17 @@ def daily_sums(
         user_topic=np.zeros((n_days, attrs.n_users, n_topics, len(USER_TOPIC_STATS))),
         post=np.zeros((n_days, attrs.n_posts, len(POST_STATS))),
         creator=np.zeros((n_days, len(attrs.creator_followers), len(CREATOR_STATS))),
+        seen=np.zeros(0, np.int64),
     )
+    seen = []
     stream = logs.select_columns(list(needed)).map_batches(with_entities, batch_format="numpy")
     for b in stream.iter_batches(batch_size=65536, batch_format="numpy"):
         _accumulate(sums.user, b, ("day", "user_id"), USER_STATS)
         _accumulate(sums.user_topic, b, ("day", "user_id", "topic"), USER_TOPIC_STATS)
         _accumulate(sums.post, b, ("day", "post_id"), POST_STATS)
         _accumulate(sums.creator, b, ("day", "creator_id"), CREATOR_STATS)
-    return sums
+        seen.append(np.unique(b["user_id"].astype(np.int64) * attrs.n_posts + b["post_id"]))
+    return replace(sums, seen=np.unique(np.concatenate(seen)) if seen else sums.seen)
 
 
 def fit_vocabularies(sums: DailySums, attrs: EntityAttributes, train_days: int) -> Vocabularies:
@@ -243,6 +254,7 @@ def run_preprocess(cfg: PreprocessConfig) -> PreprocessLayout:
     vocabs = fit_vocabularies(sums, attrs, train_days)
     tables.save(out.tables)
     vocabs.save(out.vocabularies)
+    np.save(out.seen, sums.seen)
 
     tables_ref = ray.put(tables)
     schema = EXAMPLE_SCHEMA.append(pa.field("split", pa.string()))

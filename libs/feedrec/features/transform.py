@@ -83,7 +83,8 @@ class FeatureTransform:
         n = len(cols[0]) if cols else len(next(iter(raw.values())))
         dense = np.concatenate(cols, axis=1) if cols else np.zeros((n, 0), np.float32)
         vocab_of = {t.name: t.vocab for t in TABLES}
-        single, multi = [], []
+        single: list[np.ndarray] = []
+        multi: list[np.ndarray] = []
         for f in sparse_features(part):
             rows = self.vocabs[vocab_of[f.table]].lookup(raw[f.name])
             (single if f.max_len == 1 else multi).append(rows.reshape(n, f.max_len))

@@ -66,7 +66,7 @@ class Vocabularies:
 
     def save(self, path: Path) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
-        np.savez(path, **{k: v.ids for k, v in self.by_name.items()})
+        np.savez(path, **{k: v.ids for k, v in self.by_name.items()})  # type: ignore[arg-type]
 
     @classmethod
     def load(cls, path: Path) -> Vocabularies:

@@ -12,7 +12,7 @@ import ray
 LOCAL_LOGICAL_CPUS = 4
 
 
-def _repo_root() -> Path:
+def repo_root() -> Path:
     # libs/feedrec/runtime/ray_cluster.py -> repo root (apps/ and jobs/ live there)
     return Path(__file__).resolve().parents[3]
 
@@ -25,7 +25,7 @@ def init_ray(address: str | None = None, *, num_cpus: int | None = None) -> None
     """
     if ray.is_initialized():
         return
-    root = _repo_root()
+    root = repo_root()
     pythonpath = os.pathsep.join(
         p for p in (str(root / "libs"), str(root), os.environ.get("PYTHONPATH", "")) if p
     )

@@ -1,8 +1,8 @@
 """gRPC client for the Triton ranker model (see ``feedrec.serving.triton_repository``).
 
 Shapes (N = candidates in one request, S/H/D/K from the model config):
-    sparse_ids     int64   [N, S]
-    recent_topics  int64   [N, H]   -1 = padding
+    single_ids     int64   [N, S]
+    multi_ids  int64   [N, H]   -1 = padding
     dense          float32 [N, D]
     -> scores      float32 [N, K]
 """
@@ -17,22 +17,22 @@ import tritonclient.grpc as grpcclient
 import tritonclient.grpc.aio as grpcclient_aio
 from feedrec.serving.triton_repository import (
     INPUT_DENSE,
-    INPUT_HISTORY,
-    INPUT_SPARSE,
+    INPUT_MULTI,
+    INPUT_SINGLE,
     OUTPUT_SCORES,
 )
 from tritonclient.utils import InferenceServerException
 
 _SPECS: tuple[tuple[str, np.dtype[Any], str], ...] = (
-    (INPUT_SPARSE, np.dtype(np.int64), "INT64"),
-    (INPUT_HISTORY, np.dtype(np.int64), "INT64"),
+    (INPUT_SINGLE, np.dtype(np.int64), "INT64"),
+    (INPUT_MULTI, np.dtype(np.int64), "INT64"),
     (INPUT_DENSE, np.dtype(np.float32), "FP32"),
 )
 
 
-def _validate(sparse_ids: Any, recent_topics: Any, dense: Any) -> list[np.ndarray]:
+def _validate(single_ids: Any, multi_ids: Any, dense: Any) -> list[np.ndarray]:
     """Check dtypes/ranks/batch dims; raise ValueError naming the offending input."""
-    arrays = [sparse_ids, recent_topics, dense]
+    arrays = [single_ids, multi_ids, dense]
     n: int | None = None
     for (name, dtype, _), arr in zip(_SPECS, arrays, strict=True):
         if not isinstance(arr, np.ndarray):
@@ -86,8 +86,8 @@ class TritonRankerClient:
 
     async def score(
         self,
-        sparse_ids: np.ndarray,
-        recent_topics: np.ndarray,
+        single_ids: np.ndarray,
+        multi_ids: np.ndarray,
         dense: np.ndarray,
         timeout_s: float,
     ) -> np.ndarray:
@@ -98,7 +98,7 @@ class TritonRankerClient:
             TimeoutError: no answer within ``timeout_s``.
             tritonclient.utils.InferenceServerException: any other server-side failure.
         """
-        inputs, outputs = self._build(sparse_ids, recent_topics, dense)
+        inputs, outputs = self._build(single_ids, multi_ids, dense)
         try:
             result = await self._aio_client().infer(
                 self.model_name,
@@ -111,7 +111,7 @@ class TritonRankerClient:
             if _is_deadline(e):
                 raise TimeoutError(f"ranker did not answer within {timeout_s}s") from e
             raise
-        return self._scores(result, sparse_ids.shape[0])
+        return self._scores(result, single_ids.shape[0])
 
     async def ready(self) -> bool:
         """True when the server and the ranker model are ready (False on connection errors)."""
@@ -136,13 +136,13 @@ class TritonRankerClient:
     # ----------------------------------------------------------------- sync API
     def score_sync(
         self,
-        sparse_ids: np.ndarray,
-        recent_topics: np.ndarray,
+        single_ids: np.ndarray,
+        multi_ids: np.ndarray,
         dense: np.ndarray,
         timeout_s: float = 10.0,
     ) -> np.ndarray:
         """Blocking twin of :meth:`score` (scripts, tests); same shapes and errors."""
-        inputs, outputs = self._build(sparse_ids, recent_topics, dense)
+        inputs, outputs = self._build(single_ids, multi_ids, dense)
         if self._sync is None:
             self._sync = grpcclient.InferenceServerClient(self.url)
         try:
@@ -157,7 +157,7 @@ class TritonRankerClient:
             if _is_deadline(e):
                 raise TimeoutError(f"ranker did not answer within {timeout_s}s") from e
             raise
-        return self._scores(result, sparse_ids.shape[0])
+        return self._scores(result, single_ids.shape[0])
 
     def close_sync(self) -> None:
         if self._sync is not None:
@@ -167,12 +167,12 @@ class TritonRankerClient:
     # ----------------------------------------------------------------- internals
     @staticmethod
     def _build(
-        sparse_ids: np.ndarray,
-        recent_topics: np.ndarray,
+        single_ids: np.ndarray,
+        multi_ids: np.ndarray,
         dense: np.ndarray,
     ) -> tuple[list[grpcclient.InferInput], list[grpcclient.InferRequestedOutput]]:
         # The aio client uses the same InferInput/InferRequestedOutput classes as the sync one.
-        arrays = _validate(sparse_ids, recent_topics, dense)
+        arrays = _validate(single_ids, multi_ids, dense)
         inputs = []
         for (name, _, triton_dtype), arr in zip(_SPECS, arrays, strict=True):
             inp = grpcclient.InferInput(name, list(arr.shape), triton_dtype)

@@ -16,8 +16,8 @@ import shutil
 from collections.abc import Mapping
 from pathlib import Path
 
-INPUT_SPARSE = "sparse_ids"
-INPUT_HISTORY = "recent_topics"
+INPUT_SINGLE = "single_ids"
+INPUT_MULTI = "multi_ids"
 INPUT_DENSE = "dense"
 OUTPUT_SCORES = "scores"
 
@@ -41,8 +41,8 @@ def render_config(
     model_name: str,
     version: int,
     artifact_dir: Path,
-    num_sparse: int,
-    history_len: int,
+    num_single: int,
+    num_multi: int,
     num_dense: int,
     num_outputs: int,
     max_batch_size: int,
@@ -52,7 +52,7 @@ def render_config(
 ) -> str:
     """The ``config.pbtxt`` text. Dims exclude the batch dim (Triton adds it: max_batch_size > 0).
 
-    Inputs per row: ``sparse_ids`` int64 [num_sparse], ``recent_topics`` int64 [history_len]
+    Inputs per row: ``single_ids`` int64 [num_single], ``multi_ids`` int64 [num_multi]
     (-1 = padding), ``dense`` fp32 [num_dense]. Output: ``scores`` fp32 [num_outputs].
     """
     params = {"artifact_dir": str(artifact_dir), **(extra_parameters or {})}
@@ -68,8 +68,8 @@ max_batch_size: {max_batch_size}
 # Serve exactly the version just written, never a stale higher-numbered one left in the dir.
 version_policy: {{ specific: {{ versions: [ {version} ] }} }}
 input [
-  {{ name: "{INPUT_SPARSE}" data_type: TYPE_INT64 dims: [ {num_sparse} ] }},
-  {{ name: "{INPUT_HISTORY}" data_type: TYPE_INT64 dims: [ {history_len} ] }},
+  {{ name: "{INPUT_SINGLE}" data_type: TYPE_INT64 dims: [ {num_single} ] }},
+  {{ name: "{INPUT_MULTI}" data_type: TYPE_INT64 dims: [ {num_multi} ] }},
   {{ name: "{INPUT_DENSE}" data_type: TYPE_FP32 dims: [ {num_dense} ] }}
 ]
 output [
@@ -92,8 +92,8 @@ def write_model_repository(
     *,
     model_name: str = "ranker",
     version: int = 1,
-    num_sparse: int,
-    history_len: int,
+    num_single: int,
+    num_multi: int,
     num_dense: int,
     num_outputs: int,
     max_batch_size: int = 8192,
@@ -113,8 +113,8 @@ def write_model_repository(
         raise ValueError(f"model_name {model_name!r} must match {_MODEL_NAME_RE.pattern}")
     positive = {
         "version": version,
-        "num_sparse": num_sparse,
-        "history_len": history_len,
+        "num_single": num_single,
+        "num_multi": num_multi,
         "num_dense": num_dense,
         "num_outputs": num_outputs,
         "max_batch_size": max_batch_size,
@@ -144,8 +144,8 @@ def write_model_repository(
         model_name=model_name,
         version=version,
         artifact_dir=artifact_dir,
-        num_sparse=num_sparse,
-        history_len=history_len,
+        num_single=num_single,
+        num_multi=num_multi,
         num_dense=num_dense,
         num_outputs=num_outputs,
         max_batch_size=max_batch_size,

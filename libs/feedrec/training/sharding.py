@@ -64,7 +64,7 @@ def describe_plan(plan: ShardingPlan) -> list[dict[str, object]]:
     """Table -> sharding type -> ranks, for logs and the artifact."""
     rows = []
     for module, params in plan.plan.items():
-        for table, ps in params.items():  # type: ignore[attr-defined]
+        for table, ps in params.items():
             ranks = sorted({r for r in (ps.ranks or [])})
             rows.append(
                 {"module": module, "table": table, "sharding": ps.sharding_type, "ranks": ranks}

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -46,7 +47,7 @@ def pair_columns(transform: FeatureTransform, table: pa.Table) -> dict[str, np.n
 
 def training_datasets(
     cfg: TrainConfig, data: PreprocessLayout, transform: FeatureTransform
-) -> dict[str, ray.data.Dataset]:
+) -> dict[str, ray.data.Dataset | Callable[[], ray.data.Dataset]]:
     """Streaming Ray Datasets of transformed training and validation rows."""
     to_columns = ranker_columns if cfg.model == "ranker" else pair_columns
 

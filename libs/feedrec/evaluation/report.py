@@ -1,0 +1,112 @@
+"""A small self-contained HTML report (plots embedded as PNG) of the evaluation metrics."""
+
+from __future__ import annotations
+
+import base64
+import io
+from html import escape
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")  # headless: reports are written by jobs, not shown
+import matplotlib.pyplot as plt
+
+SYSTEMS = ("model", "oracle", "popularity")
+COLORS = {"model": "#1f77b4", "oracle": "#2ca02c", "popularity": "#ff7f0e"}
+
+
+def _png(fig: Any) -> str:
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
+    plt.close(fig)
+    return base64.b64encode(buf.getvalue()).decode()
+
+
+def _auc_plot(ranking: dict[str, Any], tasks: list[str]) -> str:
+    fig, ax = plt.subplots(figsize=(7, 3.5))
+    width = 0.27
+    for i, system in enumerate(SYSTEMS):
+        values = [ranking[t][system]["auc"] for t in tasks]
+        ax.bar(
+            [x + (i - 1) * width for x in range(len(tasks))],
+            values,
+            width,
+            label=system,
+            color=COLORS[system],
+        )
+    ax.set_xticks(range(len(tasks)), tasks)
+    ax.set_ylim(0.45, 1.0)
+    ax.set_ylabel("test AUC")
+    ax.set_title("Ranker heads: model vs oracle ceiling vs popularity")
+    ax.legend(loc="lower right")
+    return _png(fig)
+
+
+def _recall_plot(retrieval: dict[str, Any]) -> str:
+    fig, ax = plt.subplots(figsize=(7, 3.5))
+    for system in SYSTEMS:
+        points = sorted((int(k.split("@")[1]), v) for k, v in retrieval[system].items())
+        ax.plot(
+            [k for k, _ in points],
+            [v for _, v in points],
+            marker="o",
+            label=system,
+            color=COLORS[system],
+        )
+    ax.set_xscale("log")
+    ax.set_xlabel("K")
+    ax.set_ylabel("Recall@K")
+    ax.set_title(
+        f"Retrieval over {retrieval['corpus']} eligible posts ({retrieval['users']} users)"
+    )
+    ax.legend()
+    return _png(fig)
+
+
+def _curves_plot(training: dict[str, list[dict[str, float]]]) -> str:
+    fig, axes = plt.subplots(1, 2, figsize=(9, 3.2))
+    for ax, (name, history) in zip(axes, training.items(), strict=True):
+        epochs = [h["epoch"] + 1 for h in history]
+        ax.plot(epochs, [h["train_loss"] for h in history], marker="o", label="train loss")
+        ax.plot(epochs, [h["valid_loss"] for h in history], marker="o", label="valid loss")
+        ax.set_title(name)
+        ax.set_xlabel("epoch")
+        ax.legend()
+    return _png(fig)
+
+
+def _table(ranking: dict[str, Any], tasks: list[str]) -> str:
+    rows = []
+    for t in tasks:
+        cells = "".join(
+            f"<td>{ranking[t][s]['auc']:.4f}</td><td>{ranking[t][s]['logloss']:.4f}</td>"
+            for s in SYSTEMS
+        )
+        rows.append(f"<tr><th>{escape(t)}</th>{cells}</tr>")
+    head = "".join(f"<th colspan=2>{s}</th>" for s in SYSTEMS)
+    sub = "<th>AUC</th><th>logloss</th>" * len(SYSTEMS)
+    return f"<table><tr><th></th>{head}</tr><tr><th>task</th>{sub}</tr>{''.join(rows)}</table>"
+
+
+def write_report(metrics: dict[str, Any], path: Path) -> None:
+    """Write ``report.html`` for the metrics produced by ``feedrec.evaluation.evaluate``."""
+    ranking = metrics["ranking"]
+    tasks = [t for t in ranking if isinstance(ranking[t], dict) and "model" in ranking[t]]
+    tasks = [t for t in tasks if "auc" in ranking[t]["model"]]
+    images = [
+        _auc_plot(ranking, tasks),
+        _recall_plot(metrics["retrieval"]),
+        _curves_plot(metrics["training"]),
+    ]
+    body = "".join(f'<img src="data:image/png;base64,{img}"/>' for img in images)
+    dwell = ", ".join(f"{s} {ranking['dwell'][s]['rmse']:.3f}" for s in SYSTEMS)
+    html = f"""<!doctype html><html><head><meta charset="utf-8"><title>feedrec evaluation</title>
+<style>body{{font-family:sans-serif;max-width:960px;margin:2em auto}}
+table{{border-collapse:collapse}}td,th{{border:1px solid #ccc;padding:4px 8px}}</style></head>
+<body><h1>feedrec evaluation (test days {metrics["test_days"]})</h1>
+<h2>Ranking ({ranking["rows"]} test impressions)</h2>{_table(ranking, tasks)}
+<p>Dwell RMSE (s): {dwell}</p>
+{body}</body></html>"""
+    path.write_text(html)

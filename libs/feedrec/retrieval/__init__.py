@@ -1,0 +1,5 @@
+"""faiss index of the item tower: build, save, load, search."""
+
+from feedrec.retrieval.post_index import PostIndex
+
+__all__ = ["PostIndex"]

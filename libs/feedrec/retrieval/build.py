@@ -1,0 +1,68 @@
+"""The index stage: item-tower embeddings of every eligible post -> faiss -> retrieval artifact."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import numpy as np
+from feedrec.artifacts import ModelArtifact, load_artifact, save_artifact
+from feedrec.data.preprocess import PreprocessLayout, load_entity_attributes
+from feedrec.features.transform import FeatureTransform
+from feedrec.models.predictor import TowerEncoder
+from feedrec.models.two_tower import TwoTower
+from feedrec.retrieval.post_index import PostIndex
+from feedrec.world.generator import load_world_config
+from feedrec.world.layout import WorldLayout
+
+INDEX_FILE = "index.faiss"
+INDEX_IDS_FILE = "index_post_ids.npy"
+
+
+def build_retrieval_artifact(
+    two_tower_dir: Path, data_dir: Path, world_dir: Path, out_dir: Path
+) -> Path:
+    """Index the posts eligible on the serving day; write tower + index as one artifact."""
+    started = time.perf_counter()
+    tower = load_artifact(two_tower_dir)
+    model = tower.build_model()
+    if not isinstance(model, TwoTower):
+        raise TypeError(f"{two_tower_dir} holds a {tower.kind}, not a two-tower model")
+    data, world = PreprocessLayout(Path(data_dir)), WorldLayout(Path(world_dir))
+    day = int(data.read_meta()["serving_day"])
+    attrs = load_entity_attributes(world)
+    lifetime = load_world_config(world).post_lifetime_days
+    created = attrs.post_created_at
+    posts = np.flatnonzero((created < day) & (created >= day - lifetime))
+    inputs = FeatureTransform(tower.vocabs)(attrs.post_columns(posts), "item_tower")
+    index = PostIndex.build(TowerEncoder(model).items(inputs), posts)
+    tmp = Path(out_dir).with_name(Path(out_dir).name + ".index")
+    tmp.mkdir(parents=True, exist_ok=True)
+    index.save(tmp / INDEX_FILE, tmp / INDEX_IDS_FILE)
+    metadata = {
+        **tower.metadata,
+        "index": {
+            "posts": len(index),
+            "serving_day": day,
+            "faiss_type": type(index.index).__name__,
+            "build_seconds": round(time.perf_counter() - started, 2),
+        },
+    }
+    out = save_artifact(
+        Path(out_dir),
+        kind=tower.kind,
+        state_dict=tower.state_dict,
+        model_config=tower.model_config,
+        vocabs=tower.vocabs,
+        metadata=metadata,
+        extra_files={INDEX_FILE: tmp / INDEX_FILE, INDEX_IDS_FILE: tmp / INDEX_IDS_FILE},
+    )
+    for f in tmp.iterdir():
+        f.unlink()
+    tmp.rmdir()
+    return out
+
+
+def load_post_index(artifact: ModelArtifact) -> PostIndex:
+    """The faiss index stored in a retrieval artifact."""
+    return PostIndex.load(artifact.path(INDEX_FILE), artifact.path(INDEX_IDS_FILE))

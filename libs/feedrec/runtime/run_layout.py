@@ -1,0 +1,46 @@
+"""Where one pipeline run keeps its outputs (every stage reads and writes through this)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+
+@dataclass(frozen=True)
+class RunLayout:
+    """``<root>/world``, ``data``, ``models/{ranker,two_tower,retrieval}``, ``eval``, ``serve``."""
+
+    root: Path
+
+    @property
+    def world(self) -> Path:
+        return self.root / "world"
+
+    @property
+    def data(self) -> Path:
+        return self.root / "data"
+
+    @property
+    def ranker(self) -> Path:
+        return self.root / "models" / "ranker"
+
+    @property
+    def two_tower(self) -> Path:
+        return self.root / "models" / "two_tower"
+
+    @property
+    def retrieval(self) -> Path:
+        """The two-tower artifact plus its faiss index (what serving loads)."""
+        return self.root / "models" / "retrieval"
+
+    @property
+    def eval(self) -> Path:
+        return self.root / "eval"
+
+    @property
+    def serve(self) -> Path:
+        return self.root / "serve"
+
+    @property
+    def ray_results(self) -> Path:
+        return self.root / "ray_results"

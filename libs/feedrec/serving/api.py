@@ -1,0 +1,57 @@
+"""HTTP request/response models of the feed service (pydantic, ``extra="forbid"``)."""
+
+from __future__ import annotations
+
+from feedrec.schema.registry import TASKS, sparse_features
+from pydantic import BaseModel, ConfigDict, Field, create_model
+
+MAX_COUNT = 100
+#: Request fields that identify the viewer: the user-side id features of the registry that a
+#: client knows (the rest of the user's features come from the online store).
+REQUEST_FEATURES = ("user_id",)
+
+
+def _request_model() -> type[BaseModel]:
+    known = {f.name for f in sparse_features("user_tower")}
+    missing = set(REQUEST_FEATURES) - known
+    if missing:
+        raise ValueError(f"request features {sorted(missing)} are not user features")
+    fields: dict[str, object] = {
+        name: (int, Field(ge=0, le=2**62, description=f"registry feature {name}"))
+        for name in REQUEST_FEATURES
+    }
+    fields["count"] = (
+        int,
+        Field(default=20, ge=1, le=MAX_COUNT, description="number of posts to return"),
+    )
+    fields["debug"] = (bool, Field(default=False, description="include per-stage details"))
+    return create_model(  # type: ignore[call-overload]
+        "FeedRequest", __config__=ConfigDict(extra="forbid", strict=True), **fields
+    )
+
+
+#: ``POST /v1/feed`` body: ``{"user_id": int, "count": 1..100, "debug": bool}``.
+FeedRequest = _request_model()
+
+
+class FeedItem(BaseModel):
+    """One post of the feed with its value score and per-task predictions."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    post_id: int
+    score: float
+    scores: dict[str, float] = Field(description=f"per task: {', '.join(TASKS)}")
+
+
+class FeedResponse(BaseModel):
+    """``POST /v1/feed`` response."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    user_id: int
+    items: list[FeedItem]
+    model_version: str
+    fallback: bool = Field(description="true when a stage failed and a popularity feed was served")
+    cold_start: bool = Field(default=False, description="true for users unknown to the models")
+    debug: dict[str, object] | None = None

@@ -1,0 +1,142 @@
+"""The serving stack: a Triton server for the ranker plus the Ray Serve feed application.
+
+``ServingStack.start()`` writes the Triton model repository from the ranker artifact, starts the
+``tritonserver`` binary (loopback only), connects to / starts Ray, deploys the Serve app and waits
+for ``/healthz``. ``stop()`` tears down only what it started, by handle and PID.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import ray
+from feedrec.artifacts import load_artifact
+from feedrec.runtime.ray_cluster import init_ray, repo_root
+from feedrec.runtime.run_layout import RunLayout
+from feedrec.schema.registry import TASKS, dense_dim, sparse_features
+from feedrec.serving.triton_repository import write_model_repository
+from feedrec.serving.triton_server import TritonServer, TritonServerConfig
+from ray import serve
+
+APP_IMPORT_PATH = "apps.feed_service.app:build_app"
+APP_NAME = "feed"
+
+
+@dataclass(frozen=True)
+class StackConfig:
+    """Args: run_dir: a pipeline run with trained models; http_host/port: the Serve ingress;
+    ray_address: an existing cluster (None starts a local one); triton_*_port: 0 = any free."""
+
+    run_dir: Path
+    http_host: str = "127.0.0.1"
+    http_port: int = 8000
+    ray_address: str | None = None
+    triton_grpc_port: int = 0
+    triton_http_port: int = 0
+    ready_timeout_s: float = 300.0
+
+    def __post_init__(self) -> None:
+        if not 0 < self.http_port < 65536:
+            raise ValueError(f"stack config: http_port {self.http_port} is not a valid port")
+
+
+def ranker_io_widths() -> dict[str, int]:
+    """Triton tensor widths of the ranker, from the registry."""
+    feats = sparse_features("ranker")
+    return {
+        "num_single": sum(1 for f in feats if f.max_len == 1),
+        "num_multi": sum(f.max_len for f in feats if f.max_len > 1),
+        "num_dense": dense_dim("ranker"),
+        "num_outputs": len(TASKS),
+    }
+
+
+class ServingStack:
+    """Triton + Serve for one run. Use as a context manager or call start()/stop()."""
+
+    def __init__(self, config: StackConfig) -> None:
+        self.config = config
+        self.run = RunLayout(Path(config.run_dir).resolve())
+        self.triton: TritonServer | None = None
+        self._started_ray = False
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.config.http_host}:{self.config.http_port}"
+
+    def start(self) -> None:
+        load_artifact(self.run.ranker)  # refuse a corrupt artifact before starting anything
+        serve_dir = self.run.serve
+        serve_dir.mkdir(parents=True, exist_ok=True)
+        repo = serve_dir / "triton_repository"
+        widths = ranker_io_widths()
+        write_model_repository(
+            repo,
+            self.run.ranker,
+            num_single=widths["num_single"],
+            num_multi=widths["num_multi"],
+            num_dense=widths["num_dense"],
+            num_outputs=widths["num_outputs"],
+        )
+        self.triton = TritonServer(
+            TritonServerConfig(
+                model_repository=repo,
+                grpc_port=self.config.triton_grpc_port,
+                http_port=self.config.triton_http_port,
+                log_path=serve_dir / "triton.log",
+            )
+        )
+        self.triton.start()
+        self.triton.wait_ready()
+        self._started_ray = not ray.is_initialized() and not self.config.ray_address
+        init_ray(self.config.ray_address)
+        serve.start(http_options={"host": self.config.http_host, "port": self.config.http_port})
+        if str(repo_root()) not in sys.path:
+            sys.path.insert(0, str(repo_root()))
+        from ray._common.utils import import_attr
+
+        build_app = import_attr(APP_IMPORT_PATH)
+        app = build_app({"run_dir": str(self.run.root), "triton_url": self.triton.grpc_url})
+        serve.run(app, name=APP_NAME, route_prefix="/", blocking=False)
+        self._wait_healthy()
+
+    def _wait_healthy(self) -> None:
+        deadline = time.monotonic() + self.config.ready_timeout_s
+        while time.monotonic() < deadline:
+            try:
+                if httpx.get(f"{self.url}/healthz", timeout=2.0).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.5)
+        raise TimeoutError(
+            f"feed service not healthy at {self.url} after {self.config.ready_timeout_s:.0f} s"
+        )
+
+    def stop(self) -> None:
+        if ray.is_initialized():
+            try:
+                serve.delete(APP_NAME)
+                if self._started_ray:
+                    serve.shutdown()
+            finally:
+                if self._started_ray:
+                    ray.shutdown()
+        if self.triton is not None:
+            self.triton.stop()
+            self.triton = None
+
+    def __enter__(self) -> ServingStack:
+        try:
+            self.start()
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
