@@ -17,7 +17,7 @@ $(STAMP): requirements/cpu.lock.txt requirements/cpu-nodeps.txt pyproject.toml
 
 # The main job: the whole pipeline on the `small` preset, then feeds over HTTP, then shutdown.
 demo: venv
-	$(PY) -m jobs.demo --preset small
+	$(PY) -m jobs.demo --preset small --run-dir runs/demo
 
 test: venv
 	$(PY) -m pytest tests -x -q

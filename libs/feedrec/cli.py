@@ -199,9 +199,10 @@ def serve_run(run_dir: Path, host: str, port: int, ray_address: str | None) -> N
         nonlocal stopping
         stopping = True
 
-    signal.signal(signal.SIGTERM, _stop)
-    signal.signal(signal.SIGINT, _stop)
     with stack:
+        # Installed after start: ray.init replaces the SIGTERM handler of the driver.
+        signal.signal(signal.SIGTERM, _stop)
+        signal.signal(signal.SIGINT, _stop)
         click.echo(f"feed service ready at {stack.url}", err=True)
         while not stopping:
             time.sleep(0.5)
@@ -272,7 +273,14 @@ def serve_down(run_dir: Path, timeout: float) -> None:
         while _pid_alive(pid) and time.monotonic() < deadline:
             time.sleep(0.5)
         if _pid_alive(pid):
-            os.killpg(pid, signal.SIGKILL)  # its own session: Triton and Ray children too
+            os.killpg(pid, signal.SIGKILL)  # its own session: the local Ray processes too
+    # Triton runs in a session of its own; if the stack could not stop it, do it here.
+    triton_pid = pid_file.with_name("triton.pid")
+    if triton_pid.exists():
+        tpid = int(triton_pid.read_text())
+        if _pid_alive(tpid):
+            os.kill(tpid, signal.SIGTERM)
+        triton_pid.unlink(missing_ok=True)
     pid_file.unlink(missing_ok=True)
     click.echo(f"stopped (pid {pid})")
 

@@ -91,6 +91,7 @@ class ServingStack:
             )
         )
         self.triton.start()
+        (serve_dir / "triton.pid").write_text(str(self.triton.pid))
         self.triton.wait_ready()
         self._started_ray = not ray.is_initialized() and not self.config.ray_address
         init_ray(self.config.ray_address)
@@ -118,17 +119,19 @@ class ServingStack:
         )
 
     def stop(self) -> None:
-        if ray.is_initialized():
-            try:
+        """Serve first (no request may reach a stopped Triton), then Triton, then local Ray."""
+        try:
+            if ray.is_initialized():
                 serve.delete(APP_NAME)
                 if self._started_ray:
                     serve.shutdown()
-            finally:
-                if self._started_ray:
-                    ray.shutdown()
-        if self.triton is not None:
-            self.triton.stop()
-            self.triton = None
+        finally:
+            if self.triton is not None:
+                self.triton.stop()
+                (self.run.serve / "triton.pid").unlink(missing_ok=True)
+                self.triton = None
+            if self._started_ray and ray.is_initialized():
+                ray.shutdown()
 
     def __enter__(self) -> ServingStack:
         try:
