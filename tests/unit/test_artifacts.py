@@ -1,0 +1,46 @@
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from feedrec.artifacts import ArtifactError, load_artifact, save_artifact
+from feedrec.features.vocabulary import Vocabularies, Vocabulary
+from feedrec.models.ranker import Ranker, RankerConfig
+from feedrec.schema import TABLES
+
+
+def _save(root: Path) -> Ranker:
+    vocabs = Vocabularies({t.vocab: Vocabulary(np.arange(4)) for t in TABLES})
+    model = Ranker(RankerConfig(num_rows=vocabs.num_rows()))
+    save_artifact(
+        root,
+        kind="ranker",
+        state_dict=model.state_dict(),
+        model_config=model.config,
+        vocabs=vocabs,
+        metadata={"note": "test"},
+    )
+    return model
+
+
+def test_round_trip_gives_identical_weights(tmp_path: Path) -> None:
+    model = _save(tmp_path / "a")
+    art = load_artifact(tmp_path / "a")
+    loaded = art.build_model()
+    for k, v in model.state_dict().items():
+        torch.testing.assert_close(loaded.state_dict()[k], v)
+    assert art.metadata == {"note": "test"} and art.version.startswith("ranker-")
+    assert "torch" in (tmp_path / "a" / "manifest.json").read_text()
+
+
+def test_tampered_or_truncated_files_are_refused(tmp_path: Path) -> None:
+    _save(tmp_path / "a")
+    weights = tmp_path / "a" / "weights.pt"
+    weights.write_bytes(weights.read_bytes()[:-10])
+    with pytest.raises(ArtifactError, match=r"weights\.pt"):
+        load_artifact(tmp_path / "a")
+
+
+def test_missing_manifest_is_refused(tmp_path: Path) -> None:
+    with pytest.raises(ArtifactError, match="manifest"):
+        load_artifact(tmp_path)

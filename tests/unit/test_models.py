@@ -1,0 +1,55 @@
+import numpy as np
+import torch
+from feedrec.features.transform import ModelInputs
+from feedrec.models.batch import PartInputs, RankerBatch, to_kjt
+from feedrec.models.ranker import Ranker, RankerConfig, RankerTrain
+from feedrec.models.two_tower import TwoTower, TwoTowerConfig, TwoTowerTrain
+from feedrec.schema import TABLES, dense_dim, sparse_features
+
+ROWS = {t.name: 10 for t in TABLES}
+
+
+def _inputs(part, n: int = 6) -> ModelInputs:
+    feats = sparse_features(part)
+    rng = np.random.default_rng(0)
+    multi = rng.integers(-1, 10, size=(n, sum(f.max_len for f in feats if f.max_len > 1)))
+    return ModelInputs(
+        dense=rng.random((n, dense_dim(part)), dtype=np.float32),
+        single_ids=rng.integers(0, 10, size=(n, sum(f.max_len == 1 for f in feats))),
+        multi_ids=multi,
+    )
+
+
+def test_kjt_drops_padding_and_keeps_key_order() -> None:
+    multi = torch.tensor([[3, -1, -1, -1, -1], [1, 2, -1, -1, -1]])
+    single = torch.zeros((2, 2), dtype=torch.long)
+    kjt = to_kjt(single, multi, "user_tower")
+    assert kjt.keys() == [f.name for f in sparse_features("user_tower")]
+    assert kjt["u_recent_topics"].lengths().tolist() == [1, 2]
+    assert kjt["u_recent_topics"].values().tolist() == [3, 1, 2]
+
+
+def test_ranker_forward_and_loss() -> None:
+    model = Ranker(RankerConfig(num_rows=ROWS))
+    inputs = PartInputs.from_numpy(_inputs("ranker"), "ranker")
+    out = model(inputs.dense, inputs.sparse)
+    assert out.shape == (6, 5)
+    preds = Ranker.predictions(out)
+    assert ((preds[:, :4] > 0) & (preds[:, :4] < 1)).all() and (preds[:, 4] >= 0).all()
+    batch = RankerBatch(inputs, torch.ones((6, 4)), torch.ones(6))
+    loss, _ = RankerTrain(model)(batch)
+    loss.backward()
+    assert torch.isfinite(loss) and model.head.weight.grad is not None
+
+
+def test_two_tower_embeddings_are_unit_norm_and_loss_finite() -> None:
+    model = TwoTower(TwoTowerConfig(num_rows=ROWS, embedding_dim=16))
+    u = PartInputs.from_numpy(_inputs("user_tower"), "user_tower")
+    v = PartInputs.from_numpy(_inputs("item_tower"), "item_tower")
+    eu, ev = model(u.dense, u.sparse, v.dense, v.sparse)
+    torch.testing.assert_close(ev.norm(dim=1), torch.ones(6))
+    torch.testing.assert_close(eu.norm(dim=1), torch.ones(6))
+    from feedrec.models.batch import PairBatch
+
+    loss, logits = TwoTowerTrain(model)(PairBatch(u, v))
+    assert logits.shape == (6, 6) and torch.isfinite(loss)
