@@ -17,6 +17,7 @@ def ray_cluster() -> Iterator[None]:
     """A local Ray on 127.0.0.1 for the whole session (integration and e2e tests)."""
     import ray
     import ray.data
+
     from feedrec.runtime import init_ray
 
     init_ray()

@@ -5,7 +5,6 @@
 Deploy with ``feedrec serve up`` or ``serve deploy apps/feed_service/serve_config.yaml``.
 """
 
-
 import asyncio
 import logging
 import time
@@ -13,6 +12,9 @@ from typing import Any
 
 import numpy as np
 from fastapi import FastAPI
+from ray import serve
+from ray.serve.handle import DeploymentHandle
+
 from feedrec.artifacts import load_artifact
 from feedrec.features.transform import FeatureTransform
 from feedrec.models.predictor import TowerEncoder
@@ -24,8 +26,6 @@ from feedrec.serving.config import ServiceConfig
 from feedrec.serving.online_store import OnlineFeatureStore
 from feedrec.serving.ranker_client import TritonRankerClient
 from feedrec.serving.rerank import RerankConfig, rerank
-from ray import serve
-from ray.serve.handle import DeploymentHandle
 
 logger = logging.getLogger("feedrec.serve")
 # Fractional CPUs: the whole chain fits a 2-core laptop; a cluster scales replicas up.

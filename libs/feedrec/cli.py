@@ -312,6 +312,7 @@ def serve_status(run_dir: Path, url: str) -> None:
 def feed(user_id: int, count: int, url: str, debug: bool) -> None:
     """Fetch a feed from the running service and print it."""
     import httpx
+
     from feedrec.serving.feed_client import format_feed
 
     body = {"user_id": user_id, "count": count, "debug": debug}

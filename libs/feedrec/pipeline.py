@@ -113,6 +113,7 @@ def run_demo(
     import httpx
     import numpy as np
     import ray
+
     from feedrec.serving.feed_client import format_feed
     from feedrec.serving.stack import ServingStack, StackConfig
 

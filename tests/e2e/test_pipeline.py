@@ -14,6 +14,7 @@ import httpx
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
+
 from feedrec.artifacts import load_artifact
 from feedrec.data import PreprocessLayout
 from feedrec.data.examples import columns_from_arrow

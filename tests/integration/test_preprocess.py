@@ -7,6 +7,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow.dataset as pads
 import pyarrow.parquet as pq
+
 from feedrec.data import PreprocessLayout
 from feedrec.data.examples import columns_from_arrow
 from feedrec.runtime import RunLayout

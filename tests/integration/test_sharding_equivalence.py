@@ -13,6 +13,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+
 from feedrec.features.transform import ModelInputs
 from feedrec.models.batch import PartInputs
 from feedrec.models.ranker import Ranker, RankerConfig
@@ -43,22 +44,28 @@ def _batch(n: int) -> ModelInputs:
 def _worker(rank: int, world: int, port: int, results: dict) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=world)
-    from feedrec.training.sharding import describe_plan, gather_state_dict, shard
     from torch.distributed._shard.sharded_tensor import ShardedTensor
+
+    from feedrec.training.sharding import describe_plan, gather_state_dict, shard
 
     torch.manual_seed(0)
     reference = Ranker(RankerConfig(num_rows=ROWS)).eval()
     model = Ranker(RankerConfig(num_rows=ROWS), embedding_device=torch.device("meta"))
-    dmp, plan = shard(model, torch.device("cpu"), sparse_lr=0.1, overrides=OVERRIDES)
-    # Copy the reference weights into whatever shard each rank holds.
     ref_state = reference.state_dict()
     with torch.no_grad():
+        # Dense layers before sharding (DDP then holds these very tensors) ...
+        for name, param in model.named_parameters():
+            if not param.is_meta:
+                param.copy_(ref_state[name])
+    dmp, plan = shard(model, torch.device("cpu"), sparse_lr=0.1, overrides=OVERRIDES)
+    with torch.no_grad():
+        # ... and the reference tables into whatever shard each rank holds.
         for key, value in dmp.state_dict().items():
             if isinstance(value, ShardedTensor):
                 for local in value.local_shards():
                     o, s = local.metadata.shard_offsets, local.metadata.shard_sizes
                     local.tensor.copy_(ref_state[key][o[0] : o[0] + s[0], o[1] : o[1] + s[1]])
-            else:
+            elif "ebc." in key:  # data-parallel tables
                 value.copy_(ref_state[key])
     dmp.eval()
     inputs = _batch(BATCH * world)

@@ -19,10 +19,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from tritonclient.utils import InferenceServerException
+
 from feedrec.serving.ranker_client import TritonRankerClient
 from feedrec.serving.triton_repository import write_model_repository
 from feedrec.serving.triton_server import TritonServer, TritonServerConfig
-from tritonclient.utils import InferenceServerException
 
 S, H, D = 2, 3, 4  # sparse ids, history length, dense features per row
 

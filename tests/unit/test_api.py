@@ -1,6 +1,7 @@
 import pytest
-from feedrec.serving.api import FeedRequest, FeedResponse
 from pydantic import ValidationError
+
+from feedrec.serving.api import FeedRequest, FeedResponse
 
 
 def test_valid_request_defaults() -> None:

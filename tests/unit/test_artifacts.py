@@ -3,6 +3,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+
 from feedrec.artifacts import ArtifactError, load_artifact, save_artifact
 from feedrec.features.vocabulary import Vocabularies, Vocabulary
 from feedrec.models.ranker import Ranker, RankerConfig

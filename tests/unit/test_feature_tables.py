@@ -1,5 +1,6 @@
 import numpy as np
 import pytest
+
 from feedrec.features.tables import EntityAttributes, FeatureTables
 from feedrec.features.vocabulary import Vocabulary
 from feedrec.schema.registry import HISTORY_LEN, RAW_COLUMNS, WINDOW_DAYS

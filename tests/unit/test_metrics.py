@@ -1,7 +1,8 @@
 import numpy as np
 import pytest
-from feedrec.evaluation.metrics import auc, expected_calibration_error, logloss, recall_at_k
 from sklearn.metrics import log_loss, roc_auc_score
+
+from feedrec.evaluation.metrics import auc, expected_calibration_error, logloss, recall_at_k
 
 
 def test_auc_matches_sklearn_including_ties() -> None:

@@ -1,5 +1,6 @@
 import numpy as np
 import torch
+
 from feedrec.features.transform import ModelInputs
 from feedrec.models.batch import PartInputs, RankerBatch, to_kjt
 from feedrec.models.ranker import Ranker, RankerConfig, RankerTrain

@@ -1,4 +1,5 @@
 import numpy as np
+
 from feedrec.features.transform import FeatureTransform
 from feedrec.features.vocabulary import Vocabularies, Vocabulary
 from feedrec.models.embeddings import embedding_bag_configs

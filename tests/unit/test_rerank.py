@@ -1,5 +1,6 @@
 import numpy as np
 import pytest
+
 from feedrec.serving.rerank import RerankConfig, rerank, value_scores
 
 

@@ -12,9 +12,10 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
-from feedrec.serving.triton_repository import ranker_model_template, write_model_repository
 from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2
+
+from feedrec.serving.triton_repository import ranker_model_template, write_model_repository
 
 DIMS: dict[str, Any] = {"num_single": 5, "num_multi": 20, "num_dense": 7, "num_outputs": 3}
 

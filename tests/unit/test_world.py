@@ -4,6 +4,7 @@ import numpy as np
 import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 import pytest
+
 from feedrec.world import PRESETS, GroundTruth, WorldConfig, WorldLayout, generate_world
 
 

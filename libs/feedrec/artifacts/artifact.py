@@ -21,10 +21,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch import nn
+
 from feedrec.features.vocabulary import Vocabularies
 from feedrec.models.ranker import Ranker, RankerConfig
 from feedrec.models.two_tower import TwoTower, TwoTowerConfig
-from torch import nn
 
 MANIFEST = "manifest.json"
 WEIGHTS = "weights.pt"

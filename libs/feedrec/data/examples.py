@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pyarrow as pa
+
 from feedrec.schema.registry import example_arrow_schema
 
 EXAMPLE_SCHEMA = example_arrow_schema()

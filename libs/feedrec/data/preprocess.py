@@ -22,6 +22,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import ray
 import ray.data
+from ray.data import SaveMode
+
 from feedrec.data.examples import EXAMPLE_SCHEMA, arrow_from_columns
 from feedrec.features.tables import (
     CREATOR_STATS,
@@ -35,7 +37,6 @@ from feedrec.features.vocabulary import Vocabularies, Vocabulary
 from feedrec.schema.registry import LABELS, TABLES
 from feedrec.world.generator import load_world_config
 from feedrec.world.layout import WorldLayout
-from ray.data import SaveMode
 
 SPLITS = ("train", "valid", "test")
 #: Engagements that make a (user, post) pair a retrieval positive.

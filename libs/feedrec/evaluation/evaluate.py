@@ -10,6 +10,7 @@ from typing import Any
 import numpy as np
 import pyarrow.dataset as pads
 import pyarrow.parquet as pq
+
 from feedrec.data.examples import columns_from_arrow
 from feedrec.data.preprocess import PreprocessLayout
 from feedrec.evaluation.metrics import auc, expected_calibration_error, logloss, recall_at_k
@@ -18,12 +19,13 @@ from feedrec.features.transform import FeatureTransform
 from feedrec.models.batch import BINARY_TASKS
 from feedrec.models.predictor import RankerPredictor, TowerEncoder
 from feedrec.retrieval.post_index import PostIndex
-from feedrec.schema.registry import RATE_PRIOR
 from feedrec.world.generator import load_world_config
 from feedrec.world.layout import WorldLayout
 from feedrec.world.truth import GroundTruth
 
 RECALL_KS = (10, 50, 100, 200, 500)
+#: Pseudo-impressions of the popularity baseline's shrinkage towards the all-post rate.
+POPULARITY_PRIOR = 20.0
 _POPULARITY_COLUMN = {
     "like": "p_likes",
     "comment": "p_comments",
@@ -59,8 +61,10 @@ def _ranking(
     out: dict[str, Any] = {"rows": len(pred)}
     for i, task in enumerate(BINARY_TASKS):
         y = raw[task]
-        popularity = raw[_POPULARITY_COLUMN[task]] / (raw["p_imps"] + RATE_PRIOR)
-        # Popularity as a calibrated probability: scale to the training base rate.
+        # The post's rate so far, shrunk to the all-post rate of the same (earlier) days.
+        events = raw[_POPULARITY_COLUMN[task]]
+        prior = events.sum() / max(float(raw["p_imps"].sum()), 1.0)
+        popularity = (events + POPULARITY_PRIOR * prior) / (raw["p_imps"] + POPULARITY_PRIOR)
         out[task] = {
             "positives": int(y.sum()),
             "model": {

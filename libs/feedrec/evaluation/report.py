@@ -40,7 +40,7 @@ def _auc_plot(ranking: dict[str, Any], tasks: list[str]) -> str:
     ax.set_ylim(0.45, 1.0)
     ax.set_ylabel("test AUC")
     ax.set_title("Ranker heads: model vs oracle ceiling vs popularity")
-    ax.legend(loc="lower right")
+    ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0))
     return _png(fig)
 
 

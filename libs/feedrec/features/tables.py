@@ -12,6 +12,7 @@ from dataclasses import dataclass, fields, replace
 from pathlib import Path
 
 import numpy as np
+
 from feedrec.schema.registry import HISTORY_LEN, WINDOW_DAYS
 
 #: Columns of the per-entity daily statistics, in array order.

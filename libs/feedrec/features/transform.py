@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
+
 from feedrec.features.vocabulary import Vocabularies
 from feedrec.schema.registry import (
     AGE_DECAY_DAYS,

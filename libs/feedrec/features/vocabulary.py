@@ -6,6 +6,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+
 from feedrec.schema.registry import TABLES
 
 OOV_ROW = 0

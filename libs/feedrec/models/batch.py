@@ -6,9 +6,10 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
+
 from feedrec.features.transform import ModelInputs
 from feedrec.schema.registry import TASKS, ModelPart, sparse_features
-from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 BINARY_TASKS = TASKS[:-1]
 

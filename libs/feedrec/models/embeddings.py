@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import torch
-from feedrec.schema.registry import ModelPart, tables_for
+from torch import nn
 from torchrec.modules.embedding_configs import EmbeddingBagConfig, PoolingType
 from torchrec.modules.embedding_modules import EmbeddingBagCollection
+from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
+
+from feedrec.schema.registry import ModelPart, sparse_features, tables_for
 
 _POOLING = {"sum": PoolingType.SUM, "mean": PoolingType.MEAN}
 
@@ -39,6 +42,16 @@ def embedding_bag_collection(
 ) -> EmbeddingBagCollection:
     """The part's ``EmbeddingBagCollection`` (``device="meta"`` defers allocation to sharding)."""
     return EmbeddingBagCollection(tables=embedding_bag_configs(part, num_rows), device=device)
+
+
+def pooled(ebc: nn.Module, sparse: KeyedJaggedTensor, part: ModelPart) -> torch.Tensor:
+    """Pooled embeddings [B, pooled_dim(part)], one slot per feature in registry order.
+
+    The order is fixed here on purpose: a sharded collection returns its ``KeyedTensor`` grouped by
+    sharding type, so ``.values()`` of the sharded and unsharded module differ in column order.
+    """
+    kt = ebc(sparse)
+    return torch.cat([kt[f.name] for f in sparse_features(part)], dim=1)
 
 
 def pooled_dim(part: ModelPart) -> int:

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+
 from feedrec.artifacts import load_artifact
 from feedrec.features.transform import ModelInputs
 from feedrec.models.batch import to_kjt

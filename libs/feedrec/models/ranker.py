@@ -5,12 +5,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-from feedrec.models.batch import BINARY_TASKS, RankerBatch
-from feedrec.models.embeddings import embedding_bag_collection, pooled_dim
-from feedrec.schema.registry import TASKS, dense_dim
 from torch import nn
 from torchrec.modules.mlp import MLP
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
+
+from feedrec.models.batch import BINARY_TASKS, RankerBatch
+from feedrec.models.embeddings import embedding_bag_collection, pooled, pooled_dim
+from feedrec.schema.registry import TASKS, dense_dim
 
 #: Weight of the dwell regression (on log1p seconds) next to the summed binary cross-entropies.
 DWELL_LOSS_WEIGHT = 0.1
@@ -56,8 +57,7 @@ class Ranker(nn.Module):
 
         Returns: float32 [B, 5]: logits of like, comment, share, hide, then predicted log1p(dwell).
         """
-        pooled = self.ebc(sparse).values()
-        x = torch.cat([self.dense_arch(dense), pooled], dim=1)
+        x = torch.cat([self.dense_arch(dense), pooled(self.ebc, sparse, "ranker")], dim=1)
         return self.head(self.over_arch(x))
 
     @staticmethod

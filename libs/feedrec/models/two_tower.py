@@ -5,12 +5,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-from feedrec.models.batch import PairBatch
-from feedrec.models.embeddings import embedding_bag_collection, pooled_dim
-from feedrec.schema.registry import ModelPart, dense_dim
 from torch import nn
 from torchrec.modules.mlp import MLP
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
+
+from feedrec.models.batch import PairBatch
+from feedrec.models.embeddings import embedding_bag_collection, pooled, pooled_dim
+from feedrec.schema.registry import ModelPart, dense_dim
 
 
 @dataclass(frozen=True)
@@ -36,13 +37,14 @@ class _Tower(nn.Module):
         self, part: ModelPart, config: TwoTowerConfig, embedding_device: torch.device | None
     ) -> None:
         super().__init__()
+        self.part: ModelPart = part
         self.ebc = embedding_bag_collection(part, config.num_rows, device=embedding_device)
         in_size = pooled_dim(part) + dense_dim(part)
         self.mlp = MLP(in_size, list(config.tower_arch))
         self.out = nn.Linear(config.tower_arch[-1], config.embedding_dim)
 
     def forward(self, dense: torch.Tensor, sparse: KeyedJaggedTensor) -> torch.Tensor:
-        x = torch.cat([self.ebc(sparse).values(), dense], dim=1)
+        x = torch.cat([pooled(self.ebc, sparse, self.part), dense], dim=1)
         return nn.functional.normalize(self.out(self.mlp(x)), dim=1)
 
 

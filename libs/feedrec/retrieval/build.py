@@ -6,6 +6,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+
 from feedrec.artifacts import ModelArtifact, load_artifact, save_artifact
 from feedrec.data.preprocess import PreprocessLayout, load_entity_attributes
 from feedrec.features.transform import FeatureTransform

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-from feedrec.schema.registry import TASKS, sparse_features
 from pydantic import BaseModel, ConfigDict, Field, create_model
+
+from feedrec.schema.registry import TASKS, sparse_features
 
 MAX_COUNT = 100
 #: Request fields that identify the viewer: the user-side id features of the registry that a

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from feedrec.runtime.run_layout import RunLayout
 from pydantic import BaseModel, ConfigDict, Field
+
+from feedrec.runtime.run_layout import RunLayout
 
 
 class StageTimeouts(BaseModel):

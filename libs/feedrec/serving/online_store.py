@@ -11,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow.parquet as pq
+
 from feedrec.data.preprocess import PreprocessLayout
 from feedrec.features.tables import FeatureTables
 from feedrec.world.generator import load_world_config

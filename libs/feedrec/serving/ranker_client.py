@@ -15,13 +15,14 @@ from typing import Any
 import numpy as np
 import tritonclient.grpc as grpcclient
 import tritonclient.grpc.aio as grpcclient_aio
+from tritonclient.utils import InferenceServerException
+
 from feedrec.serving.triton_repository import (
     INPUT_DENSE,
     INPUT_MULTI,
     INPUT_SINGLE,
     OUTPUT_SCORES,
 )
-from tritonclient.utils import InferenceServerException
 
 _SPECS: tuple[tuple[str, np.dtype[Any], str], ...] = (
     (INPUT_SINGLE, np.dtype(np.int64), "INT64"),

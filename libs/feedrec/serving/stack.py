@@ -14,13 +14,14 @@ from pathlib import Path
 
 import httpx
 import ray
+from ray import serve
+
 from feedrec.artifacts import load_artifact
 from feedrec.runtime.ray_cluster import init_ray, repo_root
 from feedrec.runtime.run_layout import RunLayout
 from feedrec.schema.registry import TASKS, dense_dim, sparse_features
 from feedrec.serving.triton_repository import write_model_repository
 from feedrec.serving.triton_server import TritonServer, TritonServerConfig
-from ray import serve
 
 APP_IMPORT_PATH = "apps.feed_service.app:build_app"
 APP_NAME = "feed"

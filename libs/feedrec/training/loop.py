@@ -13,15 +13,16 @@ import ray.train
 import ray.train.torch
 import torch
 import torch.distributed as dist
+from torch import nn
+from torchrec.optim.keyed import CombinedOptimizer, KeyedOptimizerWrapper
+from torchrec.optim.optimizers import in_backward_optimizer_filter
+
 from feedrec.evaluation.metrics import auc, logloss
 from feedrec.models.batch import BINARY_TASKS, PairBatch, RankerBatch
 from feedrec.models.ranker import Ranker, RankerConfig, RankerTrain
 from feedrec.models.two_tower import TwoTower, TwoTowerConfig, TwoTowerTrain
 from feedrec.training.config import TrainConfig
 from feedrec.training.sharding import describe_plan, gather_state_dict, shard
-from torch import nn
-from torchrec.optim.keyed import CombinedOptimizer, KeyedOptimizerWrapper
-from torchrec.optim.optimizers import in_backward_optimizer_filter
 
 CHECKPOINT_WEIGHTS = "weights.pt"
 CHECKPOINT_STATE = "state.json"

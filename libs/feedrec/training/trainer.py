@@ -15,6 +15,9 @@ import ray
 import ray.data
 import ray.train
 import torch
+from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+from ray.train.torch import TorchConfig, TorchTrainer
+
 from feedrec.artifacts import save_artifact
 from feedrec.data.examples import columns_from_arrow
 from feedrec.data.preprocess import PreprocessLayout
@@ -25,8 +28,6 @@ from feedrec.models.ranker import RankerConfig
 from feedrec.models.two_tower import TwoTowerConfig
 from feedrec.training.config import TrainConfig
 from feedrec.training.loop import CHECKPOINT_STATE, CHECKPOINT_WEIGHTS, train_loop_per_worker
-from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
-from ray.train.torch import TorchConfig, TorchTrainer
 
 
 def ranker_columns(transform: FeatureTransform, table: pa.Table) -> dict[str, np.ndarray]:

@@ -8,6 +8,8 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
+from tqdm import tqdm
+
 from feedrec.schema.registry import CONTENT_DIM
 from feedrec.world.config import WorldConfig
 from feedrec.world.layout import WorldLayout
@@ -20,7 +22,6 @@ from feedrec.world.truth import (
     N_SEGMENTS,
     GroundTruth,
 )
-from tqdm import tqdm
 
 # How strongly the logging policy follows its (noisy) view of the user's interests and of creator
 # popularity. It is deliberately imperfect so that a learned ranker has something to improve on.
