@@ -20,7 +20,7 @@ demo: venv
 	$(PY) -m jobs.demo --preset small --run-dir runs/demo
 
 test: venv
-	$(PY) -m pytest tests -x -q
+	$(PY) -m pytest tests -q --durations=15
 
 lint: venv
 	.venv/bin/ruff check libs apps jobs tests bench
