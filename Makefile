@@ -23,6 +23,6 @@ test: venv
 	$(PY) -m pytest tests -q --durations=15
 
 lint: venv
-	.venv/bin/ruff check libs apps jobs tests bench
-	.venv/bin/ruff format --check libs apps jobs tests bench
+	.venv/bin/ruff check libs apps jobs tests
+	.venv/bin/ruff format --check libs apps jobs tests
 	.venv/bin/mypy libs

@@ -11,7 +11,9 @@ Pipeline (streaming; only per-entity daily sums ever reach the driver):
 
 from __future__ import annotations
 
+import functools
 import json
+import operator
 import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -23,6 +25,7 @@ import pyarrow.parquet as pq
 import ray
 import ray.data
 from ray.data import SaveMode
+from ray.data.expressions import Expr, col
 
 from feedrec.data.examples import EXAMPLE_SCHEMA, arrow_from_columns
 from feedrec.features.tables import (
@@ -92,6 +95,11 @@ class PreprocessLayout:
 
     def read_meta(self) -> dict[str, Any]:
         return dict(json.loads(self.meta.read_text()))
+
+
+def is_positive() -> Expr:
+    """Row predicate: the impression led to an engagement that makes it a retrieval positive."""
+    return functools.reduce(operator.or_, [col(label) > 0 for label in POSITIVE_LABELS])
 
 
 def read_logs(world: WorldLayout) -> ray.data.Dataset:
@@ -268,8 +276,7 @@ def run_preprocess(cfg: PreprocessConfig) -> PreprocessLayout:
     examples.write_parquet(
         str(out.root / "examples"), partition_cols=["split"], mode=SaveMode.OVERWRITE
     )
-    positive = " or ".join(f"{label} > 0" for label in POSITIVE_LABELS)
-    pairs = ray.data.read_parquet(str(out.examples("train"))).filter(expr=positive)
+    pairs = ray.data.read_parquet(str(out.examples("train"))).filter(expr=is_positive())
     pairs.write_parquet(str(out.pairs), mode=SaveMode.OVERWRITE)
 
     counts = {s: _count_rows(out.examples(s)) for s in SPLITS}

@@ -20,7 +20,7 @@ from ray.train.torch import TorchConfig, TorchTrainer
 
 from feedrec.artifacts import save_artifact
 from feedrec.data.examples import columns_from_arrow
-from feedrec.data.preprocess import PreprocessLayout
+from feedrec.data.preprocess import PreprocessLayout, is_positive
 from feedrec.features.transform import FeatureTransform
 from feedrec.features.vocabulary import Vocabularies
 from feedrec.models.batch import BINARY_TASKS
@@ -62,8 +62,7 @@ def training_datasets(
         )
     else:
         train_path = data.pairs
-        positive = "like > 0 or comment > 0 or share > 0"
-        valid = ray.data.read_parquet(str(data.examples("valid"))).filter(expr=positive)
+        valid = ray.data.read_parquet(str(data.examples("valid"))).filter(expr=is_positive())
     train = ray.data.read_parquet(str(train_path)).randomize_block_order(seed=cfg.seed)
     return {
         "train": train.map_batches(fn, batch_format="pyarrow", batch_size=8192),
