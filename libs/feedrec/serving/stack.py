@@ -7,6 +7,7 @@ for ``/healthz``. ``stop()`` tears down only what it started, by handle and PID.
 
 from __future__ import annotations
 
+import os
 import sys
 import time
 from dataclasses import dataclass
@@ -94,7 +95,9 @@ class ServingStack:
         self.triton.start()
         (serve_dir / "triton.pid").write_text(str(self.triton.pid))
         self.triton.wait_ready()
-        self._started_ray = not ray.is_initialized() and not self.config.ray_address
+        # Only a local cluster we start ourselves is ours to shut down (with all of Serve on it).
+        address = self.config.ray_address or os.environ.get("RAY_ADDRESS")
+        self._started_ray = not ray.is_initialized() and not address
         init_ray(self.config.ray_address)
         serve.start(http_options={"host": self.config.http_host, "port": self.config.http_port})
         if str(repo_root()) not in sys.path:
