@@ -52,5 +52,9 @@ def test_two_tower_embeddings_are_unit_norm_and_loss_finite() -> None:
     torch.testing.assert_close(eu.norm(dim=1), torch.ones(6))
     from feedrec.models.batch import PairBatch
 
-    loss, logits = TwoTowerTrain(model)(PairBatch(u, v))
+    log_q = torch.log(torch.tensor([0.5, 0.1, 0.1, 0.1, 0.1, 0.1]))
+    loss, logits = TwoTowerTrain(model)(PairBatch(u, v, log_q))
     assert logits.shape == (6, 6) and torch.isfinite(loss)
+    plain, same_logits = TwoTowerTrain(model, logq_correction=False)(PairBatch(u, v, log_q))
+    torch.testing.assert_close(logits, same_logits)  # correction changes the loss only
+    assert not torch.isclose(loss, plain)

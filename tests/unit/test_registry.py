@@ -57,8 +57,8 @@ def test_transform_maps_unknown_ids_to_oov_and_keeps_padding() -> None:
     raw["user_id"] = np.array([0, 9, 11])
     raw["u_recent_topics"][:] = -1
     raw["u_recent_topics"][0, 0] = 3
-    inputs = FeatureTransform(_vocabs())(raw, "user_tower")
-    user_col = [f.name for f in sparse_features("user_tower") if f.max_len == 1].index("user_id")
+    inputs = FeatureTransform(_vocabs())(raw, "ranker")
+    user_col = [f.name for f in sparse_features("ranker") if f.max_len == 1].index("user_id")
     assert inputs.single_ids[:, user_col].tolist() == [1, 10, 0]
     assert inputs.multi_ids[0].tolist() == [4, -1, -1, -1, -1]
     assert (inputs.multi_ids[1:] == -1).all()

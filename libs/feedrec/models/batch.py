@@ -85,17 +85,23 @@ class RankerBatch:
 
 @dataclass
 class PairBatch:
-    """A retrieval batch of B positive (user, post) pairs; other rows are in-batch negatives."""
+    """A retrieval batch of B positive (user, post) pairs; other rows are in-batch negatives.
+
+    ``item_log_q`` [B]: log of each item's share of the training positives, i.e. of how often it
+    is sampled as an in-batch negative (the logQ correction subtracts it from the logits).
+    """
 
     user: PartInputs
     item: PartInputs
+    item_log_q: torch.Tensor
 
     @classmethod
     def from_columns(cls, batch: dict[str, np.ndarray]) -> PairBatch:
         return cls(
             user=PartInputs.from_numpy(ModelInputs.from_columns(batch, "user_"), "user_tower"),
             item=PartInputs.from_numpy(ModelInputs.from_columns(batch, "item_"), "item_tower"),
+            item_log_q=torch.from_numpy(np.asarray(batch["item_log_q"], dtype=np.float32)),
         )
 
     def to(self, device: torch.device) -> PairBatch:
-        return PairBatch(self.user.to(device), self.item.to(device))
+        return PairBatch(self.user.to(device), self.item.to(device), self.item_log_q.to(device))

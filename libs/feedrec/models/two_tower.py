@@ -86,14 +86,21 @@ class TwoTower(nn.Module):
 
 
 class TwoTowerTrain(nn.Module):
-    """Sampled-softmax loss with in-batch negatives: row i's positive is item i."""
+    """Sampled-softmax loss with in-batch negatives: row i's positive is item i.
 
-    def __init__(self, model: TwoTower) -> None:
+    Popular items show up as negatives more often than the corpus distribution says; subtracting
+    log q(item) from the logits (logQ correction, Yi et al. 2019) removes that sampling bias.
+    Returns the corrected loss and the *uncorrected* logits (what serving ranks by).
+    """
+
+    def __init__(self, model: TwoTower, *, logq_correction: bool = True) -> None:
         super().__init__()
         self.model = model
+        self.logq_correction = logq_correction
 
     def forward(self, batch: PairBatch) -> tuple[torch.Tensor, torch.Tensor]:
         u, v = self.model(batch.user.dense, batch.user.sparse, batch.item.dense, batch.item.sparse)
         logits = u @ v.T / self.model.config.temperature
         target = torch.arange(len(u), device=u.device)
-        return nn.functional.cross_entropy(logits, target), logits.detach()
+        corrected = logits - batch.item_log_q[None, :] if self.logq_correction else logits
+        return nn.functional.cross_entropy(corrected, target), logits.detach()

@@ -126,11 +126,13 @@ TABLES: tuple[TableSpec, ...] = (
     TableSpec("media", 4, vocab="media_type"),
 )
 
+# The towers see no user/post id: with ~3.5 positives per user the id embeddings memorise the
+# training pairs (measured on the small world: Recall@100 0.019 with ids vs 0.034 without).
 SPARSE_FEATURES: tuple[SparseFeature, ...] = (
-    SparseFeature("user_id", "user", _RU),
+    SparseFeature("user_id", "user", _R),
     SparseFeature("user_segment", "segment", _RU),
     SparseFeature("u_recent_topics", "topic", _RU, pooling="mean", max_len=HISTORY_LEN),
-    SparseFeature("post_id", "post", _RI),
+    SparseFeature("post_id", "post", _R),
     SparseFeature("creator_id", "creator", _RI),
     SparseFeature("topic", "topic", _RI),
     SparseFeature("media_type", "media", _RI),

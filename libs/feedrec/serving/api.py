@@ -4,16 +4,16 @@ from __future__ import annotations
 
 from pydantic import BaseModel, ConfigDict, Field, create_model
 
-from feedrec.schema.registry import TASKS, sparse_features
+from feedrec.schema.registry import RAW_COLUMNS, TASKS
 
 MAX_COUNT = 100
-#: Request fields that identify the viewer: the user-side id features of the registry that a
-#: client knows (the rest of the user's features come from the online store).
+#: Request fields that identify the viewer: user-side id columns of the registry that a client
+#: knows (the rest of the user's features come from the online store).
 REQUEST_FEATURES = ("user_id",)
 
 
 def _request_model() -> type[BaseModel]:
-    known = {f.name for f in sparse_features("user_tower")}
+    known = {c.name for c in RAW_COLUMNS if c.entity == "user" and c.dtype == "int64"}
     missing = set(REQUEST_FEATURES) - known
     if missing:
         raise ValueError(f"request features {sorted(missing)} are not user features")

@@ -11,6 +11,7 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.parquet as pq
 import ray
 import ray.data
 import ray.train
@@ -38,22 +39,36 @@ def ranker_columns(transform: FeatureTransform, table: pa.Table) -> dict[str, np
     return out
 
 
-def pair_columns(transform: FeatureTransform, table: pa.Table) -> dict[str, np.ndarray]:
-    """Positive pairs -> user-tower and item-tower inputs (prefixed ``user_`` / ``item_``)."""
+def pair_columns(
+    transform: FeatureTransform, table: pa.Table, log_q: np.ndarray
+) -> dict[str, np.ndarray]:
+    """Positive pairs -> user-tower and item-tower inputs (prefixed ``user_`` / ``item_``) and
+    each item's log sampling probability ``item_log_q`` (``log_q`` is indexed by post id)."""
     raw = columns_from_arrow(table)
     out = transform(raw, "user_tower").to_columns("user_")
     out.update(transform(raw, "item_tower").to_columns("item_"))
+    out["item_log_q"] = log_q[raw["post_id"]].astype(np.float32)
     return out
+
+
+def item_log_q(data: PreprocessLayout) -> np.ndarray:
+    """log(share of training positives) per post id, smoothed so unseen posts are finite."""
+    posts = pq.read_table(data.pairs, columns=["post_id"]).column("post_id").to_numpy()
+    n_posts = int(data.read_meta()["world"]["n_posts"])
+    counts = np.bincount(posts, minlength=n_posts).astype(np.float64) + 0.5
+    return np.log(counts / counts.sum())
 
 
 def training_datasets(
     cfg: TrainConfig, data: PreprocessLayout, transform: FeatureTransform
 ) -> dict[str, ray.data.Dataset | Callable[[], ray.data.Dataset]]:
     """Streaming Ray Datasets of transformed training and validation rows."""
-    to_columns = ranker_columns if cfg.model == "ranker" else pair_columns
+    log_q = item_log_q(data) if cfg.model == "two_tower" else np.zeros(0)
 
     def fn(table: pa.Table) -> dict[str, np.ndarray]:
-        return to_columns(transform, table)
+        if cfg.model == "ranker":
+            return ranker_columns(transform, table)
+        return pair_columns(transform, table, log_q)
 
     if cfg.model == "ranker":
         train_path, valid = (
