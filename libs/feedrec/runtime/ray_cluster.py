@@ -6,6 +6,7 @@ import os
 from pathlib import Path
 
 import ray
+from ray._private import ray_constants
 
 #: Logical CPUs of a local cluster. More than the 2 physical cores of a laptop on purpose: two
 #: training workers at 1 CPU each would otherwise leave nothing for Ray Data and starve it.
@@ -34,8 +35,12 @@ def init_ray(address: str | None = None, *, num_cpus: int | None = None) -> None
     if address:
         ray.init(address=address, runtime_env=runtime_env, log_to_driver=True)
         return
-    # Without this variable Ray replaces 127.0.0.1 by the host's address and listens on 0.0.0.0.
-    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+    # A local cluster stays on loopback. Ray reads this switch when it is imported: without it,
+    # it swaps 127.0.0.1 for the host's address and its agents and gRPC servers listen on all
+    # interfaces. Child processes (raylet, agents, workers) read the environment variable; this
+    # process imported Ray already, so its constant is set too.
+    os.environ[ray_constants.ENABLE_RAY_CLUSTERS_ENV_VAR] = "0"
+    ray_constants.ENABLE_RAY_CLUSTER = False
     os.environ["PYTHONPATH"] = pythonpath
     ray.init(
         num_cpus=num_cpus or max(LOCAL_LOGICAL_CPUS, os.cpu_count() or 1),
