@@ -18,7 +18,6 @@ from ray.serve.handle import DeploymentHandle
 from feedrec.artifacts import load_artifact
 from feedrec.features.transform import FeatureTransform
 from feedrec.models.predictor import TowerEncoder
-from feedrec.models.two_tower import TwoTower
 from feedrec.retrieval.build import load_post_index
 from feedrec.schema.registry import TASKS
 from feedrec.serving.api import FeedItem, FeedRequest, FeedResponse
@@ -40,10 +39,7 @@ class Retrieval:
         cfg = ServiceConfig(**config)
         self.store = OnlineFeatureStore.load(cfg.data_dir, cfg.world_dir)
         artifact = load_artifact(cfg.retrieval_dir)
-        model = artifact.build_model()
-        if not isinstance(model, TwoTower):
-            raise TypeError(f"{cfg.retrieval_dir} is not a two-tower artifact")
-        self.encoder = TowerEncoder(model)
+        self.encoder = TowerEncoder.from_artifact(artifact)
         self.transform = FeatureTransform(artifact.vocabs)
         self.index = load_post_index(artifact)
 

@@ -11,6 +11,7 @@ import numpy as np
 import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 
+from feedrec.artifacts import load_artifact
 from feedrec.data.examples import columns_from_arrow
 from feedrec.data.preprocess import PreprocessLayout
 from feedrec.evaluation.metrics import auc, expected_calibration_error, logloss, recall_at_k
@@ -157,11 +158,9 @@ def evaluate(cfg: EvaluationConfig) -> dict[str, Any]:
     pos = order[np.searchsorted(truth_cols["impression_id"], test["impression_id"], sorter=order)]
     truth = {k: v[pos] for k, v in truth_cols.items()}
 
-    ranker = RankerPredictor.from_artifact(cfg.ranker_dir)
-    encoder = TowerEncoder.from_artifact(cfg.two_tower_dir)
-    from feedrec.artifacts import load_artifact
-
     ranker_art, tower_art = load_artifact(cfg.ranker_dir), load_artifact(cfg.two_tower_dir)
+    ranker = RankerPredictor.from_artifact(ranker_art)
+    encoder = TowerEncoder.from_artifact(tower_art)
     tables = FeatureTables.load(data.tables)
     world_cfg = load_world_config(world)
     metrics = {

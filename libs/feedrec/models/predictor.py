@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from feedrec.artifacts import load_artifact
+from feedrec.artifacts import ModelArtifact, load_artifact
 from feedrec.features.transform import ModelInputs
 from feedrec.models.batch import to_kjt
 from feedrec.models.ranker import Ranker
@@ -21,10 +21,12 @@ class RankerPredictor:
         self.model = model.eval()
 
     @classmethod
-    def from_artifact(cls, root: Path) -> RankerPredictor:
-        model = load_artifact(root).build_model()
+    def from_artifact(cls, artifact: ModelArtifact | Path) -> RankerPredictor:
+        """From a loaded artifact or its directory."""
+        art = artifact if isinstance(artifact, ModelArtifact) else load_artifact(artifact)
+        model = art.build_model()
         if not isinstance(model, Ranker):
-            raise TypeError(f"{root} holds a {type(model).__name__}, not a Ranker")
+            raise TypeError(f"{art.root} holds a {art.kind}, not a ranker")
         return cls(model)
 
     def __call__(
@@ -57,10 +59,12 @@ class TowerEncoder:
         self.model = model.eval()
 
     @classmethod
-    def from_artifact(cls, root: Path) -> TowerEncoder:
-        model = load_artifact(root).build_model()
+    def from_artifact(cls, artifact: ModelArtifact | Path) -> TowerEncoder:
+        """From a loaded artifact or its directory."""
+        art = artifact if isinstance(artifact, ModelArtifact) else load_artifact(artifact)
+        model = art.build_model()
         if not isinstance(model, TwoTower):
-            raise TypeError(f"{root} holds a {type(model).__name__}, not a TwoTower")
+            raise TypeError(f"{art.root} holds a {art.kind}, not a two-tower model")
         return cls(model)
 
     def users(self, inputs: ModelInputs) -> np.ndarray:

@@ -11,7 +11,6 @@ from feedrec.artifacts import ModelArtifact, load_artifact, save_artifact
 from feedrec.data.preprocess import PreprocessLayout, load_entity_attributes
 from feedrec.features.transform import FeatureTransform
 from feedrec.models.predictor import TowerEncoder
-from feedrec.models.two_tower import TwoTower
 from feedrec.retrieval.post_index import PostIndex
 from feedrec.world.generator import load_world_config
 from feedrec.world.layout import WorldLayout
@@ -26,9 +25,7 @@ def build_retrieval_artifact(
     """Index the posts eligible on the serving day; write tower + index as one artifact."""
     started = time.perf_counter()
     tower = load_artifact(two_tower_dir)
-    model = tower.build_model()
-    if not isinstance(model, TwoTower):
-        raise TypeError(f"{two_tower_dir} holds a {tower.kind}, not a two-tower model")
+    encoder = TowerEncoder.from_artifact(tower)
     data, world = PreprocessLayout(Path(data_dir)), WorldLayout(Path(world_dir))
     day = int(data.read_meta()["serving_day"])
     attrs = load_entity_attributes(world)
@@ -36,7 +33,7 @@ def build_retrieval_artifact(
     created = attrs.post_created_at
     posts = np.flatnonzero((created < day) & (created >= day - lifetime))
     inputs = FeatureTransform(tower.vocabs)(attrs.post_columns(posts), "item_tower")
-    index = PostIndex.build(TowerEncoder(model).items(inputs), posts)
+    index = PostIndex.build(encoder.items(inputs), posts)
     tmp = Path(out_dir).with_name(Path(out_dir).name + ".index")
     tmp.mkdir(parents=True, exist_ok=True)
     index.save(tmp / INDEX_FILE, tmp / INDEX_IDS_FILE)
