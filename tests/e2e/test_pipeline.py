@@ -140,7 +140,7 @@ def test_served_scores_equal_offline_scores(stack: ServingStack, trained_run: Pa
         np.full(n, user), posts, np.full(n, day), np.full(n, float(day)), np.zeros(n)
     )
     artifact = load_artifact(run.ranker)
-    expected = RankerPredictor(artifact.build_model()).predict(  # type: ignore[arg-type]
+    expected = RankerPredictor.from_artifact(artifact).predict(
         FeatureTransform(artifact.vocabs)(raw, "ranker")
     )
     served = np.array([[i["scores"][t] for t in TASKS] for i in items])
@@ -175,7 +175,7 @@ def test_train_path_and_serve_path_give_identical_tensors_and_scores(
     client = TritonRankerClient(stack.triton.grpc_url)  # type: ignore[union-attr]
     triton = client.score_sync(serve_inputs.single_ids, serve_inputs.multi_ids, serve_inputs.dense)
     client.close_sync()
-    eager = RankerPredictor(artifact.build_model()).predict(serve_inputs)  # type: ignore[arg-type]
+    eager = RankerPredictor.from_artifact(artifact).predict(serve_inputs)
     np.testing.assert_allclose(triton, eager, rtol=1e-5, atol=1e-6)
 
 

@@ -3,15 +3,28 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TypeVar
 
 import numpy as np
 import torch
+from torch import nn
 
 from feedrec.artifacts import ModelArtifact, load_artifact
 from feedrec.features.transform import ModelInputs
 from feedrec.models.batch import to_kjt
 from feedrec.models.ranker import Ranker
 from feedrec.models.two_tower import TwoTower
+
+M = TypeVar("M", bound=nn.Module)
+
+
+def trained_model(artifact: ModelArtifact | Path, kind: type[M]) -> M:
+    """The served module of ``kind`` from a loaded artifact or its directory (eval mode)."""
+    art = artifact if isinstance(artifact, ModelArtifact) else load_artifact(artifact)
+    model = art.build_model()
+    if not isinstance(model, kind):
+        raise TypeError(f"{art.root} holds a {art.kind} model, not a {kind.__name__}")
+    return model
 
 
 class RankerPredictor:
@@ -23,11 +36,7 @@ class RankerPredictor:
     @classmethod
     def from_artifact(cls, artifact: ModelArtifact | Path) -> RankerPredictor:
         """From a loaded artifact or its directory."""
-        art = artifact if isinstance(artifact, ModelArtifact) else load_artifact(artifact)
-        model = art.build_model()
-        if not isinstance(model, Ranker):
-            raise TypeError(f"{art.root} holds a {art.kind}, not a ranker")
-        return cls(model)
+        return cls(trained_model(artifact, Ranker))
 
     def __call__(
         self, single_ids: torch.Tensor, multi_ids: torch.Tensor, dense: torch.Tensor
@@ -61,11 +70,7 @@ class TowerEncoder:
     @classmethod
     def from_artifact(cls, artifact: ModelArtifact | Path) -> TowerEncoder:
         """From a loaded artifact or its directory."""
-        art = artifact if isinstance(artifact, ModelArtifact) else load_artifact(artifact)
-        model = art.build_model()
-        if not isinstance(model, TwoTower):
-            raise TypeError(f"{art.root} holds a {art.kind}, not a two-tower model")
-        return cls(model)
+        return cls(trained_model(artifact, TwoTower))
 
     def users(self, inputs: ModelInputs) -> np.ndarray:
         """User-tower inputs [N, ...] -> float32 [N, E] unit vectors."""
