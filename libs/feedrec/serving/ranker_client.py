@@ -10,6 +10,8 @@ Shapes (N = candidates in one request, S/H/D/K from the model config):
 from __future__ import annotations
 
 import asyncio
+import contextlib
+from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
@@ -59,6 +61,17 @@ def _is_deadline(e: InferenceServerException) -> bool:
     return "DEADLINE_EXCEEDED" in str(e.status() or "") or "Deadline Exceeded" in str(e)
 
 
+@contextlib.contextmanager
+def _deadline_as_timeout(timeout_s: float) -> Iterator[None]:
+    """Turn Triton's DEADLINE_EXCEEDED into ``TimeoutError`` (both client flavours)."""
+    try:
+        yield
+    except InferenceServerException as e:
+        if _is_deadline(e):
+            raise TimeoutError(f"ranker did not answer within {timeout_s}s") from e
+        raise
+
+
 class TritonRankerClient:
     """Scores candidate rows on the Triton ``ranker`` model over gRPC.
 
@@ -100,7 +113,7 @@ class TritonRankerClient:
             tritonclient.utils.InferenceServerException: any other server-side failure.
         """
         inputs, outputs = self._build(single_ids, multi_ids, dense)
-        try:
+        with _deadline_as_timeout(timeout_s):
             result = await self._aio_client().infer(
                 self.model_name,
                 inputs,
@@ -108,10 +121,6 @@ class TritonRankerClient:
                 outputs=outputs,
                 client_timeout=timeout_s,
             )
-        except InferenceServerException as e:
-            if _is_deadline(e):
-                raise TimeoutError(f"ranker did not answer within {timeout_s}s") from e
-            raise
         return self._scores(result, single_ids.shape[0])
 
     async def ready(self) -> bool:
@@ -146,7 +155,7 @@ class TritonRankerClient:
         inputs, outputs = self._build(single_ids, multi_ids, dense)
         if self._sync is None:
             self._sync = grpcclient.InferenceServerClient(self.url)
-        try:
+        with _deadline_as_timeout(timeout_s):
             result = self._sync.infer(
                 self.model_name,
                 inputs,
@@ -154,10 +163,6 @@ class TritonRankerClient:
                 outputs=outputs,
                 client_timeout=timeout_s,
             )
-        except InferenceServerException as e:
-            if _is_deadline(e):
-                raise TimeoutError(f"ranker did not answer within {timeout_s}s") from e
-            raise
         return self._scores(result, single_ids.shape[0])
 
     def close_sync(self) -> None:
