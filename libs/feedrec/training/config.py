@@ -23,6 +23,12 @@ class TrainConfig:
         use_gpu: None = use GPUs when the cluster has one per worker (NCCL), else CPU (gloo).
         sharding_overrides: table name -> sharding type, forced over the planner's choice.
         seed: initialisation seed (same on every rank).
+        checkpoint_every_steps: also checkpoint (sharded model + optimizer + data position) every
+            this many steps within an epoch; 0 = only at the end of each epoch.
+        max_failures: worker-group restarts Ray Train may do, each resuming from the last
+            checkpoint.
+        fault_drill_step: fault-tolerance drill: the last rank SIGKILLs itself at this global
+            step, unless the attempt resumed from a checkpoint (None = no drill).
     """
 
     model: ModelKind
@@ -35,6 +41,9 @@ class TrainConfig:
     use_gpu: bool | None = None
     sharding_overrides: dict[str, str] = field(default_factory=dict)
     seed: int = 0
+    checkpoint_every_steps: int = 0
+    max_failures: int = 1
+    fault_drill_step: int | None = None
 
     def __post_init__(self) -> None:
         if self.model not in ("ranker", "two_tower"):
@@ -42,8 +51,13 @@ class TrainConfig:
         for name in ("epochs", "batch_size", "num_workers"):
             if getattr(self, name) < 1:
                 raise ValueError(f"train config: {name} must be >= 1")
-        if self.dense_lr <= 0 or self.sparse_lr <= 0 or self.cpus_per_worker <= 0:
-            raise ValueError("train config: learning rates and cpus_per_worker must be > 0")
+        if self.checkpoint_every_steps < 0 or self.max_failures < 0:
+            raise ValueError("train config: checkpoint_every_steps and max_failures must be >= 0")
+        if self.fault_drill_step is not None and self.fault_drill_step < 1:
+            raise ValueError("train config: fault_drill_step must be >= 1 (or None)")
+        for name in ("dense_lr", "sparse_lr", "cpus_per_worker"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"train config: {name} must be > 0")
 
     def with_overrides(self, **overrides: Any) -> TrainConfig:
         unknown = set(overrides) - set(asdict(self))

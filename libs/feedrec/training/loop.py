@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-import json
+import os
+import signal
 import tempfile
 import time
 from pathlib import Path
@@ -21,11 +22,9 @@ from feedrec.evaluation.metrics import auc, logloss
 from feedrec.models.batch import BINARY_TASKS, PairBatch, RankerBatch
 from feedrec.models.ranker import Ranker, RankerConfig, RankerTrain
 from feedrec.models.two_tower import TwoTower, TwoTowerConfig, TwoTowerTrain
+from feedrec.training.checkpoint import TrainState, restore_checkpoint, save_checkpoint
 from feedrec.training.config import TrainConfig
 from feedrec.training.sharding import describe_plan, gather_state_dict, shard
-
-CHECKPOINT_WEIGHTS = "weights.pt"
-CHECKPOINT_STATE = "state.json"
 
 
 def build_train_module(
@@ -79,26 +78,46 @@ def _validate(model: nn.Module, cfg: TrainConfig, device: torch.device) -> dict[
     return metrics
 
 
-def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
-    """Ray Train entry: shard, train, validate and checkpoint once per epoch.
+def _fault_drill(cfg: TrainConfig, state: TrainState, rank: int, world: int) -> None:
+    """Kill this worker process the hard way (no cleanup, like an OOM kill or a lost node)."""
+    if cfg.fault_drill_step == state.global_step and state.restores == 0 and rank == world - 1:
+        print(f"[fault drill] rank {rank} SIGKILLs itself at step {state.global_step}", flush=True)
+        os.kill(os.getpid(), signal.SIGKILL)
 
-    ``loop_config``: {"train": TrainConfig dict, "model_kind": str, "model_config": dict}.
+
+def _report(
+    metrics: dict[str, float],
+    dmp: nn.Module,
+    optimizer: CombinedOptimizer,
+    state: TrainState,
+    rank: int,
+    weights: dict[str, torch.Tensor] | None = None,
+) -> None:
+    """Every rank writes its shards into its own directory; Ray Train merges them."""
+    with tempfile.TemporaryDirectory() as tmp:
+        save_checkpoint(Path(tmp), dmp, optimizer, state, rank=rank, weights=weights)
+        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
+
+
+def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
+    """Ray Train entry: shard, (resume,) train, validate and checkpoint.
+
+    ``loop_config``: {"train": TrainConfig dict, "model_config": RankerConfig | TwoTowerConfig}.
+    Checkpoints every ``checkpoint_every_steps`` and at each epoch end; a restarted worker group
+    resumes from Ray Train's latest checkpoint at the same epoch and batch.
     """
     cfg = TrainConfig(**loop_config["train"])
     model_config: RankerConfig | TwoTowerConfig = loop_config["model_config"]
     torch.set_num_threads(max(1, int(cfg.cpus_per_worker)))
     torch.manual_seed(cfg.seed)
     device = ray.train.torch.get_device()
-    rank = ray.train.get_context().get_world_rank()
+    context = ray.train.get_context()
+    rank, world = context.get_world_rank(), context.get_world_size()
 
     train_module, served = build_train_module(cfg, model_config)
     dmp, plan = shard(
         train_module, device, sparse_lr=cfg.sparse_lr, overrides=cfg.sharding_overrides
     )
-    plan_rows = describe_plan(plan)
-    if rank == 0:
-        for row in plan_rows:
-            print(f"[sharding] {row['table']}: {row['sharding']} on ranks {row['ranks']}")
     dense = KeyedOptimizerWrapper(
         dict(in_backward_optimizer_filter(dmp.named_parameters())),
         lambda params: torch.optim.Adam(params, lr=cfg.dense_lr),
@@ -106,17 +125,42 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     optimizer = CombinedOptimizer([dmp.fused_optimizer, dense])
     collate = RankerBatch.from_columns if cfg.model == "ranker" else PairBatch.from_columns
 
-    history: list[dict[str, float]] = []
+    state = TrainState(plan=describe_plan(plan))
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is not None:
+        with checkpoint.as_directory() as ckpt_dir:
+            state = restore_checkpoint(Path(ckpt_dir), dmp, optimizer)
+        state.restores += 1
+        if state.batches_done == 0 and len(state.history) > state.epoch:
+            state.epoch += 1  # the checkpoint closed an epoch
+        if rank == 0:
+            print(
+                f"[resume] epoch {state.epoch}, batch {state.batches_done}, "
+                f"step {state.global_step} (restore #{state.restores})",
+                flush=True,
+            )
+    elif rank == 0:
+        for row in state.plan:
+            print(f"[sharding] {row['table']}: {row['sharding']} on ranks {row['ranks']}")
+
     train_shard = ray.train.get_dataset_shard("train")
-    for epoch in range(cfg.epochs):
+    while state.epoch < cfg.epochs:
+        epoch, skip = state.epoch, state.batches_done
         started, seen, loss_sum, steps = time.perf_counter(), 0, 0.0, 0
-        for cols in train_shard.iter_batches(
-            batch_size=cfg.batch_size,
-            batch_format="numpy",
-            drop_last=True,  # every rank must run the same number of collective steps
-            local_shuffle_buffer_size=cfg.batch_size * 4,
-            local_shuffle_seed=cfg.seed + epoch,
+        for i, cols in enumerate(
+            train_shard.iter_batches(
+                batch_size=cfg.batch_size,
+                batch_format="numpy",
+                drop_last=True,  # every rank must run the same number of collective steps
+                local_shuffle_buffer_size=cfg.batch_size * 4,
+                local_shuffle_seed=cfg.seed + epoch,
+            )
         ):
+            # Resuming mid-epoch: the data position is a batch count. Ray Data's split across
+            # ranks is not bit-deterministic, so these are as many batches, not the same rows.
+            if i < skip:
+                continue
+            _fault_drill(cfg, state, rank, world)
             batch = collate(cols).to(device)
             loss, _ = dmp(batch)
             optimizer.zero_grad()
@@ -125,21 +169,22 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             loss_sum += loss.item()
             steps += 1
             seen += cfg.batch_size
+            state.global_step += 1
+            state.batches_done = i + 1
+            if cfg.checkpoint_every_steps and state.global_step % cfg.checkpoint_every_steps == 0:
+                progress = {"epoch": epoch, "step": state.global_step, "train_loss": loss.item()}
+                _report(progress, dmp, optimizer, state, rank)
         elapsed = time.perf_counter() - started
         metrics = {
             "epoch": epoch,
+            "step": state.global_step,
             "train_loss": loss_sum / max(steps, 1),
             "samples_per_s_per_worker": seen / max(elapsed, 1e-9),
             **_validate(dmp, cfg, device),
         }
-        history.append(metrics)
+        state.history.append(metrics)
+        state.batches_done = 0
         # DMP swaps sharded tables into the module tree in place, so `served` is the sharded model.
-        state = gather_state_dict(served)
-        if rank == 0 and state is not None:
-            with tempfile.TemporaryDirectory() as tmp:
-                torch.save(state, Path(tmp) / CHECKPOINT_WEIGHTS)
-                info = {"epoch": epoch, "history": history, "plan": plan_rows}
-                (Path(tmp) / CHECKPOINT_STATE).write_text(json.dumps(info, default=float))
-                ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
-        else:
-            ray.train.report(metrics)
+        weights = gather_state_dict(served)
+        _report(metrics, dmp, optimizer, state, rank, weights=weights)
+        state.epoch += 1

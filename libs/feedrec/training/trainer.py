@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import time
 from collections.abc import Callable
@@ -15,7 +14,6 @@ import pyarrow.parquet as pq
 import ray
 import ray.data
 import ray.train
-import torch
 from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchConfig, TorchTrainer
 
@@ -27,8 +25,9 @@ from feedrec.features.vocabulary import Vocabularies
 from feedrec.models.batch import BINARY_TASKS
 from feedrec.models.ranker import RankerConfig
 from feedrec.models.two_tower import TwoTowerConfig
+from feedrec.training.checkpoint import read_final
 from feedrec.training.config import TrainConfig
-from feedrec.training.loop import CHECKPOINT_STATE, CHECKPOINT_WEIGHTS, train_loop_per_worker
+from feedrec.training.loop import train_loop_per_worker
 
 
 def ranker_columns(transform: FeatureTransform, table: pa.Table) -> dict[str, np.ndarray]:
@@ -126,19 +125,20 @@ def train_model(
             name=f"{cfg.model}-{int(time.time())}",
             storage_path=str(Path(storage_dir).resolve()),
             checkpoint_config=CheckpointConfig(num_to_keep=2),
-            failure_config=FailureConfig(max_failures=1),
+            failure_config=FailureConfig(max_failures=cfg.max_failures),
         ),
     )
     result = trainer.fit()
     if result.checkpoint is None:
         raise RuntimeError(f"training {cfg.model} produced no checkpoint: {result.error}")
     with result.checkpoint.as_directory() as ckpt:
-        state_dict = torch.load(Path(ckpt) / CHECKPOINT_WEIGHTS, weights_only=True)
-        info = json.loads((Path(ckpt) / CHECKPOINT_STATE).read_text())
+        state_dict, state = read_final(Path(ckpt))
     metadata = {
         "train_config": cfg.to_dict(),
-        "history": info["history"],
-        "sharding_plan": info["plan"],
+        "history": state.history,
+        "sharding_plan": state.plan,
+        "global_steps": state.global_step,
+        "restores": state.restores,
         "device": "cuda" if use_gpu else "cpu",
         "data": {"root": str(data.root), **data.read_meta()},
         "train_seconds": round(time.perf_counter() - started, 1),
