@@ -1,7 +1,8 @@
 """Same weights -> same outputs: a DMP-sharded ranker (2 ranks, gloo) vs the unsharded module.
 
 Runs two real processes with torch.distributed (no Ray needed) and forces every sharding type
-that works on CPU: column-wise, table-wise and data-parallel tables in one model.
+that works on CPU: column-wise, table-wise and data-parallel tables in one model (the planner's
+choices), and row-wise (an explicit plan: the stock planner refuses it on CPU).
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ import os
 import socket
 
 import numpy as np
+import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
@@ -28,6 +30,7 @@ OVERRIDES = {
     "ranker_segment": "data_parallel",
     "ranker_media": "data_parallel",
 }
+ROW_WISE = {**OVERRIDES, "ranker_user": "row_wise", "ranker_post": "row_wise"}
 BATCH = 64
 
 
@@ -41,7 +44,7 @@ def _batch(n: int) -> ModelInputs:
     )
 
 
-def _worker(rank: int, world: int, port: int, results: dict) -> None:
+def _worker(rank: int, world: int, port: int, overrides: dict, results: dict) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=world)
     from torch.distributed._shard.sharded_tensor import ShardedTensor
@@ -57,7 +60,7 @@ def _worker(rank: int, world: int, port: int, results: dict) -> None:
         for name, param in model.named_parameters():
             if not param.is_meta:
                 param.copy_(ref_state[name])
-    dmp, plan = shard(model, torch.device("cpu"), sparse_lr=0.1, overrides=OVERRIDES)
+    dmp, plan = shard(model, torch.device("cpu"), sparse_lr=0.1, overrides=overrides)
     with torch.no_grad():
         # ... and the reference tables into whatever shard each rank holds.
         for key, value in dmp.state_dict().items():
@@ -93,11 +96,12 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def test_sharded_ranker_equals_unsharded() -> None:
+@pytest.mark.parametrize("overrides", [OVERRIDES, ROW_WISE], ids=["planner", "row_wise"])
+def test_sharded_ranker_equals_unsharded(overrides: dict[str, str]) -> None:
     with mp.Manager() as manager:
         results = manager.dict()
-        mp.spawn(_worker, args=(2, _free_port(), results), nprocs=2, join=True)
+        mp.spawn(_worker, args=(2, _free_port(), overrides, results), nprocs=2, join=True)
         results = dict(results)
-    assert results["plan"] == OVERRIDES
+    assert results["plan"] == overrides
     assert results["out_max_diff_0"] < 1e-5 and results["out_max_diff_1"] < 1e-5, results
     assert results["gather_max_diff"] == 0.0

@@ -1,4 +1,5 @@
 import numpy as np
+import pytest
 import torch
 
 from feedrec.features.transform import ModelInputs
@@ -30,8 +31,13 @@ def test_kjt_drops_padding_and_keeps_key_order() -> None:
     assert kjt["u_recent_topics"].values().tolist() == [3, 1, 2]
 
 
-def test_ranker_forward_and_loss() -> None:
-    model = Ranker(RankerConfig(num_rows=ROWS))
+@pytest.mark.parametrize(
+    "arch",
+    [{"interaction": "mlp"}, {"interaction": "dcn"}, {"interaction": "dcn", "num_experts": 3}],
+    ids=["mlp", "dcn", "dcn-mmoe"],
+)
+def test_ranker_forward_and_loss(arch: dict) -> None:
+    model = Ranker(RankerConfig(num_rows=ROWS, **arch))
     inputs = PartInputs.from_numpy(_inputs("ranker"), "ranker")
     out = model(inputs.dense, inputs.sparse)
     assert out.shape == (6, 5)
@@ -40,7 +46,30 @@ def test_ranker_forward_and_loss() -> None:
     batch = RankerBatch(inputs, torch.ones((6, 4)), torch.ones(6))
     loss, _ = RankerTrain(model)(batch)
     loss.backward()
-    assert torch.isfinite(loss) and model.head.weight.grad is not None
+    assert torch.isfinite(loss)
+    assert all(p.grad is not None for n, p in model.named_parameters() if "gates" not in n)
+    if arch.get("num_experts"):
+        assert all(g.weight.grad is not None for g in model.gates)
+
+
+def test_ranker_calibration_is_applied_to_the_binary_logits() -> None:
+    model = Ranker(RankerConfig(num_rows=ROWS)).eval()
+    inputs = PartInputs.from_numpy(_inputs("ranker"), "ranker")
+    with torch.no_grad():
+        raw = model(inputs.dense, inputs.sparse)
+        model.calibration[:, 0] = 2.0
+        model.calibration[:, 1] = -1.0
+        calibrated = model(inputs.dense, inputs.sparse)
+    torch.testing.assert_close(calibrated[:, :4], raw[:, :4] * 2.0 - 1.0)
+    torch.testing.assert_close(calibrated[:, 4], raw[:, 4])  # dwell is not a logit
+
+
+@pytest.mark.parametrize(
+    "bad", [{"interaction": "dot"}, {"cross_layers": 0}, {"num_experts": -1}, {"over_arch": ()}]
+)
+def test_ranker_config_rejects_bad_architecture(bad: dict) -> None:
+    with pytest.raises(ValueError, match="ranker config"):
+        RankerConfig(num_rows=ROWS, **bad)
 
 
 def test_two_tower_embeddings_are_unit_norm_and_loss_finite() -> None:

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 from torch import nn
+from torchrec.modules.crossnet import LowRankCrossNet
 from torchrec.modules.mlp import MLP
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
@@ -17,24 +19,59 @@ from feedrec.schema.registry import TASKS, dense_dim
 DWELL_LOSS_WEIGHT = 0.1
 
 
+Interaction = Literal["dcn", "mlp"]
+
+
 @dataclass(frozen=True)
 class RankerConfig:
-    """Architecture. ``num_rows``: embedding rows per registry table (from the vocabularies)."""
+    """Architecture. ``num_rows``: embedding rows per registry table (from the vocabularies).
+
+    Args:
+        dense_arch: MLP over the dense features before they meet the embeddings.
+        interaction: ``"dcn"``: DCN-v2 low-rank cross layers over [dense, embeddings] (explicit
+            feature crosses such as user x topic); ``"mlp"``: none (concatenation only).
+        cross_layers, cross_rank: depth and rank of the DCN-v2 cross network.
+        over_arch: the shared bottom MLP, or each expert's MLP when ``num_experts`` > 0.
+        num_experts: 0 = shared bottom; > 0 = MMoE with this many experts and one softmax gate
+            per task (tasks that disagree, like and hide, get different expert mixtures).
+        task_arch: each task tower's hidden layers, before its 1-unit output.
+    """
 
     num_rows: dict[str, int]
     dense_arch: tuple[int, ...] = (64, 32)
+    interaction: Interaction = "dcn"
+    cross_layers: int = 2
+    cross_rank: int = 32
     over_arch: tuple[int, ...] = (256, 128)
+    num_experts: int = 0
+    task_arch: tuple[int, ...] = (32,)
 
     def __post_init__(self) -> None:
-        if not self.dense_arch or not self.over_arch or min(self.dense_arch + self.over_arch) < 1:
+        layers = self.dense_arch + self.over_arch + self.task_arch
+        if not self.dense_arch or not self.over_arch or min(layers, default=1) < 1:
             raise ValueError("ranker config: layer sizes must be non-empty and positive")
+        if self.interaction not in ("dcn", "mlp"):
+            raise ValueError(
+                f"ranker config: interaction must be dcn or mlp, not {self.interaction!r}"
+            )
+        if self.cross_layers < 1 or self.cross_rank < 1 or self.num_experts < 0:
+            raise ValueError("ranker config: cross_layers, cross_rank >= 1; num_experts >= 0")
+
+
+def _tower(in_size: int, hidden: tuple[int, ...]) -> nn.Module:
+    """Hidden ReLU layers then one output unit: [B, in_size] -> [B, 1]."""
+    if not hidden:
+        return nn.Linear(in_size, 1)
+    return nn.Sequential(MLP(in_size, list(hidden)), nn.Linear(hidden[-1], 1))
 
 
 class Ranker(nn.Module):
     """Scores (user, post) rows for every task.
 
-    Dense features go through a small MLP, sparse ones through an ``EmbeddingBagCollection``; the
-    concatenation feeds the over-arch and one linear head per task.
+    x0 = [dense MLP(dense), pooled embeddings]; DCN-v2 cross layers model explicit feature
+    crosses; a shared bottom (or MMoE experts with per-task gates) feeds one tower per task.
+    Per-head Platt calibration (``calibration``, fitted after training on the validation split)
+    maps each binary logit ``l`` to ``scale * l + bias``; it is the identity until fitted.
 
     Example::
 
@@ -42,23 +79,50 @@ class Ranker(nn.Module):
         out = model(dense, kjt)  # [B, 5]: 4 logits (like, comment, share, hide), log1p(dwell)
     """
 
+    calibration: torch.Tensor
+
     def __init__(self, config: RankerConfig, embedding_device: torch.device | None = None) -> None:
         """``embedding_device="meta"`` defers the tables to ``DistributedModelParallel``."""
         super().__init__()
         self.config = config
         self.ebc = embedding_bag_collection("ranker", config.num_rows, device=embedding_device)
         self.dense_arch = MLP(dense_dim("ranker"), list(config.dense_arch))
-        over_in = config.dense_arch[-1] + pooled_dim("ranker")
-        self.over_arch = MLP(over_in, list(config.over_arch))
-        self.head = nn.Linear(config.over_arch[-1], len(TASKS))
+        x0 = config.dense_arch[-1] + pooled_dim("ranker")
+        self.cross: nn.Module = (
+            LowRankCrossNet(x0, config.cross_layers, config.cross_rank)
+            if config.interaction == "dcn"
+            else nn.Identity()
+        )
+        n_bottoms = max(config.num_experts, 1)
+        self.bottoms = nn.ModuleList(MLP(x0, list(config.over_arch)) for _ in range(n_bottoms))
+        self.gates = nn.ModuleList(
+            nn.Linear(x0, config.num_experts) for _ in TASKS if config.num_experts
+        )
+        self.towers = nn.ModuleList(_tower(config.over_arch[-1], config.task_arch) for _ in TASKS)
+        # [4, 2]: (scale, bias) per binary head; a buffer so it travels with the weights.
+        identity = torch.tensor([[1.0, 0.0]] * len(BINARY_TASKS))
+        self.register_buffer("calibration", identity)
 
     def forward(self, dense: torch.Tensor, sparse: KeyedJaggedTensor) -> torch.Tensor:
         """Args: dense float32 [B, dense_dim("ranker")]; sparse: KJT of the ranker features.
 
         Returns: float32 [B, 5]: logits of like, comment, share, hide, then predicted log1p(dwell).
         """
-        x = torch.cat([self.dense_arch(dense), pooled(self.ebc, sparse, "ranker")], dim=1)
-        return self.head(self.over_arch(x))
+        x0 = torch.cat([self.dense_arch(dense), pooled(self.ebc, sparse, "ranker")], dim=1)
+        x = self.cross(x0)
+        if self.config.num_experts:
+            experts = torch.stack([b(x) for b in self.bottoms], dim=1)  # [B, E, H]
+            outs = []
+            for gate, tower in zip(self.gates, self.towers, strict=True):
+                weights = torch.softmax(gate(x), dim=1).unsqueeze(2)  # [B, E, 1]
+                outs.append(tower((weights * experts).sum(dim=1)))
+        else:
+            shared = self.bottoms[0](x)
+            outs = [tower(shared) for tower in self.towers]
+        out = torch.cat(outs, dim=1)
+        n = len(BINARY_TASKS)
+        logits = out[:, :n] * self.calibration[:, 0] + self.calibration[:, 1]
+        return torch.cat([logits, out[:, n:]], dim=1)
 
     @staticmethod
     def predictions(outputs: torch.Tensor) -> torch.Tensor:

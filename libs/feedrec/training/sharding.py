@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.distributed as dist
 from torch import nn
@@ -9,6 +11,12 @@ from torchrec.distributed import DistributedModelParallel
 from torchrec.distributed.embeddingbag import EmbeddingBagCollectionSharder
 from torchrec.distributed.planner import EmbeddingShardingPlanner, ParameterConstraints, Topology
 from torchrec.distributed.planner.types import ShardingPlan
+from torchrec.distributed.sharding_plan import (
+    ParameterShardingGenerator,
+    construct_module_sharding_plan,
+    data_parallel,
+    row_wise,
+)
 from torchrec.distributed.types import ShardingType
 from torchrec.modules.embedding_modules import EmbeddingBagCollection
 from torchrec.optim.apply_optimizer_in_backward import apply_optimizer_in_backward
@@ -36,6 +44,14 @@ def embedding_tables(model: nn.Module) -> dict[str, EmbeddingBagCollection]:
     return {n: m for n, m in model.named_modules() if isinstance(m, EmbeddingBagCollection)}
 
 
+#: Sharding types the stock planner refuses on a device type but that work from an explicit
+#: per-table plan (measured: row-wise on CPU/gloo).
+EXPLICIT_SHARDING: dict[str, dict[str, Callable[[], ParameterShardingGenerator]]] = {
+    "cpu": {ShardingType.ROW_WISE.value: lambda: row_wise(compute_kernel="fused")},
+    "cuda": {},
+}
+
+
 def plan_sharding(
     model: nn.Module,
     device: torch.device,
@@ -47,17 +63,54 @@ def plan_sharding(
 
     Args:
         overrides: table name -> sharding type, to force a choice (e.g. ``{"ranker_post":
-            "column_wise"}``).
+            "column_wise"}``). A type the planner refuses on this device but that works there
+            (``EXPLICIT_SHARDING``, e.g. row-wise on CPU) is placed by an explicit plan instead.
     """
+    overrides = dict(overrides or {})
     allowed = SHARDING_TYPES[device.type]
+    explicit_types = EXPLICIT_SHARDING[device.type]
+    tables = {
+        t.name for ebc in embedding_tables(model).values() for t in ebc.embedding_bag_configs()
+    }
+    for table, kind in overrides.items():
+        if table not in tables:
+            raise ValueError(
+                f"sharding override: unknown table {table!r} (tables: {sorted(tables)})"
+            )
+        if kind not in allowed and kind not in explicit_types:
+            raise ValueError(
+                f"sharding override {table}={kind}: not available on {device.type} "
+                f"(choose from {sorted({*allowed, *explicit_types})})"
+            )
     constraints = {}
-    for ebc in embedding_tables(model).values():
-        for table in ebc.embedding_bag_configs():
-            types = [overrides[table.name]] if overrides and table.name in overrides else allowed
-            constraints[table.name] = ParameterConstraints(sharding_types=list(types))
-    topology = Topology(world_size=dist.get_world_size(), compute_device=device.type)
+    for table in tables:
+        types = [overrides[table]] if overrides.get(table) in allowed else allowed
+        constraints[table] = ParameterConstraints(sharding_types=list(types))
+    world = dist.get_world_size()
+    topology = Topology(world_size=world, compute_device=device.type)
     planner = EmbeddingShardingPlanner(topology=topology, constraints=constraints)
-    return planner.collective_plan(model, sharders, dist.GroupMember.WORLD)
+    plan = planner.collective_plan(model, sharders, dist.GroupMember.WORLD)
+    for path, ebc in embedding_tables(model).items():
+        forced = {
+            t.name: explicit_types[overrides[t.name]]()
+            for t in ebc.embedding_bag_configs()
+            if overrides.get(t.name) in explicit_types
+        }
+        if forced:
+            # The helper wants a generator for every table; only the forced ones are kept.
+            every = {
+                t.name: forced.get(t.name, data_parallel()) for t in ebc.embedding_bag_configs()
+            }
+            module_plan = construct_module_sharding_plan(
+                ebc,
+                per_param_sharding=every,
+                sharder=sharders[0],
+                local_size=world,
+                world_size=world,
+                device_type=device.type,
+            )
+            plan.plan[path].update({name: module_plan[name] for name in forced})
+    return plan
 
 
 def describe_plan(plan: ShardingPlan) -> list[dict[str, object]]:

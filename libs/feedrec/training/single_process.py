@@ -1,0 +1,211 @@
+"""The same models trained in one process with plain TorchRec (no Ray, no sharding).
+
+This is the baseline of the training benchmark (``bench/train.py``) and a quick way to compare
+architectures on one machine; production training goes through :func:`train_model`.
+"""
+
+from __future__ import annotations
+
+import socket
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+import torch.distributed as dist
+from torch import nn
+from torchrec.optim.keyed import CombinedOptimizer, KeyedOptimizerWrapper
+from torchrec.optim.optimizers import in_backward_optimizer_filter
+
+from feedrec.data.preprocess import PreprocessLayout
+from feedrec.evaluation.metrics import auc, logloss
+from feedrec.features.transform import FeatureTransform
+from feedrec.features.vocabulary import Vocabularies
+from feedrec.models.batch import BINARY_TASKS, PairBatch, RankerBatch
+from feedrec.models.ranker import RankerConfig
+from feedrec.models.two_tower import TwoTowerConfig
+from feedrec.training.config import TrainConfig
+from feedrec.training.loop import build_train_module
+from feedrec.training.sharding import gather_state_dict, shard
+from feedrec.training.trainer import item_log_q, pair_columns, ranker_columns
+
+Columns = dict[str, np.ndarray]
+
+
+def iter_column_batches(
+    path: Path,
+    to_columns: Callable[[pa.Table], Columns],
+    batch_size: int,
+    *,
+    seed: int,
+    shuffle_buffer: int = 0,
+    drop_last: bool = True,
+) -> Iterator[Columns]:
+    """Stream a parquet dataset as transformed column batches.
+
+    Files in a seeded random order; rows shuffled within a buffer of ``shuffle_buffer`` rows
+    (0 = no shuffle). Memory stays O(buffer + batch), never the whole dataset.
+    """
+    rng = np.random.default_rng(seed)
+    files = sorted(Path(path).rglob("*.parquet"))
+    pending: list[Columns] = []
+    pending_rows = 0
+    target = max(shuffle_buffer, batch_size)
+
+    def emit(final: bool) -> Iterator[Columns]:
+        nonlocal pending, pending_rows
+        cols = {k: np.concatenate([p[k] for p in pending]) for k in pending[0]}
+        order = rng.permutation(pending_rows) if shuffle_buffer else np.arange(pending_rows)
+        n_full = pending_rows // batch_size
+        for i in range(n_full):
+            idx = order[i * batch_size : (i + 1) * batch_size]
+            yield {k: v[idx] for k, v in cols.items()}
+        rest = order[n_full * batch_size :]
+        pending, pending_rows = [], 0
+        if len(rest):
+            if final and not drop_last:
+                yield {k: v[rest] for k, v in cols.items()}
+            elif not final:
+                pending, pending_rows = [{k: v[rest] for k, v in cols.items()}], len(rest)
+
+    for file in (files[i] for i in rng.permutation(len(files))):
+        for record_batch in pq.ParquetFile(file).iter_batches(batch_size=8192):
+            cols = to_columns(pa.Table.from_batches([record_batch]))
+            pending.append(cols)
+            pending_rows += len(next(iter(cols.values())))
+            if pending_rows >= target:
+                yield from emit(final=False)
+    if pending_rows:
+        yield from emit(final=True)
+
+
+@dataclass(frozen=True)
+class SingleProcessResult:
+    """History (one dict per epoch), overall training throughput, the trained (unsharded)
+    served-module weights."""
+
+    history: list[dict[str, float]]
+    samples_per_s: float
+    weights: dict[str, torch.Tensor]
+
+
+def _validate(
+    train_module: nn.Module, cfg: TrainConfig, batches: Iterator[Columns]
+) -> dict[str, float]:
+    train_module.eval()
+    losses, outputs, labels = [], [], []
+    with torch.no_grad():
+        for cols in batches:
+            if cfg.model == "ranker":
+                rb = RankerBatch.from_columns(cols)
+                loss, out = train_module(rb)
+                outputs.append(out.numpy())
+                labels.append(rb.labels.numpy())
+            else:
+                loss, out = train_module(PairBatch.from_columns(cols))
+                outputs.append((out.argmax(dim=1) == torch.arange(len(out))).float().numpy())
+            losses.append(loss.item())
+    train_module.train()
+    metrics = {"valid_loss": float(np.mean(losses))}
+    if cfg.model == "ranker":
+        out_all, lab_all = np.concatenate(outputs), np.concatenate(labels)
+        for i, task in enumerate(BINARY_TASKS):
+            prob = 1 / (1 + np.exp(-out_all[:, i]))
+            metrics[f"valid_auc_{task}"] = auc(lab_all[:, i], prob)
+            metrics[f"valid_logloss_{task}"] = logloss(lab_all[:, i], prob)
+    else:
+        metrics["valid_inbatch_top1"] = float(np.concatenate(outputs).mean())
+    return metrics
+
+
+def train_single_process(
+    cfg: TrainConfig,
+    data: PreprocessLayout,
+    model_config: RankerConfig | TwoTowerConfig | None = None,
+    *,
+    max_steps: int | None = None,
+    validate: bool = True,
+) -> SingleProcessResult:
+    """Train ``cfg.model`` on ``data`` in this process: the global batch of the distributed run
+    (``batch_size x num_workers``), row-wise Adagrad on the tables, Adam on the dense layers."""
+    torch.manual_seed(cfg.seed)
+    vocabs = Vocabularies.load(data.vocabularies)
+    transform = FeatureTransform(vocabs)
+    if cfg.model == "ranker":
+        config: RankerConfig | TwoTowerConfig = model_config or RankerConfig(
+            num_rows=vocabs.num_rows()
+        )
+        path, to_cols = data.examples("train"), lambda t: ranker_columns(transform, t)
+        valid_path, valid_cols = data.examples("valid"), to_cols
+    else:
+        config = model_config or TwoTowerConfig(num_rows=vocabs.num_rows())
+        log_q = item_log_q(data)
+        path, to_cols = data.pairs, lambda t: pair_columns(transform, t, log_q)
+        valid_path = data.examples("valid")
+
+        def valid_cols(t: pa.Table) -> Columns:
+            return pair_columns(transform, t.filter(_positive_mask(t)), log_q)
+
+    # One rank of TorchRec's own DMP: the fused FBGEMM embedding kernels and optimizer a
+    # single-process TorchRec user gets, so the benchmark compares like with like.
+    own_group = not dist.is_initialized()
+    if own_group:
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            port = sock.getsockname()[1]
+        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
+    train_module, served = build_train_module(cfg, config)
+    dmp, _ = shard(train_module, torch.device("cpu"), sparse_lr=cfg.sparse_lr)
+    dense = KeyedOptimizerWrapper(
+        dict(in_backward_optimizer_filter(dmp.named_parameters())),
+        lambda params: torch.optim.Adam(params, lr=cfg.dense_lr),
+    )
+    optimizer = CombinedOptimizer([dmp.fused_optimizer, dense])
+    batch_size = cfg.batch_size * cfg.num_workers
+    history: list[dict[str, float]] = []
+    steps, trained, train_seconds = 0, 0, 0.0
+    for epoch in range(cfg.epochs):
+        started, loss_sum, epoch_steps = time.perf_counter(), 0.0, 0
+        batches = iter_column_batches(
+            path, to_cols, batch_size, seed=cfg.seed + epoch, shuffle_buffer=batch_size * 4
+        )
+        collate = RankerBatch.from_columns if cfg.model == "ranker" else PairBatch.from_columns
+        for cols in batches:
+            loss, _ = dmp(collate(cols))
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            loss_sum += loss.item()
+            epoch_steps += 1
+            steps += 1
+            trained += batch_size
+            if max_steps is not None and steps >= max_steps:
+                break
+        elapsed = time.perf_counter() - started
+        train_seconds += elapsed
+        metrics = {
+            "epoch": epoch,
+            "train_loss": loss_sum / max(epoch_steps, 1),
+            "samples_per_s": epoch_steps * batch_size / max(elapsed, 1e-9),
+        }
+        if validate:
+            valid = iter_column_batches(valid_path, valid_cols, batch_size, seed=0, drop_last=False)
+            metrics.update(_validate(dmp, cfg, valid))
+        history.append(metrics)
+        if max_steps is not None and steps >= max_steps:
+            break
+    weights = gather_state_dict(served)
+    if own_group:
+        dist.destroy_process_group()
+    assert weights is not None  # rank 0 of 1
+    return SingleProcessResult(history, trained / max(train_seconds, 1e-9), weights)
+
+
+def _positive_mask(table: pa.Table) -> np.ndarray:
+    from feedrec.data.preprocess import POSITIVE_LABELS
+
+    return np.logical_or.reduce([table.column(label).to_numpy() > 0 for label in POSITIVE_LABELS])
