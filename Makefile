@@ -3,7 +3,7 @@ SHELL := /bin/bash
 PY := .venv/bin/python
 STAMP := .venv/.feedrec-installed
 
-.PHONY: venv demo test lint format clean-run
+.PHONY: venv demo test lint format clean-run bench-train
 
 venv: $(STAMP)
 
@@ -22,7 +22,11 @@ demo: venv
 test: venv
 	$(PY) -m pytest tests -q --durations=15
 
+# Training throughput, Ray Train DMP x2 vs one TorchRec process -> bench/results/train.json.
+bench-train: venv
+	$(PY) -m bench.train --preset small --run-dir runs/bench
+
 lint: venv
-	.venv/bin/ruff check libs apps jobs tests
-	.venv/bin/ruff format --check libs apps jobs tests
+	.venv/bin/ruff check libs apps jobs tests bench
+	.venv/bin/ruff format --check libs apps jobs tests bench
 	.venv/bin/mypy libs

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import resource
 import signal
 import tempfile
 import time
@@ -146,7 +147,9 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     train_shard = ray.train.get_dataset_shard("train")
     while state.epoch < cfg.epochs:
         epoch, skip = state.epoch, state.batches_done
-        started, seen, loss_sum, steps = time.perf_counter(), 0, 0.0, 0
+        # Throughput clock starts at the first batch: Ray Data's pipeline spin-up is not training.
+        started: float | None = None
+        seen, loss_sum, steps = 0, 0.0, 0
         for i, cols in enumerate(
             train_shard.iter_batches(
                 batch_size=cfg.batch_size,
@@ -161,6 +164,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             if i < skip:
                 continue
             _fault_drill(cfg, state, rank, world)
+            started = started or time.perf_counter()
             batch = collate(cols).to(device)
             loss, _ = dmp(batch)
             optimizer.zero_grad()
@@ -174,12 +178,17 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             if cfg.checkpoint_every_steps and state.global_step % cfg.checkpoint_every_steps == 0:
                 progress = {"epoch": epoch, "step": state.global_step, "train_loss": loss.item()}
                 _report(progress, dmp, optimizer, state, rank)
-        elapsed = time.perf_counter() - started
+        elapsed = time.perf_counter() - (started or time.perf_counter())
+        # Peak resident memory of the hungriest rank so far (ru_maxrss is KiB on Linux).
+        peak_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        rss = torch.tensor([peak_kib / 1024.0], device=device)
+        dist.all_reduce(rss, op=dist.ReduceOp.MAX)
         metrics = {
             "epoch": epoch,
             "step": state.global_step,
             "train_loss": loss_sum / max(steps, 1),
             "samples_per_s_per_worker": seen / max(elapsed, 1e-9),
+            "peak_rss_mb": float(rss.item()),
             **_validate(dmp, cfg, device),
         }
         state.history.append(metrics)

@@ -8,19 +8,18 @@ from __future__ import annotations
 
 import socket
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 import torch
 import torch.distributed as dist
 from torch import nn
 from torchrec.optim.keyed import CombinedOptimizer, KeyedOptimizerWrapper
 from torchrec.optim.optimizers import in_backward_optimizer_filter
 
+from feedrec.data.examples import Columns, iter_column_batches
 from feedrec.data.preprocess import PreprocessLayout
 from feedrec.evaluation.metrics import auc, logloss
 from feedrec.features.transform import FeatureTransform
@@ -32,55 +31,6 @@ from feedrec.training.config import TrainConfig
 from feedrec.training.loop import build_train_module
 from feedrec.training.sharding import gather_state_dict, shard
 from feedrec.training.trainer import item_log_q, pair_columns, ranker_columns
-
-Columns = dict[str, np.ndarray]
-
-
-def iter_column_batches(
-    path: Path,
-    to_columns: Callable[[pa.Table], Columns],
-    batch_size: int,
-    *,
-    seed: int,
-    shuffle_buffer: int = 0,
-    drop_last: bool = True,
-) -> Iterator[Columns]:
-    """Stream a parquet dataset as transformed column batches.
-
-    Files in a seeded random order; rows shuffled within a buffer of ``shuffle_buffer`` rows
-    (0 = no shuffle). Memory stays O(buffer + batch), never the whole dataset.
-    """
-    rng = np.random.default_rng(seed)
-    files = sorted(Path(path).rglob("*.parquet"))
-    pending: list[Columns] = []
-    pending_rows = 0
-    target = max(shuffle_buffer, batch_size)
-
-    def emit(final: bool) -> Iterator[Columns]:
-        nonlocal pending, pending_rows
-        cols = {k: np.concatenate([p[k] for p in pending]) for k in pending[0]}
-        order = rng.permutation(pending_rows) if shuffle_buffer else np.arange(pending_rows)
-        n_full = pending_rows // batch_size
-        for i in range(n_full):
-            idx = order[i * batch_size : (i + 1) * batch_size]
-            yield {k: v[idx] for k, v in cols.items()}
-        rest = order[n_full * batch_size :]
-        pending, pending_rows = [], 0
-        if len(rest):
-            if final and not drop_last:
-                yield {k: v[rest] for k, v in cols.items()}
-            elif not final:
-                pending, pending_rows = [{k: v[rest] for k, v in cols.items()}], len(rest)
-
-    for file in (files[i] for i in rng.permutation(len(files))):
-        for record_batch in pq.ParquetFile(file).iter_batches(batch_size=8192):
-            cols = to_columns(pa.Table.from_batches([record_batch]))
-            pending.append(cols)
-            pending_rows += len(next(iter(cols.values())))
-            if pending_rows >= target:
-                yield from emit(final=False)
-    if pending_rows:
-        yield from emit(final=True)
 
 
 @dataclass(frozen=True)
@@ -169,12 +119,14 @@ def train_single_process(
     history: list[dict[str, float]] = []
     steps, trained, train_seconds = 0, 0, 0.0
     for epoch in range(cfg.epochs):
-        started, loss_sum, epoch_steps = time.perf_counter(), 0.0, 0
+        started: float | None = None  # from the first batch, as in the distributed loop
+        loss_sum, epoch_steps = 0.0, 0
         batches = iter_column_batches(
             path, to_cols, batch_size, seed=cfg.seed + epoch, shuffle_buffer=batch_size * 4
         )
         collate = RankerBatch.from_columns if cfg.model == "ranker" else PairBatch.from_columns
         for cols in batches:
+            started = started or time.perf_counter()
             loss, _ = dmp(collate(cols))
             optimizer.zero_grad()
             loss.backward()
@@ -185,7 +137,7 @@ def train_single_process(
             trained += batch_size
             if max_steps is not None and steps >= max_steps:
                 break
-        elapsed = time.perf_counter() - started
+        elapsed = time.perf_counter() - (started or time.perf_counter())
         train_seconds += elapsed
         metrics = {
             "epoch": epoch,

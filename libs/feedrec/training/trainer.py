@@ -14,16 +14,19 @@ import pyarrow.parquet as pq
 import ray
 import ray.data
 import ray.train
+import torch
 from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchConfig, TorchTrainer
 
 from feedrec.artifacts import save_artifact
-from feedrec.data.examples import columns_from_arrow
+from feedrec.data.examples import columns_from_arrow, iter_column_batches
 from feedrec.data.preprocess import PreprocessLayout, is_positive
+from feedrec.evaluation.metrics import expected_calibration_error
 from feedrec.features.transform import FeatureTransform
 from feedrec.features.vocabulary import Vocabularies
-from feedrec.models.batch import BINARY_TASKS
-from feedrec.models.ranker import RankerConfig
+from feedrec.models.batch import BINARY_TASKS, RankerBatch
+from feedrec.models.calibration import fit_calibration
+from feedrec.models.ranker import Ranker, RankerConfig
 from feedrec.models.two_tower import TwoTowerConfig
 from feedrec.training.checkpoint import read_final
 from feedrec.training.config import TrainConfig
@@ -84,6 +87,50 @@ def training_datasets(
     }
 
 
+def calibrate_ranker(
+    state_dict: dict[str, torch.Tensor],
+    model_config: RankerConfig,
+    data: PreprocessLayout,
+    transform: FeatureTransform,
+) -> dict[str, dict[str, float]]:
+    """Fit per-head Platt calibration on the validation split; writes it into ``state_dict``.
+
+    Streams the split through the unsharded ranker on the driver. Returns, per binary task, the
+    fitted (scale, bias) and the validation ECE before and after.
+    """
+    model = Ranker(model_config)
+    model.load_state_dict(state_dict)
+    model.eval()
+    logits, labels = [], []
+    batches = iter_column_batches(
+        data.examples("valid"),
+        lambda t: ranker_columns(transform, t),
+        8192,
+        seed=0,
+        drop_last=False,
+    )
+    with torch.inference_mode():
+        for cols in batches:
+            batch = RankerBatch.from_columns(cols)
+            logits.append(model(batch.inputs.dense, batch.inputs.sparse)[:, : len(BINARY_TASKS)])
+            labels.append(batch.labels)
+    raw, y = torch.cat(logits).double().numpy(), torch.cat(labels).numpy()
+    table = fit_calibration(raw, y)
+    state_dict["calibration"] = torch.from_numpy(table)
+    report = {}
+    for i, task in enumerate(BINARY_TASKS):
+        scale, bias = (float(v) for v in table[i])
+        report[task] = {
+            "scale": scale,
+            "bias": bias,
+            "valid_ece_before": expected_calibration_error(y[:, i], 1 / (1 + np.exp(-raw[:, i]))),
+            "valid_ece_after": expected_calibration_error(
+                y[:, i], 1 / (1 + np.exp(-(scale * raw[:, i] + bias)))
+            ),
+        }
+    return report
+
+
 def _use_gpu(cfg: TrainConfig) -> bool:
     if cfg.use_gpu is not None:
         return cfg.use_gpu
@@ -133,12 +180,16 @@ def train_model(
         raise RuntimeError(f"training {cfg.model} produced no checkpoint: {result.error}")
     with result.checkpoint.as_directory() as ckpt:
         state_dict, state = read_final(Path(ckpt))
+    calibration = None
+    if isinstance(model_config, RankerConfig):
+        calibration = calibrate_ranker(state_dict, model_config, data, transform)
     metadata = {
         "train_config": cfg.to_dict(),
         "history": state.history,
         "sharding_plan": state.plan,
         "global_steps": state.global_step,
         "restores": state.restores,
+        "calibration": calibration,
         "device": "cuda" if use_gpu else "cpu",
         "data": {"root": str(data.root), **data.read_meta()},
         "train_seconds": round(time.perf_counter() - started, 1),
