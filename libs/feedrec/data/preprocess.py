@@ -1,12 +1,16 @@
 """Preprocess with Ray Data: sharded logs -> point-in-time features, vocabularies, splits, examples.
 
-Pipeline (streaming; only per-entity daily sums ever reach the driver):
+Pipeline (streaming; only per-entity daily sums ever reach the driver, plus the row ids of a
+random split):
 
 1. read ``logs/day=D/*.parquet`` (hive partitions),
 2. ``map_batches``: partial daily sums per user, user x topic, post and creator,
 3. driver: fold the sums into :class:`FeatureTables` (trailing windows over *earlier* days only),
 4. ``map_batches``: the point-in-time join (:meth:`FeatureTables.lookup`) + split label,
 5. write ``examples/split={train,valid,test}/`` and the retrieval positives ``pairs/``.
+
+Two evaluation protocols (:attr:`PreprocessConfig.split`): ``time`` holds out the last days of the
+log; ``random`` cuts each user's interactions at random by ratios (see :func:`random_split`).
 """
 
 from __future__ import annotations
@@ -17,7 +21,7 @@ import operator
 import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import pyarrow as pa
@@ -44,22 +48,57 @@ from feedrec.world.layout import WorldLayout
 SPLITS = ("train", "valid", "test")
 #: Engagements that make a (user, post) pair a retrieval positive.
 POSITIVE_LABELS = ("like", "comment", "share")
+SplitKind = Literal["time", "random"]
+SPLIT_KINDS: tuple[SplitKind, ...] = ("time", "random")
 
 
 @dataclass(frozen=True)
 class PreprocessConfig:
-    """Args: world_dir: a generated world; out_dir: where outputs go; valid/test_days: the last
-    days of the log held out (time-based split)."""
+    """How to preprocess a world.
+
+    Args:
+        world_dir: a generated world or imported logs (``feedrec.data.log_import``).
+        out_dir: where outputs go.
+        valid_days, test_days: ``time`` split: the last days of the log held out.
+        progress: Ray Data progress bars.
+        split: the evaluation protocol.
+
+            * ``time`` (default): valid and test are the last days; every feature of every row is
+              computed from earlier days only, so nothing of a held-out day reaches training.
+            * ``random``: each user's interactions are shuffled with ``seed`` and cut by
+              ``ratios`` (:func:`random_split`); vocabularies are fitted on the train rows. The
+              features stay point in time with respect to each row's own day, but they aggregate
+              every logged interaction of earlier days whatever its split: a test row's features
+              include held-out interactions of earlier days (its user's and others'), and
+              training rows may be later than test rows. Retrieval evaluation takes each user's
+              state at the end of the log (the serving day). Numbers from the two protocols are
+              not comparable.
+        ratios: ``random`` split: train:valid:test shares (each > 0).
+        seed: ``random`` split: shuffling seed.
+    """
 
     world_dir: Path
     out_dir: Path
     valid_days: int = 1
     test_days: int = 1
     progress: bool = True
+    split: SplitKind = "time"
+    ratios: tuple[float, float, float] = (8.0, 1.0, 1.0)
+    seed: int = 0
 
     def __post_init__(self) -> None:
         if self.valid_days < 1 or self.test_days < 1:
             raise ValueError("preprocess config: valid_days and test_days must be >= 1")
+        if self.split not in SPLIT_KINDS:
+            raise ValueError(f"preprocess config: split must be one of {SPLIT_KINDS}")
+        if len(self.ratios) != 3 or not all(
+            np.isfinite(r) and r > 0 for r in np.asarray(self.ratios, dtype=np.float64)
+        ):
+            raise ValueError(
+                "preprocess config: ratios must be three numbers > 0 (train:valid:test)"
+            )
+        if self.seed < 0:
+            raise ValueError("preprocess config: seed must be >= 0")
 
 
 @dataclass(frozen=True)
@@ -204,16 +243,94 @@ def fit_vocabularies(sums: DailySums, attrs: EntityAttributes, train_days: int) 
     """Vocabularies of the entities seen in the training days only."""
     users = np.flatnonzero(sums.user[:train_days, :, 0].sum(axis=0) > 0)
     posts = np.flatnonzero(sums.post[:train_days, :, 0].sum(axis=0) > 0)
-    creators = np.flatnonzero(sums.creator[:train_days, :, 0].sum(axis=0) > 0)
+    return vocabularies_of(users, posts, attrs)
+
+
+def vocabularies_of(users: np.ndarray, posts: np.ndarray, attrs: EntityAttributes) -> Vocabularies:
+    """Vocabularies of the given training users and posts (int64 raw ids, any order); the
+    creators, topics and media types are those of the posts."""
+    users, posts = np.unique(users), np.unique(posts)
     vocabs = {
         "user_id": Vocabulary.fit(users),
         "user_segment": Vocabulary.fit(attrs.user_segment[users]),
         "post_id": Vocabulary.fit(posts),
-        "creator_id": Vocabulary.fit(creators),
+        "creator_id": Vocabulary.fit(attrs.post_creator[posts]),
         "topic": Vocabulary.fit(attrs.post_topic[posts]),
         "media_type": Vocabulary.fit(attrs.post_media[posts]),
     }
     return Vocabularies({t.vocab: vocabs[t.vocab] for t in TABLES})
+
+
+@dataclass(frozen=True)
+class RandomSplit:
+    """A per-user random split of logged rows.
+
+    Shapes [N]: impression_id (sorted, unique), split (int8 index into :data:`SPLITS`).
+    """
+
+    impression_id: np.ndarray
+    split: np.ndarray
+
+    def __post_init__(self) -> None:
+        if self.impression_id.shape != self.split.shape:
+            raise ValueError("random split: impression_id and split must have the same shape")
+
+    def of(self, impression_id: np.ndarray) -> np.ndarray:
+        """Split names (str [M]) of rows; every id must be one of the split's rows."""
+        pos = np.searchsorted(self.impression_id, impression_id)
+        pos = np.minimum(pos, max(len(self.impression_id) - 1, 0))
+        if len(impression_id) and not np.array_equal(self.impression_id[pos], impression_id):
+            raise ValueError("random split: unknown impression_id")
+        return np.asarray(SPLITS)[self.split[pos]]
+
+
+def random_split(
+    impression_id: np.ndarray,
+    user_id: np.ndarray,
+    ratios: tuple[float, float, float],
+    seed: int,
+) -> RandomSplit:
+    """Per-user random ratio split.
+
+    Each user's rows are put in a random order (``seed``) and cut at ``round(n * cumulative
+    share)`` (halves round up): a user with n rows gets round(n * r_train / sum) train rows, then
+    valid rows up to round(n * (r_train + r_valid) / sum), the rest test. With 8:1:1, 10 rows give
+    8/1/1, 5 rows 4/1/0 and a single row goes to train. The result depends only on the rows (as
+    a set), the ratios and the seed, not on the order the rows arrive in.
+
+    Args:
+        impression_id: int64 [N] unique row ids.
+        user_id: int64 [N] the user of each row.
+    """
+    impression_id = np.asarray(impression_id, dtype=np.int64)
+    order = np.argsort(impression_id, kind="stable")
+    ids, users = impression_id[order], np.asarray(user_id, dtype=np.int64)[order]
+    if len(ids) > 1 and np.any(ids[1:] == ids[:-1]):
+        raise ValueError("random split: impression ids must be unique")
+    key = np.random.default_rng(seed).random(len(ids))
+    by_user = np.lexsort((key, users))
+    sorted_users = users[by_user]
+    starts = np.flatnonzero(np.r_[True, sorted_users[1:] != sorted_users[:-1]])
+    counts = np.diff(np.r_[starts, len(ids)])
+    rank = np.arange(len(ids)) - np.repeat(starts, counts)
+    n = np.repeat(counts, counts).astype(np.float64)
+    cum = np.cumsum(np.asarray(ratios, dtype=np.float64))
+    cum /= cum[-1]
+    train_end, valid_end = np.floor(n * cum[0] + 0.5), np.floor(n * cum[1] + 0.5)
+    code = np.where(rank < train_end, 0, np.where(rank < valid_end, 1, 2)).astype(np.int8)
+    split = np.empty(len(ids), dtype=np.int8)
+    split[by_user] = code
+    return RandomSplit(ids, split)
+
+
+def logged_rows(logs: ray.data.Dataset) -> dict[str, np.ndarray]:
+    """impression_id, user_id, post_id of every logged row (int64 [N] each), on the driver."""
+    names = ("impression_id", "user_id", "post_id")
+    parts: dict[str, list[np.ndarray]] = {k: [] for k in names}
+    for b in logs.select_columns(list(names)).iter_batches(batch_size=65536, batch_format="numpy"):
+        for k in names:
+            parts[k].append(np.asarray(b[k], dtype=np.int64))
+    return {k: np.concatenate(v) if v else np.zeros(0, np.int64) for k, v in parts.items()}
 
 
 def split_of(day: np.ndarray, n_days: int, valid_days: int, test_days: int) -> np.ndarray:
@@ -247,7 +364,7 @@ def run_preprocess(cfg: PreprocessConfig) -> PreprocessLayout:
     out.root.mkdir(parents=True, exist_ok=True)
     n_days = world_cfg.n_days
     train_days = n_days - cfg.valid_days - cfg.test_days
-    if train_days < 1:
+    if cfg.split == "time" and train_days < 1:
         raise ValueError(f"preprocess: {n_days} days leave no training day")
 
     attrs = load_entity_attributes(world)
@@ -260,36 +377,83 @@ def run_preprocess(cfg: PreprocessConfig) -> PreprocessLayout:
         post_daily=sums.post,
         creator_daily=sums.creator,
     )
-    vocabs = fit_vocabularies(sums, attrs, train_days)
+    assignment: RandomSplit | None = None
+    if cfg.split == "random":
+        rows = logged_rows(logs)
+        assignment = random_split(rows["impression_id"], rows["user_id"], cfg.ratios, cfg.seed)
+        train = assignment.of(rows["impression_id"]) == "train"
+        vocabs = vocabularies_of(rows["user_id"][train], rows["post_id"][train], attrs)
+        del rows, train
+    else:
+        vocabs = fit_vocabularies(sums, attrs, train_days)
     tables.save(out.tables)
     vocabs.save(out.vocabularies)
     np.save(out.seen, sums.seen)
 
     tables_ref = ray.put(tables)
+    assignment_ref = ray.put(assignment)
     schema = EXAMPLE_SCHEMA.append(pa.field("split", pa.string()))
 
     def to_examples(batch: dict[str, np.ndarray]) -> pa.Table:
-        split = split_of(batch["day"], n_days, cfg.valid_days, cfg.test_days)
+        by_rows: RandomSplit | None = ray.get(assignment_ref)
+        if by_rows is None:
+            split = split_of(batch["day"], n_days, cfg.valid_days, cfg.test_days)
+        else:
+            split = by_rows.of(batch["impression_id"])
         return arrow_from_columns(join_examples(batch, ray.get(tables_ref), split), schema)
 
     examples = logs.map_batches(to_examples, batch_format="numpy", batch_size=16384)
     examples.write_parquet(
         str(out.root / "examples"), partition_cols=["split"], mode=SaveMode.OVERWRITE
     )
+    counts = {s: _count_rows(out.examples(s)) for s in SPLITS}
+    empty = [s for s in SPLITS if not counts[s]]
+    if empty:
+        raise ValueError(
+            f"preprocess: split(s) {empty} have no rows ({counts}); "
+            + (
+                "choose other ratios"
+                if cfg.split == "random"
+                else "the held-out days have no logs: choose other valid/test days"
+            )
+        )
     pairs = ray.data.read_parquet(str(out.examples("train"))).filter(expr=is_positive())
     pairs.write_parquet(str(out.pairs), mode=SaveMode.OVERWRITE)
+    n_pairs = _count_rows(out.pairs)
+    if not n_pairs:
+        raise ValueError(
+            f"preprocess: no retrieval positives ({'/'.join(POSITIVE_LABELS)} > 0) in the "
+            "training split: check the label mapping"
+        )
 
-    counts = {s: _count_rows(out.examples(s)) for s in SPLITS}
+    if cfg.split == "random":
+        all_days = list(range(n_days))
+        days = {"train_days": all_days, "valid_days": all_days, "test_days": all_days}
+        split_info: dict[str, Any] = {
+            "kind": "random",
+            "ratios": list(cfg.ratios),
+            "seed": cfg.seed,
+        }
+        retrieval_day = n_days
+    else:
+        days = {
+            "train_days": list(range(train_days)),
+            "valid_days": list(range(train_days, n_days - cfg.test_days)),
+            "test_days": list(range(n_days - cfg.test_days, n_days)),
+        }
+        split_info = {"kind": "time", "valid_days": cfg.valid_days, "test_days": cfg.test_days}
+        retrieval_day = n_days - cfg.test_days
     meta = {
         "config": {k: str(v) for k, v in asdict(cfg).items()},
         "world": world_cfg.to_dict(),
         "n_days": n_days,
-        "train_days": list(range(train_days)),
-        "valid_days": list(range(train_days, n_days - cfg.test_days)),
-        "test_days": list(range(n_days - cfg.test_days, n_days)),
+        **days,
+        "split": split_info,
+        # the day whose feature snapshot and eligible posts retrieval evaluation uses
+        "retrieval_day": retrieval_day,
         "serving_day": n_days,
         "rows": counts,
-        "pairs": _count_rows(out.pairs),
+        "pairs": n_pairs,
         "vocab_rows": vocabs.num_rows(),
         "seconds": round(time.perf_counter() - started, 1),
     }

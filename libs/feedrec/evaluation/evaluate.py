@@ -1,8 +1,13 @@
-"""Offline evaluation on the test days: model vs the world's oracle vs a popularity baseline."""
+"""Offline evaluation on the test split: model vs the world's oracle vs a popularity baseline.
+
+The oracle needs the world's ground truth (``truth/``); imported logs have none, and then every
+oracle number is left out and ``metrics["oracle"]`` says why.
+"""
 
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -14,7 +19,14 @@ import pyarrow.parquet as pq
 from feedrec.artifacts import load_artifact
 from feedrec.data.examples import columns_from_arrow
 from feedrec.data.preprocess import PreprocessLayout
-from feedrec.evaluation.metrics import auc, expected_calibration_error, logloss, recall_at_k
+from feedrec.evaluation.metrics import (
+    auc,
+    expected_calibration_error,
+    logloss,
+    ranking_metrics,
+    recall_at_k,
+    top_k_excluding,
+)
 from feedrec.features.tables import FeatureTables
 from feedrec.features.transform import FeatureTransform
 from feedrec.models.batch import BINARY_TASKS
@@ -25,6 +37,10 @@ from feedrec.world.layout import WorldLayout
 from feedrec.world.truth import GroundTruth
 
 RECALL_KS = (10, 50, 100, 200, 500)
+#: Cut-offs of the full-ranking metrics (Recall, NDCG, MRR, Hit).
+FULL_RANKING_KS = (10, 20, 50, 100)
+#: Users scored at once in full ranking (bounds the [users, corpus] score matrix).
+USER_CHUNK = 256
 #: Pseudo-impressions of the popularity baseline's shrinkage towards the all-post rate.
 POPULARITY_PRIOR = 20.0
 _POPULARITY_COLUMN = {
@@ -54,7 +70,7 @@ class EvaluationConfig:
 
 def _ranking(
     raw: dict[str, np.ndarray],
-    truth: dict[str, np.ndarray],
+    truth: dict[str, np.ndarray] | None,
     predictor: RankerPredictor,
     transform: FeatureTransform,
 ) -> dict[str, Any]:
@@ -73,26 +89,44 @@ def _ranking(
                 "logloss": logloss(y, pred[:, i]),
                 "ece": expected_calibration_error(y, pred[:, i]),
             },
-            "oracle": {
-                "auc": auc(y, truth[f"p_{task}"]),
-                "logloss": logloss(y, truth[f"p_{task}"]),
-                "ece": expected_calibration_error(y, truth[f"p_{task}"]),
-            },
             "popularity": {
                 "auc": auc(y, popularity),
                 "logloss": logloss(y, np.clip(popularity, 1e-4, 1 - 1e-4)),
             },
         }
-        out[task]["model"]["auc_vs_oracle"] = out[task]["model"]["auc"] / out[task]["oracle"]["auc"]
+        if truth is not None:
+            out[task]["oracle"] = {
+                "auc": auc(y, truth[f"p_{task}"]),
+                "logloss": logloss(y, truth[f"p_{task}"]),
+                "ece": expected_calibration_error(y, truth[f"p_{task}"]),
+            }
+            out[task]["model"]["auc_vs_oracle"] = (
+                out[task]["model"]["auc"] / out[task]["oracle"]["auc"]
+            )
     dwell = raw["dwell"]
     out["dwell"] = {
         "model": {"rmse": float(np.sqrt(np.mean((pred[:, -1] - dwell) ** 2)))},
-        "oracle": {"rmse": float(np.sqrt(np.mean((truth["e_dwell"] - dwell) ** 2)))},
         "popularity": {
             "rmse": float(np.sqrt(np.mean((raw["p_dwell"] / (raw["p_imps"] + 1) - dwell) ** 2)))
         },
     }
+    if truth is not None:
+        out["dwell"]["oracle"] = {"rmse": float(np.sqrt(np.mean((truth["e_dwell"] - dwell) ** 2)))}
     return out
+
+
+def _engaged_users(cfg: EvaluationConfig, raw: dict[str, np.ndarray]) -> np.ndarray:
+    """Sorted sample (``cfg.max_users``, ``cfg.seed``) of the users engaged in the test split."""
+    engaged = (raw["like"] + raw["comment"] + raw["share"]) > 0
+    users_all = np.unique(raw["user_id"][engaged])
+    rng = np.random.default_rng(cfg.seed)
+    return np.sort(rng.choice(users_all, size=min(cfg.max_users, len(users_all)), replace=False))
+
+
+def _corpus(tables: FeatureTables, day: int, lifetime: float) -> np.ndarray:
+    """Posts eligible on ``day``: created before it, within their lifetime."""
+    created = tables.attrs.post_created_at
+    return np.flatnonzero((created < day) & (created >= day - lifetime))
 
 
 def _retrieval(
@@ -101,18 +135,15 @@ def _retrieval(
     tables: FeatureTables,
     encoder: TowerEncoder,
     transform: FeatureTransform,
-    gt: GroundTruth,
+    gt: GroundTruth | None,
     lifetime: float,
+    day: int,
 ) -> dict[str, Any]:
-    """Recall@K of the test day's engaged posts among all posts eligible that day."""
-    day = int(raw["day"].min())
+    """Recall@K of the test split's engaged posts among all posts eligible on ``day``."""
     engaged = (raw["like"] + raw["comment"] + raw["share"]) > 0
-    users_all = np.unique(raw["user_id"][engaged])
-    rng = np.random.default_rng(cfg.seed)
-    users = np.sort(rng.choice(users_all, size=min(cfg.max_users, len(users_all)), replace=False))
+    users = _engaged_users(cfg, raw)
     relevant = [np.unique(raw["post_id"][engaged & (raw["user_id"] == u)]) for u in users]
-    created = tables.attrs.post_created_at
-    corpus = np.flatnonzero((created < day) & (created >= day - lifetime))
+    corpus = _corpus(tables, day, lifetime)
     k_max = min(max(RECALL_KS), len(corpus))
 
     index = PostIndex.build(
@@ -121,25 +152,134 @@ def _retrieval(
     user_raw = tables.user_columns(users, np.full(len(users), day))
     _, model_top = index.search(encoder.users(transform(user_raw, "user_tower")), k_max)
 
-    ts = day + 0.5
-    oracle_top = np.stack(
-        [
-            corpus[
-                np.argsort(-gt.probabilities(np.full(len(corpus), u), corpus, ts)["like"])[:k_max]
-            ]
-            for u in users
-        ]
-    )
     popular = corpus[
         np.argsort(-tables.post[day - tables.first_day, corpus, 1], kind="stable")[:k_max]
     ]
-    popularity_top = np.broadcast_to(popular, (len(users), k_max))
+    tops = {"model": model_top, "popularity": np.broadcast_to(popular, (len(users), k_max))}
+    if gt is not None:
+        ts = day + 0.5
+        tops["oracle"] = np.stack(
+            [
+                corpus[
+                    np.argsort(-gt.probabilities(np.full(len(corpus), u), corpus, ts)["like"])[
+                        :k_max
+                    ]
+                ]
+                for u in users
+            ]
+        )
     result: dict[str, Any] = {"users": len(users), "corpus": len(corpus), "k": list(RECALL_KS)}
-    for name, top in (("model", model_top), ("oracle", oracle_top), ("popularity", popularity_top)):
-        result[name] = {
-            f"recall@{k}": recall_at_k(top, relevant, k) for k in RECALL_KS if k <= k_max
-        }
+    for name in ("model", "oracle", "popularity"):
+        if name in tops:
+            result[name] = {
+                f"recall@{k}": recall_at_k(tops[name], relevant, k) for k in RECALL_KS if k <= k_max
+            }
     return result
+
+
+def split_pairs(data: PreprocessLayout, split: str, n_posts: int) -> np.ndarray:
+    """Sorted unique ``user_id * n_posts + post_id`` of the rows of ``split`` (int64 [K])."""
+    table = pq.read_table(data.examples(split), columns=["user_id", "post_id"])
+    users = table.column("user_id").to_numpy().astype(np.int64)
+    return np.unique(users * n_posts + table.column("post_id").to_numpy())
+
+
+def _posts_of(keys: np.ndarray, user: int, n_posts: int) -> np.ndarray:
+    """The posts of ``user`` among sorted pair keys."""
+    lo, hi = np.searchsorted(keys, [user * n_posts, (user + 1) * n_posts])
+    return keys[lo:hi] - user * n_posts
+
+
+def _full_ranking(
+    cfg: EvaluationConfig,
+    raw: dict[str, np.ndarray],
+    tables: FeatureTables,
+    encoder: TowerEncoder,
+    transform: FeatureTransform,
+    gt: GroundTruth | None,
+    lifetime: float,
+    day: int,
+    train_pairs: np.ndarray,
+) -> dict[str, Any]:
+    """Recall, NDCG, MRR and Hit @K over every post eligible on ``day``, never ranking a post the
+    user interacted with in the training split (``train_pairs``: sorted user * n_posts + post).
+
+    Relevant: the user's engaged test posts minus those training interactions; users left with
+    none are skipped. Relevant posts outside the eligible corpus stay relevant (misses for
+    every system); ``relevant_outside_corpus`` gives their share.
+    """
+    n_posts = tables.attrs.n_posts
+    engaged = (raw["like"] + raw["comment"] + raw["share"]) > 0
+    users = _engaged_users(cfg, raw)
+    seen = [_posts_of(train_pairs, int(u), n_posts) for u in users]
+    relevant = [
+        np.setdiff1d(raw["post_id"][engaged & (raw["user_id"] == u)], s)
+        for u, s in zip(users, seen, strict=True)
+    ]
+    corpus = _corpus(tables, day, lifetime)
+    k_max = min(max(FULL_RANKING_KS), len(corpus))
+    ks = tuple(k for k in FULL_RANKING_KS if k <= k_max)
+
+    items = encoder.items(transform(tables.attrs.post_columns(corpus), "item_tower"))
+    user_emb = encoder.users(
+        transform(tables.user_columns(users, np.full(len(users), day)), "user_tower")
+    )
+    likes = tables.post[day - tables.first_day, corpus, 1].astype(np.float64)
+    scorers: dict[str, Callable[[np.ndarray], np.ndarray]] = {
+        "model": lambda rows: user_emb[rows] @ items.T,
+        "popularity": lambda rows: np.broadcast_to(likes, (len(rows), len(corpus))),
+    }
+    if gt is not None:
+        scorers["oracle"] = lambda rows: np.stack(
+            [
+                gt.probabilities(np.full(len(corpus), users[r]), corpus, day + 0.5)["like"]
+                for r in rows
+            ]
+        )
+    in_corpus = [np.isin(r, corpus) for r in relevant]
+    n_relevant = sum(len(r) for r in relevant)
+    result: dict[str, Any] = {
+        "users": int(sum(1 for r in relevant if len(r))),
+        "corpus": len(corpus),
+        "k": list(ks),
+        "excluded": "each user's training-split interactions",
+        "excluded_pairs": int(sum(len(s) for s in seen)),
+        "relevant_outside_corpus": (
+            float(1 - sum(int(m.sum()) for m in in_corpus) / n_relevant) if n_relevant else 0.0
+        ),
+    }
+    for name in ("model", "oracle", "popularity"):
+        if name not in scorers:
+            continue
+        tops = []
+        for start in range(0, len(users), USER_CHUNK):
+            rows = np.arange(start, min(start + USER_CHUNK, len(users)))
+            tops.append(
+                top_k_excluding(scorers[name](rows), corpus, [seen[r] for r in rows], k_max)
+            )
+        top = np.concatenate(tops) if tops else np.zeros((0, k_max), np.int64)
+        result[name] = ranking_metrics(top, relevant, ks)
+    return result
+
+
+def _retrieval_day(meta: dict[str, Any]) -> int:
+    """The day whose snapshot retrieval is evaluated on (older runs: the first test day)."""
+    return int(meta.get("retrieval_day", min(meta["test_days"])))
+
+
+def _load_truth(
+    world: WorldLayout, meta: dict[str, Any], test: dict[str, np.ndarray]
+) -> dict[str, np.ndarray] | None:
+    """The ground-truth columns aligned with the test rows; None without a ground truth."""
+    if not world.has_truth:
+        return None
+    truth_table = pads.dataset(world.truth_impressions, partitioning="hive").to_table(
+        filter=pads.field("day").isin(meta["test_days"])
+    )
+    truth_cols = columns_from_arrow(truth_table)
+    order = np.argsort(truth_cols["impression_id"])
+    pos = order[np.searchsorted(truth_cols["impression_id"], test["impression_id"], sorter=order)]
+    return {k: v[pos] for k, v in truth_cols.items()}
 
 
 def evaluate(cfg: EvaluationConfig) -> dict[str, Any]:
@@ -150,30 +290,30 @@ def evaluate(cfg: EvaluationConfig) -> dict[str, Any]:
     world = WorldLayout(Path(cfg.world_dir))
     meta = data.read_meta()
     test = columns_from_arrow(pq.read_table(data.examples("test")))
-    truth_table = pads.dataset(world.truth_impressions, partitioning="hive").to_table(
-        filter=pads.field("day").isin(meta["test_days"])
-    )
-    truth_cols = columns_from_arrow(truth_table)
-    order = np.argsort(truth_cols["impression_id"])
-    pos = order[np.searchsorted(truth_cols["impression_id"], test["impression_id"], sorter=order)]
-    truth = {k: v[pos] for k, v in truth_cols.items()}
+    truth = _load_truth(world, meta, test)
+    gt = GroundTruth.load(world.latent) if truth is not None else None
 
     ranker_art, tower_art = load_artifact(cfg.ranker_dir), load_artifact(cfg.two_tower_dir)
     ranker = RankerPredictor.from_artifact(ranker_art)
     encoder = TowerEncoder.from_artifact(tower_art)
     tables = FeatureTables.load(data.tables)
     world_cfg = load_world_config(world)
+    day = _retrieval_day(meta)
+    tower_transform = FeatureTransform(tower_art.vocabs)
+    lifetime = world_cfg.post_lifetime_days
+    train_pairs = split_pairs(data, "train", tables.attrs.n_posts)
     metrics = {
         "ranking": _ranking(test, truth, ranker, FeatureTransform(ranker_art.vocabs)),
-        "retrieval": _retrieval(
-            cfg,
-            test,
-            tables,
-            encoder,
-            FeatureTransform(tower_art.vocabs),
-            GroundTruth.load(world.latent),
-            world_cfg.post_lifetime_days,
+        "retrieval": _retrieval(cfg, test, tables, encoder, tower_transform, gt, lifetime, day),
+        "full_ranking": _full_ranking(
+            cfg, test, tables, encoder, tower_transform, gt, lifetime, day, train_pairs
         ),
+        "oracle": (
+            {"available": True}
+            if truth is not None
+            else {"available": False, "reason": f"no ground truth in {world.root} (imported logs)"}
+        ),
+        "split": meta.get("split", {"kind": "time"}),
         "training": {
             "ranker": ranker_art.metadata["history"],
             "two_tower": tower_art.metadata["history"],

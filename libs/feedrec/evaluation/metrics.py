@@ -57,3 +57,98 @@ def recall_at_k(retrieved: np.ndarray, relevant: list[np.ndarray], k: int) -> fl
         if len(rel):
             scores.append(np.isin(rel, row[:k]).mean())
     return float(np.mean(scores)) if scores else float("nan")
+
+
+# Full-ranking retrieval metrics: binary relevance, averaged over users with >= 1 relevant item.
+
+
+def _hits(
+    retrieved: np.ndarray, relevant: list[np.ndarray], k: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """(bool [U', k] whether rank i of user u is relevant, int [U'] relevant count) over the
+    users with >= 1 relevant item. Ranks past the end of a row (or ids < 0) are never hits."""
+    hits, counts = [], []
+    for row, rel in zip(retrieved, relevant, strict=True):
+        rel = np.unique(np.asarray(rel))
+        if not len(rel):
+            continue
+        top = np.asarray(row[:k])
+        hit = np.zeros(k, dtype=bool)
+        hit[: len(top)] = (top >= 0) & np.isin(top, rel)
+        hits.append(hit)
+        counts.append(len(rel))
+    if not hits:
+        return np.zeros((0, k), dtype=bool), np.zeros(0, dtype=np.int64)
+    return np.stack(hits), np.asarray(counts, dtype=np.int64)
+
+
+def _mean(values: np.ndarray) -> float:
+    return float(values.mean()) if len(values) else float("nan")
+
+
+def ndcg_at_k(retrieved: np.ndarray, relevant: list[np.ndarray], k: int) -> float:
+    """Mean NDCG@k: DCG = sum over ranks i < k of rel_i / log2(i + 2), divided by the DCG of an
+    ideal ranking (min(k, |relevant|) hits first). Args as :func:`recall_at_k`."""
+    hits, counts = _hits(retrieved, relevant, k)
+    discount = 1.0 / np.log2(np.arange(k) + 2.0)
+    ideal = np.cumsum(discount)[np.minimum(counts, k) - 1] if len(counts) else np.zeros(0)
+    return _mean((hits * discount).sum(axis=1) / ideal)
+
+
+def mrr_at_k(retrieved: np.ndarray, relevant: list[np.ndarray], k: int) -> float:
+    """Mean reciprocal rank of the first relevant item within the top k (0 when none)."""
+    hits, _ = _hits(retrieved, relevant, k)
+    first = hits.argmax(axis=1)
+    return _mean(np.asarray(np.where(hits.any(axis=1), 1.0 / (first + 1.0), 0.0)))
+
+
+def hit_at_k(retrieved: np.ndarray, relevant: list[np.ndarray], k: int) -> float:
+    """Share of users with at least one relevant item in their top k."""
+    hits, _ = _hits(retrieved, relevant, k)
+    return _mean(np.asarray(hits.any(axis=1), dtype=np.float64))
+
+
+def ranking_metrics(
+    retrieved: np.ndarray, relevant: list[np.ndarray], ks: tuple[int, ...]
+) -> dict[str, float]:
+    """``recall@k``, ``ndcg@k``, ``mrr@k`` and ``hit@k`` for every k in ``ks``."""
+    out: dict[str, float] = {}
+    for k in ks:
+        out[f"recall@{k}"] = recall_at_k(retrieved, relevant, k)
+        out[f"ndcg@{k}"] = ndcg_at_k(retrieved, relevant, k)
+        out[f"mrr@{k}"] = mrr_at_k(retrieved, relevant, k)
+        out[f"hit@{k}"] = hit_at_k(retrieved, relevant, k)
+    return out
+
+
+def top_k_excluding(
+    scores: np.ndarray, item_ids: np.ndarray, exclude: list[np.ndarray], k: int
+) -> np.ndarray:
+    """Each user's k best items over the whole candidate set, never one of their excluded items.
+
+    Args:
+        scores: float [U, C] score of candidate c for user u (NaN counts as the worst).
+        item_ids: int [C] id of each candidate.
+        exclude: per user, ids that must not be returned (e.g. their training interactions).
+        k: how many to return.
+
+    Returns:
+        int64 [U, min(k, C)] ids, best first (equal scores: lower candidate index first; which
+        of several equal scores at the cut make it is unspecified); -1 where fewer than k
+        candidates are left.
+    """
+    item_ids = np.asarray(item_ids, dtype=np.int64)
+    # NaN ranks below every number but stays a candidate; -inf marks the excluded.
+    s = np.nan_to_num(np.array(scores, dtype=np.float64), nan=np.finfo(np.float64).min)
+    for u, ex in enumerate(exclude):
+        if len(ex):
+            s[u, np.isin(item_ids, ex)] = -np.inf
+    k = min(k, s.shape[1])
+    if k == 0:
+        return np.zeros((len(s), 0), dtype=np.int64)
+    top = np.argpartition(-s, k - 1, axis=1)[:, :k]
+    top_scores = np.take_along_axis(s, top, axis=1)
+    order = np.lexsort((top, -top_scores), axis=1)
+    top = np.take_along_axis(top, order, axis=1)
+    top_scores = np.take_along_axis(top_scores, order, axis=1)
+    return np.where(np.isneginf(top_scores), -1, item_ids[top])

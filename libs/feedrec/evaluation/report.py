@@ -17,6 +17,11 @@ SYSTEMS = ("model", "oracle", "popularity")
 COLORS = {"model": "#1f77b4", "oracle": "#2ca02c", "popularity": "#ff7f0e"}
 
 
+def systems_in(section: dict[str, Any]) -> list[str]:
+    """The systems a metrics section has numbers for (no oracle without a ground truth)."""
+    return [s for s in SYSTEMS if s in section]
+
+
 def _png(fig: Any) -> str:
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
@@ -27,7 +32,7 @@ def _png(fig: Any) -> str:
 def _auc_plot(ranking: dict[str, Any], tasks: list[str]) -> str:
     fig, ax = plt.subplots(figsize=(7, 3.5))
     width = 0.27
-    for i, system in enumerate(SYSTEMS):
+    for i, system in enumerate(systems_in(ranking[tasks[0]]) if tasks else []):
         values = [ranking[t][system]["auc"] for t in tasks]
         ax.bar(
             [x + (i - 1) * width for x in range(len(tasks))],
@@ -46,7 +51,7 @@ def _auc_plot(ranking: dict[str, Any], tasks: list[str]) -> str:
 
 def _recall_plot(retrieval: dict[str, Any]) -> str:
     fig, ax = plt.subplots(figsize=(7, 3.5))
-    for system in SYSTEMS:
+    for system in systems_in(retrieval):
         points = sorted((int(k.split("@")[1]), v) for k, v in retrieval[system].items())
         ax.plot(
             [k for k, _ in points],
@@ -78,16 +83,40 @@ def _curves_plot(training: dict[str, list[dict[str, float]]]) -> str:
 
 
 def _table(ranking: dict[str, Any], tasks: list[str]) -> str:
+    systems = systems_in(ranking[tasks[0]]) if tasks else []
     rows = []
     for t in tasks:
         cells = "".join(
             f"<td>{ranking[t][s]['auc']:.4f}</td><td>{ranking[t][s]['logloss']:.4f}</td>"
-            for s in SYSTEMS
+            for s in systems
         )
         rows.append(f"<tr><th>{escape(t)}</th>{cells}</tr>")
-    head = "".join(f"<th colspan=2>{s}</th>" for s in SYSTEMS)
-    sub = "<th>AUC</th><th>logloss</th>" * len(SYSTEMS)
+    head = "".join(f"<th colspan=2>{s}</th>" for s in systems)
+    sub = "<th>AUC</th><th>logloss</th>" * len(systems)
     return f"<table><tr><th></th>{head}</tr><tr><th>task</th>{sub}</tr>{''.join(rows)}</table>"
+
+
+def _full_ranking_table(full: dict[str, Any]) -> str:
+    systems = systems_in(full)
+    names = list(full[systems[0]]) if systems else []
+    head = "".join(f"<th>{s}</th>" for s in systems)
+    rows = "".join(
+        f"<tr><th>{escape(n)}</th>"
+        + "".join(f"<td>{full[s][n]:.4f}</td>" for s in systems)
+        + "</tr>"
+        for n in names
+    )
+    return (
+        f"<h2>Full ranking ({full['users']} users, {full['corpus']} eligible posts, excluding "
+        f"{escape(full['excluded'])})</h2><table><tr><th></th>{head}</tr>{rows}</table>"
+    )
+
+
+def _oracle_note(metrics: dict[str, Any]) -> str:
+    oracle = metrics.get("oracle", {"available": True})
+    if oracle["available"]:
+        return ""
+    return f"<p>Oracle: unavailable ({escape(oracle['reason'])}).</p>"
 
 
 def write_report(metrics: dict[str, Any], path: Path) -> None:
@@ -101,12 +130,17 @@ def write_report(metrics: dict[str, Any], path: Path) -> None:
         _curves_plot(metrics["training"]),
     ]
     body = "".join(f'<img src="data:image/png;base64,{img}"/>' for img in images)
-    dwell = ", ".join(f"{s} {ranking['dwell'][s]['rmse']:.3f}" for s in SYSTEMS)
+    dwell = ", ".join(
+        f"{s} {ranking['dwell'][s]['rmse']:.3f}" for s in systems_in(ranking["dwell"])
+    )
+    full = _full_ranking_table(metrics["full_ranking"]) if "full_ranking" in metrics else ""
     html = f"""<!doctype html><html><head><meta charset="utf-8"><title>feedrec evaluation</title>
 <style>body{{font-family:sans-serif;max-width:960px;margin:2em auto}}
 table{{border-collapse:collapse}}td,th{{border:1px solid #ccc;padding:4px 8px}}</style></head>
 <body><h1>feedrec evaluation (test days {metrics["test_days"]})</h1>
+{_oracle_note(metrics)}
 <h2>Ranking ({ranking["rows"]} test impressions)</h2>{_table(ranking, tasks)}
 <p>Dwell RMSE (s): {dwell}</p>
+{full}
 {body}</body></html>"""
     path.write_text(html)

@@ -12,14 +12,27 @@ def format_summary(metrics: dict[str, Any]) -> str:
     tasks = [
         t for t in ranking if isinstance(ranking[t], dict) and "auc" in ranking[t].get("model", {})
     ]
-    lines = [f"test AUC ({ranking['rows']} impressions)   " + "".join(f"{s:>12}" for s in SYSTEMS)]
+    systems = [s for s in SYSTEMS if s in ranking["dwell"]]
+    lines = [f"test AUC ({ranking['rows']} impressions)   " + "".join(f"{s:>12}" for s in systems)]
     for t in tasks:
-        lines.append(f"  {t:<34}" + "".join(f"{ranking[t][s]['auc']:>12.4f}" for s in SYSTEMS))
+        lines.append(f"  {t:<34}" + "".join(f"{ranking[t][s]['auc']:>12.4f}" for s in systems))
     lines.append(
         f"  {'dwell RMSE (s)':<34}"
-        + "".join(f"{ranking['dwell'][s]['rmse']:>12.3f}" for s in SYSTEMS)
+        + "".join(f"{ranking['dwell'][s]['rmse']:>12.3f}" for s in systems)
     )
     lines.append(f"retrieval ({retrieval['users']} users, {retrieval['corpus']} posts)")
     for k in retrieval["model"]:
-        lines.append(f"  {k:<34}" + "".join(f"{retrieval[s][k]:>12.4f}" for s in SYSTEMS))
+        lines.append(f"  {k:<34}" + "".join(f"{retrieval[s][k]:>12.4f}" for s in systems))
+    full = metrics.get("full_ranking")
+    if full is not None:
+        lines.append(
+            f"full ranking ({full['users']} users, {full['corpus']} posts, excluding "
+            f"{full['excluded']})"
+        )
+        shown = {f"@{min(full['k'])}", f"@{max(full['k'])}"} if full["k"] else set()
+        for name in (n for n in full["model"] if "@" + n.split("@")[1] in shown):
+            lines.append(f"  {name:<34}" + "".join(f"{full[s][name]:>12.4f}" for s in systems))
+    oracle = metrics.get("oracle", {"available": True})
+    if not oracle["available"]:
+        lines.append(f"oracle: unavailable ({oracle['reason']})")
     return "\n".join(lines)

@@ -13,6 +13,9 @@ class WorldLayout:
     ``logs/day=D/`` holds the sharded impression logs (what a real system would have);
     ``entities/`` the user/post/creator/follow tables; ``truth/`` the hidden ground truth that only
     evaluation may read (the preprocess job never opens it).
+
+    Imported logs (``feedrec.data.log_import``) use the same layout without ``truth/`` and with a
+    ``source.json`` saying where they came from.
     """
 
     root: Path
@@ -49,6 +52,11 @@ class WorldLayout:
         return self.root / "truth"
 
     @property
+    def has_truth(self) -> bool:
+        """Generated worlds have a ground truth; imported logs do not."""
+        return self.truth_impressions.exists() and self.latent.exists()
+
+    @property
     def latent(self) -> Path:
         return self.truth / "latent.npz"
 
@@ -59,3 +67,8 @@ class WorldLayout:
     @property
     def config(self) -> Path:
         return self.root / "world.json"
+
+    @property
+    def source(self) -> Path:
+        """Provenance of imported logs (absent for generated worlds)."""
+        return self.root / "source.json"
