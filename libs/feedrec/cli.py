@@ -5,6 +5,7 @@ Every stage reads and writes one run directory (``--run-dir``, default ``runs/de
     feedrec generate --preset small     # synthetic world -> runs/default/world
     feedrec preprocess                  # Ray Data -> runs/default/data
     feedrec train all                   # Ray Train + TorchRec -> runs/default/models/
+    feedrec tune ranker --samples 4     # Ray Tune (ASHA); the best trial -> models/ranker
     feedrec evaluate                    # metrics.json + report.html -> runs/default/eval
     feedrec index                       # faiss over the item tower -> models/retrieval
     feedrec serve up                    # Triton + Ray Serve on 127.0.0.1:8000 (background)
@@ -100,14 +101,81 @@ def generate(preset: str, overrides: tuple[str, ...], run_dir: Path) -> None:
     _stage(pipeline.generate, _run(run_dir), preset, _parse_overrides(overrides))
 
 
+def _parse_ratios(ctx: click.Context, param: click.Parameter, value: str) -> tuple[float, ...]:
+    try:
+        ratios = tuple(float(part) for part in value.split(":"))
+    except ValueError:
+        ratios = ()
+    if len(ratios) != 3 or not all(0 < r < float("inf") for r in ratios):
+        raise click.BadParameter(f"expected TRAIN:VALID:TEST shares > 0, got {value!r}")
+    return ratios
+
+
 @main.command()
 @run_dir_option
+@click.option(
+    "--split",
+    type=click.Choice(["time", "random"]),
+    default="time",
+    show_default=True,
+    help="Evaluation protocol: hold out the last days (time), or a random share of each "
+    "user's interactions (random).",
+)
+@click.option(
+    "--ratios",
+    default="8:1:1",
+    show_default=True,
+    callback=_parse_ratios,
+    metavar="TRAIN:VALID:TEST",
+    help="--split random: shares of each user's interactions.",
+)
+@click.option(
+    "--seed", default=0, show_default=True, type=click.IntRange(min=0), help="--split random: seed."
+)
+@click.option(
+    "--valid-days",
+    default=1,
+    show_default=True,
+    type=click.IntRange(min=1),
+    help="--split time: validation days.",
+)
+@click.option(
+    "--test-days",
+    default=1,
+    show_default=True,
+    type=click.IntRange(min=1),
+    help="--split time: test days.",
+)
 @ray_option
-def preprocess(run_dir: Path, ray_address: str | None) -> None:
-    """Ray Data: point-in-time features, vocabularies, time split, training examples."""
+def preprocess(
+    run_dir: Path,
+    split: str,
+    ratios: tuple[float, ...],
+    seed: int,
+    valid_days: int,
+    test_days: int,
+    ray_address: str | None,
+) -> None:
+    """Ray Data: point-in-time features, vocabularies, time or random split, training examples."""
     from feedrec import pipeline
 
-    _stage(pipeline.preprocess, _run(run_dir), ray_address)
+    ctx = click.get_current_context()
+    other = ("valid_days", "test_days") if split == "random" else ("ratios", "seed")
+    given = [
+        n for n in other if ctx.get_parameter_source(n) == click.core.ParameterSource.COMMANDLINE
+    ]
+    if given:
+        flags = ", ".join("--" + n.replace("_", "-") for n in given)
+        other_split = "time" if split == "random" else "random"
+        raise click.UsageError(f"{flags}: only with --split {other_split}")
+    options: dict[str, Any] = {
+        "split": split,
+        "ratios": ratios,
+        "seed": seed,
+        "valid_days": valid_days,
+        "test_days": test_days,
+    }
+    _stage(pipeline.preprocess, _run(run_dir), ray_address, options)
 
 
 @main.command()
@@ -123,7 +191,7 @@ def preprocess(run_dir: Path, ray_address: str | None) -> None:
     "overrides",
     multiple=True,
     metavar="KEY=VALUE",
-    help="Override a TrainConfig field, e.g. --set epochs=3 --set num_workers=4.",
+    help="A TrainConfig field (--set epochs=3) or model field (--set model.num_experts=6).",
 )
 @run_dir_option
 @ray_option
@@ -141,6 +209,41 @@ def train(
         _stage(
             pipeline.train, _run(run_dir), kind, preset, _parse_overrides(overrides), ray_address
         )
+
+
+@main.command()
+@click.argument("model", type=click.Choice(["ranker", "retrieval"]))
+@click.option(
+    "--preset", type=click.Choice(PRESET_NAMES), default=None, help="Base training preset."
+)
+@click.option("--samples", type=int, default=4, show_default=True, help="Trials to run.")
+@click.option(
+    "--max-epochs", type=int, default=2, show_default=True, help="Epochs of a full trial."
+)
+@click.option(
+    "--set",
+    "overrides",
+    multiple=True,
+    metavar="KEY=VALUE",
+    help="Override a TuneConfig field, e.g. --set grace_period=1 --set metric=valid_loss.",
+)
+@run_dir_option
+@ray_option
+def tune(
+    model: str,
+    preset: str | None,
+    samples: int,
+    max_epochs: int,
+    overrides: tuple[str, ...],
+    run_dir: Path,
+    ray_address: str | None,
+) -> None:
+    """Ray Tune (ASHA) over the distributed trainer; the best trial becomes the model artifact."""
+    from feedrec import pipeline
+
+    kind = "ranker" if model == "ranker" else "two_tower"
+    options = {"num_samples": samples, "max_epochs": max_epochs, **_parse_overrides(overrides)}
+    _stage(pipeline.tune, _run(run_dir), kind, preset, options, ray_address)
 
 
 @main.command()
@@ -337,6 +440,152 @@ def demo(preset: str, run_dir: Path, port: int, users: int) -> None:
     from feedrec.pipeline import run_demo
 
     run_demo(preset=preset, run_dir=run_dir, port=port, n_feeds=users, echo=click.echo)
+
+
+# ---------------------------------------------------------------------------------------------
+# Bring your own logs: `feedrec logs import` (library: feedrec.data.log_import)
+# ---------------------------------------------------------------------------------------------
+
+
+def _parse_pairs(values: tuple[str, ...], option: str) -> dict[str, str]:
+    """``("a=x,b=y", "c=z")`` -> ``{"a": "x", "b": "y", "c": "z"}``; a key may appear once."""
+    out: dict[str, str] = {}
+    for value in values:
+        for pair in value.split(","):
+            key, sep, column = (part.strip() for part in pair.partition("="))
+            if not sep or not key or not column:
+                raise click.BadParameter(f"expected TARGET=COLUMN, got {pair!r}", param_hint=option)
+            if key in out:
+                raise click.BadParameter(f"{key} given twice", param_hint=option)
+            out[key] = column
+    return out
+
+
+def _parse_map(ctx: click.Context, param: click.Parameter, values: tuple[str, ...]) -> Any:
+    return _parse_pairs(values, "--map")
+
+
+def _parse_thresholds(ctx: click.Context, param: click.Parameter, values: tuple[str, ...]) -> Any:
+    out: dict[str, float] = {}
+    for key, value in _parse_pairs(values, "--threshold").items():
+        try:
+            out[key] = float(value)
+        except ValueError as e:
+            raise click.BadParameter(
+                f"{key}: {value!r} is not a number", param_hint="--threshold"
+            ) from e
+    return out
+
+
+@main.group()
+def logs() -> None:
+    """Bring your own interaction logs (CSV or Parquet) instead of the synthetic world."""
+
+
+@logs.command("import")
+@click.option(
+    "--path",
+    type=click.Path(exists=True, path_type=Path),
+    required=True,
+    help="A file, or a directory whose --format files are read in sorted order.",
+)
+@click.option("--format", "fmt", type=click.Choice(["csv", "parquet"]), required=True)
+@click.option(
+    "--map",
+    "mapping",
+    multiple=True,
+    required=True,
+    callback=_parse_map,
+    metavar="TARGET=COLUMN[,...]",
+    help="Source columns of user_id, item_id, timestamp (required) and optionally label (= like), "
+    "view, like, comment, share, hide, dwell. E.g. user_id=userId,item_id=movieId,"
+    "timestamp=timestamp,label=rating.",
+)
+@click.option(
+    "--out",
+    type=click.Path(path_type=Path),
+    required=True,
+    help="World directory to write: RUN_DIR/world, then `feedrec preprocess --run-dir RUN_DIR`.",
+)
+@click.option(
+    "--threshold",
+    "thresholds",
+    multiple=True,
+    callback=_parse_thresholds,
+    metavar="LABEL=VALUE",
+    help="A binary label is 1 where its column is >= VALUE (default 1), e.g. label=4 for "
+    "5-star ratings.",
+)
+@click.option(
+    "--timestamp-unit",
+    type=click.Choice(["s", "ms", "us", "ns"]),
+    default="s",
+    show_default=True,
+    help="Unit of numeric timestamps since the Unix epoch (text may also be ISO 8601).",
+)
+@click.option(
+    "--day-seconds",
+    type=click.FloatRange(min=1.0),
+    default=86_400.0,
+    show_default=True,
+    help="Length of one day of the layout (longer days: smaller feature tables for long logs).",
+)
+@click.option(
+    "--delimiter", default=",", show_default=True, help="CSV field delimiter (\\t for tab)."
+)
+@click.option(
+    "--max-days",
+    type=click.IntRange(min=4),
+    default=3660,
+    show_default=True,
+    help="Refuse logs spanning more days (usually a wrong --timestamp-unit).",
+)
+@click.option(
+    "--skip-bad-rows",
+    is_flag=True,
+    help="Write bad rows to OUT.quarantine.parquet next to --out and import the rest.",
+)
+@click.option("--overwrite", is_flag=True, help="Replace a world already in --out.")
+def logs_import(
+    path: Path,
+    fmt: str,
+    mapping: dict[str, str],
+    out: Path,
+    thresholds: dict[str, float],
+    timestamp_unit: str,
+    day_seconds: float,
+    delimiter: str,
+    max_days: int,
+    skip_bad_rows: bool,
+    overwrite: bool,
+) -> None:
+    """Import an interaction log into the layout of a world (exit status 2 on bad input)."""
+    from feedrec.data.log_import import ImportSpec, LogImportError, import_logs
+
+    try:
+        spec = ImportSpec(
+            path=path,
+            format=fmt,  # type: ignore[arg-type]
+            columns=mapping,
+            out_dir=out,
+            thresholds=thresholds,
+            timestamp_unit=timestamp_unit,  # type: ignore[arg-type]
+            day_seconds=day_seconds,
+            delimiter="\t" if delimiter == "\\t" else delimiter,
+            skip_bad_rows=skip_bad_rows,
+            overwrite=overwrite,
+            max_days=max_days,
+        )
+    except ValueError as e:
+        raise click.UsageError(str(e)) from e
+    try:
+        result = import_logs(spec)
+    except LogImportError as e:
+        click.echo(f"Error: {e}", err=True)
+        click.get_current_context().exit(2)
+    except (FileExistsError, FileNotFoundError) as e:
+        raise click.UsageError(str(e)) from e
+    click.echo(result.summary())
 
 
 if __name__ == "__main__":

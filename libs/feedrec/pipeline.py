@@ -34,17 +34,59 @@ def generate(run: RunLayout, preset: str, overrides: dict[str, Any] | None = Non
     )
 
 
-def preprocess(run: RunLayout, ray_address: str | None = None) -> str:
+def preprocess(
+    run: RunLayout, ray_address: str | None = None, options: dict[str, Any] | None = None
+) -> str:
+    """``options``: PreprocessConfig fields, e.g. ``{"split": "random", "ratios": (8, 1, 1)}``."""
     from feedrec.data import PreprocessConfig, run_preprocess
     from feedrec.runtime import init_ray
 
     if not (run.world / "world.json").exists():
-        raise FileNotFoundError(f"no world in {run.world}: run `feedrec generate` first")
+        raise FileNotFoundError(
+            f"no world in {run.world}: run `feedrec generate` or `feedrec logs import` first"
+        )
+    cfg = PreprocessConfig(world_dir=run.world, out_dir=run.data, **(options or {}))
     init_ray(ray_address)
-    meta = run_preprocess(PreprocessConfig(world_dir=run.world, out_dir=run.data)).read_meta()
+    meta = run_preprocess(cfg).read_meta()
     return (
-        f"preprocess: examples {meta['rows']}, retrieval pairs {meta['pairs']}, {meta['seconds']} s"
+        f"preprocess ({meta['split']['kind']} split): examples {meta['rows']}, "
+        f"retrieval pairs {meta['pairs']}, {meta['seconds']} s"
     )
+
+
+def _split_overrides(overrides: dict[str, Any] | None) -> tuple[dict[str, Any], dict[str, Any]]:
+    """``{"epochs": 2, "model.num_experts": 6}`` -> (TrainConfig fields, model config fields)."""
+    train_fields = {k: v for k, v in (overrides or {}).items() if not k.startswith("model.")}
+    model_fields = {
+        k.removeprefix("model."): v for k, v in (overrides or {}).items() if k.startswith("model.")
+    }
+    return train_fields, model_fields
+
+
+def _trained(run: RunLayout, kind: str, artifact_dir: Path, seconds_key: str) -> str:
+    from feedrec.artifacts import load_artifact
+    from feedrec.tracking import ExperimentTracker
+
+    artifact = load_artifact(artifact_dir)
+    run_id = ExperimentTracker(run.root).log_training(artifact, data_root=run.data)
+    last = artifact.metadata["history"][-1]
+    valid = {
+        k.removeprefix("valid_"): round(v, 4) for k, v in last.items() if k.startswith("valid")
+    }
+    return (
+        f"{seconds_key} {kind}: {artifact.metadata['train_seconds']} s, "
+        f"{last['samples_per_s_per_worker']:.0f} samples/s/worker, last epoch {valid}; "
+        f"MLflow run {run_id}"
+    )
+
+
+def _training_data(run: RunLayout) -> Any:
+    from feedrec.data import PreprocessLayout
+
+    data = PreprocessLayout(run.data)
+    if not data.meta.exists():
+        raise FileNotFoundError(f"no preprocessed data in {run.data}: run `feedrec preprocess`")
+    return data
 
 
 def train(
@@ -54,27 +96,42 @@ def train(
     overrides: dict[str, Any] | None = None,
     ray_address: str | None = None,
 ) -> str:
-    from feedrec.artifacts import load_artifact
-    from feedrec.data import PreprocessLayout
+    """``overrides``: TrainConfig fields, and model config fields prefixed ``model.``."""
     from feedrec.runtime import init_ray
     from feedrec.training.config import PRESETS
     from feedrec.training.trainer import train_model
 
-    data = PreprocessLayout(run.data)
-    if not data.meta.exists():
-        raise FileNotFoundError(f"no preprocessed data in {run.data}: run `feedrec preprocess`")
-    cfg = PRESETS[run_preset(run, preset)][kind].with_overrides(**(overrides or {}))  # type: ignore[index]
+    data = _training_data(run)
+    train_fields, model_fields = _split_overrides(overrides)
+    cfg = PRESETS[run_preset(run, preset)][kind].with_overrides(**train_fields)  # type: ignore[index]
     init_ray(ray_address)
     out = run.ranker if kind == "ranker" else run.two_tower
-    artifact = load_artifact(train_model(cfg, data, out, storage_dir=run.ray_results))
-    last = artifact.metadata["history"][-1]
-    valid = {
-        k.removeprefix("valid_"): round(v, 4) for k, v in last.items() if k.startswith("valid")
-    }
-    return (
-        f"train {kind}: {artifact.metadata['train_seconds']} s, "
-        f"{last['samples_per_s_per_worker']:.0f} samples/s/worker, last epoch {valid}"
-    )
+    train_model(cfg, data, out, storage_dir=run.ray_results, model_overrides=model_fields)
+    return _trained(run, kind, out, "train")
+
+
+def tune(
+    run: RunLayout,
+    kind: str,
+    preset: str | None = None,
+    options: dict[str, Any] | None = None,
+    ray_address: str | None = None,
+) -> str:
+    """Ray Tune (ASHA) over the distributed trainer; the best trial becomes the model artifact.
+
+    ``options``: TuneConfig fields (num_samples, max_epochs, ...).
+    """
+    from feedrec.runtime import init_ray
+    from feedrec.training.config import PRESETS
+    from feedrec.training.tuning import TuneConfig, tune_model
+
+    data = _training_data(run)
+    tune_cfg = TuneConfig(model=kind, **(options or {}))  # type: ignore[arg-type]
+    base = PRESETS[run_preset(run, preset)][kind]  # type: ignore[index]
+    init_ray(ray_address)
+    out = run.ranker if kind == "ranker" else run.two_tower
+    tune_model(tune_cfg, base, data, out, storage_dir=run.ray_results)
+    return _trained(run, kind, out, "tune")
 
 
 def evaluate(run: RunLayout) -> str:

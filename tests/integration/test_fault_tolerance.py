@@ -1,4 +1,4 @@
-"""A worker killed mid-run: Ray Train restarts the group, which resumes from the sharded checkpoint."""
+"""A worker killed mid-run: Ray Train restarts the group, which resumes from the checkpoint."""
 
 from __future__ import annotations
 

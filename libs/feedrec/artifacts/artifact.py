@@ -75,6 +75,7 @@ class ModelArtifact:
     metadata: dict[str, Any]
     version: str  # kind + the first 12 hex digits of the weights' sha256
     state_dict: dict[str, torch.Tensor] = field(repr=False)
+    versions: dict[str, str] = field(default_factory=dict)  # libraries it was trained with
 
     def build_model(self) -> nn.Module:
         """The served module with its weights, in eval mode."""
@@ -149,4 +150,5 @@ def load_artifact(root: Path) -> ModelArtifact:
         metadata=manifest["metadata"],
         version=f"{manifest['kind']}-{manifest['sha256'][WEIGHTS][:12]}",
         state_dict=state_dict,
+        versions=manifest.get("versions", {}),
     )

@@ -44,7 +44,11 @@ def init_ray(address: str | None = None, *, num_cpus: int | None = None) -> None
     os.environ["PYTHONPATH"] = pythonpath
     ray.init(
         num_cpus=num_cpus or max(LOCAL_LOGICAL_CPUS, os.cpu_count() or 1),
-        include_dashboard=False,
+        # The dashboard hosts Ray's State API, which Ray Train's placement-group cleaner needs:
+        # without it the workers' placement group of a stopped trial (Ray Tune) or a crashed
+        # controller is never released and the next run waits for CPUs forever.
+        include_dashboard=True,
+        dashboard_host="127.0.0.1",
         _node_ip_address="127.0.0.1",
         runtime_env=runtime_env,
         log_to_driver=True,

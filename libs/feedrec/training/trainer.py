@@ -137,6 +137,88 @@ def _use_gpu(cfg: TrainConfig) -> bool:
     return float(ray.cluster_resources().get("GPU", 0)) >= cfg.num_workers
 
 
+def model_config_for(
+    cfg: TrainConfig, vocabs: Vocabularies, overrides: dict[str, Any] | None = None
+) -> RankerConfig | TwoTowerConfig:
+    """The architecture of ``cfg.model`` sized by the vocabularies, with field overrides."""
+    kwargs: dict[str, Any] = {
+        k: tuple(v) if isinstance(v, list) else v for k, v in (overrides or {}).items()
+    }
+    if cfg.model == "ranker":
+        return RankerConfig(num_rows=vocabs.num_rows(), **kwargs)
+    return TwoTowerConfig(num_rows=vocabs.num_rows(), **kwargs)
+
+
+def build_trainer(
+    cfg: TrainConfig,
+    data: PreprocessLayout,
+    model_config: RankerConfig | TwoTowerConfig,
+    *,
+    storage_dir: Path,
+    name: str | None = None,
+    callbacks: list[Any] | None = None,
+) -> TorchTrainer:
+    """A ``TorchTrainer`` of ``cfg.num_workers`` DMP workers (NCCL on GPUs, else gloo)."""
+    transform = FeatureTransform(Vocabularies.load(data.vocabularies))
+    use_gpu = _use_gpu(cfg)
+    return TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config={"train": cfg.to_dict(), "model_config": model_config},
+        scaling_config=ScalingConfig(
+            num_workers=cfg.num_workers,
+            use_gpu=use_gpu,
+            resources_per_worker={"CPU": cfg.cpus_per_worker},
+        ),
+        torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
+        datasets=training_datasets(cfg, data, transform),
+        run_config=RunConfig(
+            name=name or f"{cfg.model}-{int(time.time())}",
+            storage_path=str(Path(storage_dir).resolve()),
+            checkpoint_config=CheckpointConfig(num_to_keep=2),
+            failure_config=FailureConfig(max_failures=cfg.max_failures),
+            callbacks=callbacks,
+        ),
+    )
+
+
+def artifact_from_checkpoint(
+    checkpoint_dir: Path,
+    cfg: TrainConfig,
+    data: PreprocessLayout,
+    model_config: RankerConfig | TwoTowerConfig,
+    artifact_dir: Path,
+    *,
+    extra_metadata: dict[str, Any] | None = None,
+) -> Path:
+    """Final (end-of-epoch) checkpoint -> calibrated model artifact with its full metadata."""
+    vocabs = Vocabularies.load(data.vocabularies)
+    state_dict, state = read_final(Path(checkpoint_dir))
+    calibration = None
+    if isinstance(model_config, RankerConfig):
+        calibration = calibrate_ranker(state_dict, model_config, data, FeatureTransform(vocabs))
+    metadata = {
+        "train_config": cfg.to_dict(),
+        "history": state.history,
+        "sharding_plan": state.plan,
+        "global_steps": state.global_step,
+        "restores": state.restores,
+        "calibration": calibration,
+        "device": "cuda" if _use_gpu(cfg) else "cpu",
+        "data": {"root": str(data.root), **data.read_meta()},
+        "checkpoint": str(checkpoint_dir),
+        "host_cpus": os.cpu_count(),
+        **(extra_metadata or {}),
+    }
+    return save_artifact(
+        Path(artifact_dir),
+        kind=cfg.model,
+        state_dict=state_dict,
+        model_config=model_config,
+        vocabs=vocabs,
+        metadata=metadata,
+    )
+
+
 def train_model(
     cfg: TrainConfig,
     data: PreprocessLayout,
@@ -150,57 +232,19 @@ def train_model(
     Returns the artifact directory (see ``feedrec.artifacts``).
     """
     started = time.perf_counter()
-    vocabs = Vocabularies.load(data.vocabularies)
-    transform = FeatureTransform(vocabs)
-    model_config: RankerConfig | TwoTowerConfig
-    if cfg.model == "ranker":
-        model_config = RankerConfig(num_rows=vocabs.num_rows(), **(model_overrides or {}))
-    else:
-        model_config = TwoTowerConfig(num_rows=vocabs.num_rows(), **(model_overrides or {}))
-    use_gpu = _use_gpu(cfg)
-    trainer = TorchTrainer(
-        train_loop_per_worker,
-        train_loop_config={"train": cfg.to_dict(), "model_config": model_config},
-        scaling_config=ScalingConfig(
-            num_workers=cfg.num_workers,
-            use_gpu=use_gpu,
-            resources_per_worker={"CPU": cfg.cpus_per_worker},
-        ),
-        torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
-        datasets=training_datasets(cfg, data, transform),
-        run_config=RunConfig(
-            name=f"{cfg.model}-{int(time.time())}",
-            storage_path=str(Path(storage_dir).resolve()),
-            checkpoint_config=CheckpointConfig(num_to_keep=2),
-            failure_config=FailureConfig(max_failures=cfg.max_failures),
-        ),
-    )
-    result = trainer.fit()
+    model_config = model_config_for(cfg, Vocabularies.load(data.vocabularies), model_overrides)
+    result = build_trainer(cfg, data, model_config, storage_dir=storage_dir).fit()
     if result.checkpoint is None:
         raise RuntimeError(f"training {cfg.model} produced no checkpoint: {result.error}")
     with result.checkpoint.as_directory() as ckpt:
-        state_dict, state = read_final(Path(ckpt))
-    calibration = None
-    if isinstance(model_config, RankerConfig):
-        calibration = calibrate_ranker(state_dict, model_config, data, transform)
-    metadata = {
-        "train_config": cfg.to_dict(),
-        "history": state.history,
-        "sharding_plan": state.plan,
-        "global_steps": state.global_step,
-        "restores": state.restores,
-        "calibration": calibration,
-        "device": "cuda" if use_gpu else "cpu",
-        "data": {"root": str(data.root), **data.read_meta()},
-        "train_seconds": round(time.perf_counter() - started, 1),
-        "checkpoint": result.checkpoint.path,
-        "host_cpus": os.cpu_count(),
-    }
-    return save_artifact(
-        Path(artifact_dir),
-        kind=cfg.model,
-        state_dict=state_dict,
-        model_config=model_config,
-        vocabs=vocabs,
-        metadata=metadata,
-    )
+        return artifact_from_checkpoint(
+            Path(ckpt),
+            cfg,
+            data,
+            model_config,
+            artifact_dir,
+            extra_metadata={
+                "train_seconds": round(time.perf_counter() - started, 1),
+                "model_overrides": model_overrides or {},
+            },
+        )
