@@ -64,6 +64,7 @@ import pyarrow.parquet as pq
 
 from feedrec.schema.registry import CONTENT_DIM, LABELS
 from feedrec.world.config import WorldConfig
+from feedrec.world.generator import write_table
 from feedrec.world.layout import WorldLayout
 
 Format = Literal["csv", "parquet"]
@@ -683,19 +684,6 @@ def _write_quarantine(files: Sequence[_FileRows], spec: ImportSpec, path: Path) 
 # ---------------------------------------------------------------------------------------------
 
 
-def _write(path: Path, columns: dict[str, np.ndarray], schema: pa.Schema | None = None) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    arrays = {}
-    for name, col in columns.items():
-        if col.ndim == 2:
-            flat = pa.array(col.reshape(-1))
-            arrays[name] = pa.FixedSizeListArray.from_arrays(flat, col.shape[1])
-        else:
-            arrays[name] = pa.array(col)
-    table = pa.table(arrays)
-    pq.write_table(table.cast(schema) if schema is not None else table, path)
-
-
 def _clear(layout: WorldLayout, overwrite: bool) -> None:
     """Make room for the world; only ever removes what a world consists of."""
     existing = [
@@ -794,7 +782,7 @@ class _Interactions:
                 empty.append(d)
                 continue
             part = {name: logs[name][lo:hi] for name in LOG_SCHEMA.names}
-            _write(layout.log_day(d) / "part-0.parquet", part, LOG_SCHEMA)
+            write_table(layout.log_day(d) / "part-0.parquet", part, LOG_SCHEMA)
         return tuple(empty)
 
     def write_entities(self, layout: WorldLayout) -> WorldConfig:
@@ -802,7 +790,7 @@ class _Interactions:
         n_users, n_items = len(self.source_users), len(self.source_items)
         _, first_of_user = np.unique(self.user, return_index=True)
         _, first_of_item = np.unique(self.item, return_index=True)
-        _write(
+        write_table(
             layout.users,
             {
                 "user_id": np.arange(n_users, dtype=np.int64),
@@ -811,7 +799,7 @@ class _Interactions:
                 "source_user_id": self.source_users,
             },
         )
-        _write(
+        write_table(
             layout.posts,
             {
                 "post_id": np.arange(n_items, dtype=np.int64),
@@ -823,11 +811,11 @@ class _Interactions:
                 "source_item_id": self.source_items,
             },
         )
-        _write(
+        write_table(
             layout.creators,
             {"creator_id": np.array([UNKNOWN], np.int64), "followers": np.zeros(1, np.float32)},
         )
-        _write(
+        write_table(
             layout.follows, {"user_id": np.zeros(0, np.int64), "creator_id": np.zeros(0, np.int64)}
         )
         return WorldConfig(

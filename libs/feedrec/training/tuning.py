@@ -196,9 +196,7 @@ def tune_model(
                 "error": str(result.error) if result.error else None,
             }
         )
-    best_params = {
-        k: v for k, v in (best.config or {}).items() if k.startswith(("train.", "model."))
-    }
+    best_params = _searched(best.config or {})
     train_overrides, model_overrides = split_params(best_params)
     cfg = base.with_overrides(**train_overrides)
     model_config = model_config_for(cfg, Vocabularies.load(data.vocabularies), model_overrides)

@@ -111,7 +111,10 @@ def _follows(
     return keys // cfg.n_creators, keys % cfg.n_creators
 
 
-def _write_table(path: Path, columns: dict[str, np.ndarray]) -> None:
+def write_table(
+    path: Path, columns: dict[str, np.ndarray], schema: pa.Schema | None = None
+) -> None:
+    """Write numpy columns as one Parquet file; 2-d arrays become fixed-size lists."""
     path.parent.mkdir(parents=True, exist_ok=True)
     arrays = {}
     for name, col in columns.items():
@@ -120,7 +123,8 @@ def _write_table(path: Path, columns: dict[str, np.ndarray]) -> None:
             arrays[name] = pa.FixedSizeListArray.from_arrays(flat, col.shape[1])
         else:
             arrays[name] = pa.array(col)
-    pq.write_table(pa.table(arrays), path)
+    table = pa.table(arrays)
+    pq.write_table(table.cast(schema) if schema is not None else table, path)
 
 
 def _simulate_day(
@@ -211,7 +215,7 @@ def generate_world(cfg: WorldConfig, out_dir: Path, *, progress: bool = True) ->
     follow_keys = f_users * cfg.n_creators + f_creators  # sorted by construction
     followers = np.bincount(f_creators, minlength=cfg.n_creators).astype(np.float32)
 
-    _write_table(
+    write_table(
         layout.users,
         {
             "user_id": np.arange(cfg.n_users, dtype=np.int64),
@@ -219,7 +223,7 @@ def generate_world(cfg: WorldConfig, out_dir: Path, *, progress: bool = True) ->
             "signup_day": extra["signup_day"],
         },
     )
-    _write_table(
+    write_table(
         layout.posts,
         {
             "post_id": np.arange(cfg.n_posts, dtype=np.int64),
@@ -230,17 +234,17 @@ def generate_world(cfg: WorldConfig, out_dir: Path, *, progress: bool = True) ->
             "content_emb": extra["content"],
         },
     )
-    _write_table(
+    write_table(
         layout.creators,
         {"creator_id": np.arange(cfg.n_creators, dtype=np.int64), "followers": followers},
     )
-    _write_table(layout.follows, {"user_id": f_users, "creator_id": f_creators})
+    write_table(layout.follows, {"user_id": f_users, "creator_id": f_creators})
     truth.save(layout.latent)
 
     for day in tqdm(range(cfg.n_days), desc="generate days", disable=not progress):
         logs, truth_cols = _simulate_day(day, cfg, rng, truth, extra, follow_keys, followers)
-        _write_table(layout.log_day(day) / "part-0.parquet", logs)
-        _write_table(layout.truth_impressions / f"day={day}" / "part-0.parquet", truth_cols)
+        write_table(layout.log_day(day) / "part-0.parquet", logs)
+        write_table(layout.truth_impressions / f"day={day}" / "part-0.parquet", truth_cols)
     layout.config.write_text(json.dumps(cfg.to_dict(), indent=2))
     return layout
 
