@@ -133,9 +133,8 @@ def top_k_excluding(
         k: how many to return.
 
     Returns:
-        int64 [U, min(k, C)] ids, best first (equal scores: lower candidate index first; which
-        of several equal scores at the cut make it is unspecified); -1 where fewer than k
-        candidates are left.
+        int64 [U, min(k, C)] ids, best first (equal scores: lower candidate index first, also
+        at the cut); -1 where fewer than k candidates are left.
     """
     item_ids = np.asarray(item_ids, dtype=np.int64)
     # NaN ranks below every number but stays a candidate; -inf marks the excluded.
@@ -146,7 +145,13 @@ def top_k_excluding(
     k = min(k, s.shape[1])
     if k == 0:
         return np.zeros((len(s), 0), dtype=np.int64)
-    top = np.argpartition(-s, k - 1, axis=1)[:, :k]
+    # The k-th best score per row; everything better is in, and ties at it are filled in
+    # candidate order, so the cut is deterministic (argpartition alone picks ties arbitrarily).
+    kth = -np.partition(-s, k - 1, axis=1)[:, k - 1 : k]
+    tied = s == kth
+    need = k - (s > kth).sum(axis=1, keepdims=True)
+    chosen = (s > kth) | (tied & (np.cumsum(tied, axis=1) <= need))
+    top = np.nonzero(chosen)[1].reshape(len(s), k)  # row-major: each row's k columns in order
     top_scores = np.take_along_axis(s, top, axis=1)
     order = np.lexsort((top, -top_scores), axis=1)
     top = np.take_along_axis(top, order, axis=1)
