@@ -129,7 +129,24 @@ def _corpus(tables: FeatureTables, day: int, lifetime: float) -> np.ndarray:
     return np.flatnonzero((created < day) & (created >= day - lifetime))
 
 
-def _retrieval(
+@dataclass(frozen=True)
+class _RetrievalSetup:
+    """What both retrieval sections share, built once.
+
+    users [U]; engaged: per user, their engaged test posts; corpus [C]: posts eligible on the
+    day; items [C, E] and user_emb [U, E]: tower embeddings; scorers: system -> (rows [R] ->
+    float scores [R, C]).
+    """
+
+    users: np.ndarray
+    engaged: list[np.ndarray]
+    corpus: np.ndarray
+    items: np.ndarray
+    user_emb: np.ndarray
+    scorers: dict[str, Callable[[np.ndarray], np.ndarray]]
+
+
+def _retrieval_setup(
     cfg: EvaluationConfig,
     raw: dict[str, np.ndarray],
     tables: FeatureTables,
@@ -138,41 +155,73 @@ def _retrieval(
     gt: GroundTruth | None,
     lifetime: float,
     day: int,
-) -> dict[str, Any]:
-    """Recall@K of the test split's engaged posts among all posts eligible on ``day``."""
-    engaged = (raw["like"] + raw["comment"] + raw["share"]) > 0
+) -> _RetrievalSetup:
+    positive = (raw["like"] + raw["comment"] + raw["share"]) > 0
     users = _engaged_users(cfg, raw)
-    relevant = [np.unique(raw["post_id"][engaged & (raw["user_id"] == u)]) for u in users]
+    engaged = [np.unique(raw["post_id"][positive & (raw["user_id"] == u)]) for u in users]
     corpus = _corpus(tables, day, lifetime)
-    k_max = min(max(RECALL_KS), len(corpus))
-
-    index = PostIndex.build(
-        encoder.items(transform(tables.attrs.post_columns(corpus), "item_tower")), corpus
+    items = encoder.items(transform(tables.attrs.post_columns(corpus), "item_tower"))
+    user_emb = encoder.users(
+        transform(tables.user_columns(users, np.full(len(users), day)), "user_tower")
     )
-    user_raw = tables.user_columns(users, np.full(len(users), day))
-    _, model_top = index.search(encoder.users(transform(user_raw, "user_tower")), k_max)
-
-    popular = corpus[
-        np.argsort(-tables.post[day - tables.first_day, corpus, 1], kind="stable")[:k_max]
-    ]
-    tops = {"model": model_top, "popularity": np.broadcast_to(popular, (len(users), k_max))}
+    likes = tables.post[day - tables.first_day, corpus, 1].astype(np.float64)
+    scorers: dict[str, Callable[[np.ndarray], np.ndarray]] = {
+        "model": lambda rows: user_emb[rows] @ items.T,
+        "popularity": lambda rows: np.broadcast_to(likes, (len(rows), len(corpus))),
+    }
     if gt is not None:
-        ts = day + 0.5
-        tops["oracle"] = np.stack(
+        scorers["oracle"] = lambda rows: np.stack(
             [
-                corpus[
-                    np.argsort(-gt.probabilities(np.full(len(corpus), u), corpus, ts)["like"])[
-                        :k_max
-                    ]
-                ]
-                for u in users
+                gt.probabilities(np.full(len(corpus), users[r]), corpus, day + 0.5)["like"]
+                for r in rows
             ]
         )
-    result: dict[str, Any] = {"users": len(users), "corpus": len(corpus), "k": list(RECALL_KS)}
+    return _RetrievalSetup(users, engaged, corpus, items, user_emb, scorers)
+
+
+def _tops(
+    setup: _RetrievalSetup, seen: list[np.ndarray], k_all: int, k_unseen: int
+) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """Per system: (its top ``k_all`` eligible posts, its top ``k_unseen`` never returning the
+    user's ``seen`` posts), both from one scoring pass over chunks of users.
+
+    The model's unfiltered top comes from the served faiss index over the same embeddings.
+    """
+    nothing: list[np.ndarray] = [np.zeros(0, np.int64)] * USER_CHUNK
+    out = {}
+    for name, scorer in setup.scorers.items():
+        every, unseen = [], []
+        for start in range(0, len(setup.users), USER_CHUNK):
+            rows = np.arange(start, min(start + USER_CHUNK, len(setup.users)))
+            scores = scorer(rows)
+            every.append(top_k_excluding(scores, setup.corpus, nothing[: len(rows)], k_all))
+            unseen.append(top_k_excluding(scores, setup.corpus, [seen[r] for r in rows], k_unseen))
+        empty = np.zeros((0, 0), np.int64)
+        out[name] = (
+            np.concatenate(every) if every else empty,
+            np.concatenate(unseen) if unseen else empty,
+        )
+    index = PostIndex.build(setup.items, setup.corpus)
+    _, model_top = index.search(setup.user_emb, k_all)
+    out["model"] = (model_top, out["model"][1])
+    return out
+
+
+def _retrieval(
+    setup: _RetrievalSetup, tops: dict[str, tuple[np.ndarray, np.ndarray]], k_max: int
+) -> dict[str, Any]:
+    """Recall@K of each user's engaged test posts among all posts eligible on the day."""
+    result: dict[str, Any] = {
+        "users": len(setup.users),
+        "corpus": len(setup.corpus),
+        "k": list(RECALL_KS),
+    }
     for name in ("model", "oracle", "popularity"):
         if name in tops:
             result[name] = {
-                f"recall@{k}": recall_at_k(tops[name], relevant, k) for k in RECALL_KS if k <= k_max
+                f"recall@{k}": recall_at_k(tops[name][0], setup.engaged, k)
+                for k in RECALL_KS
+                if k <= k_max
             }
     return result
 
@@ -191,56 +240,24 @@ def _posts_of(keys: np.ndarray, user: int, n_posts: int) -> np.ndarray:
 
 
 def _full_ranking(
-    cfg: EvaluationConfig,
-    raw: dict[str, np.ndarray],
-    tables: FeatureTables,
-    encoder: TowerEncoder,
-    transform: FeatureTransform,
-    gt: GroundTruth | None,
-    lifetime: float,
-    day: int,
-    train_pairs: np.ndarray,
+    setup: _RetrievalSetup,
+    seen: list[np.ndarray],
+    tops: dict[str, tuple[np.ndarray, np.ndarray]],
+    ks: tuple[int, ...],
 ) -> dict[str, Any]:
-    """Recall, NDCG, MRR and Hit @K over every post eligible on ``day``, never ranking a post the
-    user interacted with in the training split (``train_pairs``: sorted user * n_posts + post).
+    """Recall, NDCG, MRR and Hit @K over every eligible post, never ranking a post the user
+    interacted with in the training split (``seen``, per user).
 
     Relevant: the user's engaged test posts minus those training interactions; users left with
     none are skipped. Relevant posts outside the eligible corpus stay relevant (misses for
     every system); ``relevant_outside_corpus`` gives their share.
     """
-    n_posts = tables.attrs.n_posts
-    engaged = (raw["like"] + raw["comment"] + raw["share"]) > 0
-    users = _engaged_users(cfg, raw)
-    seen = [_posts_of(train_pairs, int(u), n_posts) for u in users]
-    relevant = [
-        np.setdiff1d(raw["post_id"][engaged & (raw["user_id"] == u)], s)
-        for u, s in zip(users, seen, strict=True)
-    ]
-    corpus = _corpus(tables, day, lifetime)
-    k_max = min(max(FULL_RANKING_KS), len(corpus))
-    ks = tuple(k for k in FULL_RANKING_KS if k <= k_max)
-
-    items = encoder.items(transform(tables.attrs.post_columns(corpus), "item_tower"))
-    user_emb = encoder.users(
-        transform(tables.user_columns(users, np.full(len(users), day)), "user_tower")
-    )
-    likes = tables.post[day - tables.first_day, corpus, 1].astype(np.float64)
-    scorers: dict[str, Callable[[np.ndarray], np.ndarray]] = {
-        "model": lambda rows: user_emb[rows] @ items.T,
-        "popularity": lambda rows: np.broadcast_to(likes, (len(rows), len(corpus))),
-    }
-    if gt is not None:
-        scorers["oracle"] = lambda rows: np.stack(
-            [
-                gt.probabilities(np.full(len(corpus), users[r]), corpus, day + 0.5)["like"]
-                for r in rows
-            ]
-        )
-    in_corpus = [np.isin(r, corpus) for r in relevant]
+    relevant = [np.setdiff1d(e, s) for e, s in zip(setup.engaged, seen, strict=True)]
+    in_corpus = [np.isin(r, setup.corpus) for r in relevant]
     n_relevant = sum(len(r) for r in relevant)
     result: dict[str, Any] = {
         "users": int(sum(1 for r in relevant if len(r))),
-        "corpus": len(corpus),
+        "corpus": len(setup.corpus),
         "k": list(ks),
         "excluded": "each user's training-split interactions",
         "excluded_pairs": int(sum(len(s) for s in seen)),
@@ -249,16 +266,8 @@ def _full_ranking(
         ),
     }
     for name in ("model", "oracle", "popularity"):
-        if name not in scorers:
-            continue
-        tops = []
-        for start in range(0, len(users), USER_CHUNK):
-            rows = np.arange(start, min(start + USER_CHUNK, len(users)))
-            tops.append(
-                top_k_excluding(scorers[name](rows), corpus, [seen[r] for r in rows], k_max)
-            )
-        top = np.concatenate(tops) if tops else np.zeros((0, k_max), np.int64)
-        result[name] = ranking_metrics(top, relevant, ks)
+        if name in tops:
+            result[name] = ranking_metrics(tops[name][1], relevant, ks)
     return result
 
 
@@ -302,11 +311,16 @@ def evaluate(cfg: EvaluationConfig) -> dict[str, Any]:
     tower_transform = FeatureTransform(tower_art.vocabs)
     lifetime = world_cfg.post_lifetime_days
     train_pairs = split_pairs(data, "train", tables.attrs.n_posts)
+    setup = _retrieval_setup(cfg, test, tables, encoder, tower_transform, gt, lifetime, day)
+    seen = [_posts_of(train_pairs, int(u), tables.attrs.n_posts) for u in setup.users]
+    k_recall = min(max(RECALL_KS), len(setup.corpus))
+    k_full = min(max(FULL_RANKING_KS), len(setup.corpus))
+    tops = _tops(setup, seen, k_recall, k_full)
     metrics = {
         "ranking": _ranking(test, truth, ranker, FeatureTransform(ranker_art.vocabs)),
-        "retrieval": _retrieval(cfg, test, tables, encoder, tower_transform, gt, lifetime, day),
+        "retrieval": _retrieval(setup, tops, k_recall),
         "full_ranking": _full_ranking(
-            cfg, test, tables, encoder, tower_transform, gt, lifetime, day, train_pairs
+            setup, seen, tops, tuple(k for k in FULL_RANKING_KS if k <= k_full)
         ),
         "oracle": (
             {"available": True}
