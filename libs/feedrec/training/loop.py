@@ -7,6 +7,7 @@ import resource
 import signal
 import tempfile
 import time
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +20,7 @@ from torch import nn
 from torchrec.optim.keyed import CombinedOptimizer, KeyedOptimizerWrapper
 from torchrec.optim.optimizers import in_backward_optimizer_filter
 
+from feedrec.data.examples import Columns
 from feedrec.evaluation.metrics import auc, logloss
 from feedrec.models.batch import BINARY_TASKS, PairBatch, RankerBatch
 from feedrec.models.ranker import Ranker, RankerConfig, RankerTrain
@@ -48,12 +50,15 @@ def _gather(values: list[np.ndarray]) -> np.ndarray:
     return np.concatenate([v for v in everyone if len(v)])
 
 
-def _validate(model: nn.Module, cfg: TrainConfig, device: torch.device) -> dict[str, float]:
+def validate(
+    model: nn.Module, cfg: TrainConfig, device: torch.device, batches: Iterable[Columns]
+) -> dict[str, float]:
+    """Collective: validation loss, and per-task AUC/logloss (ranker) or in-batch top-1 accuracy
+    (two-tower), over this rank's ``batches`` gathered from every rank."""
     model.eval()
-    shard_it = ray.train.get_dataset_shard("valid")
     losses, outputs, labels = [], [], []
     with torch.no_grad():
-        for cols in shard_it.iter_batches(batch_size=cfg.batch_size, batch_format="numpy"):
+        for cols in batches:
             if cfg.model == "ranker":
                 batch: RankerBatch | PairBatch = RankerBatch.from_columns(cols).to(device)
             else:
@@ -189,7 +194,14 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             "train_loss": loss_sum / max(steps, 1),
             "samples_per_s_per_worker": seen / max(elapsed, 1e-9),
             "peak_rss_mb": float(rss.item()),
-            **_validate(dmp, cfg, device),
+            **validate(
+                dmp,
+                cfg,
+                device,
+                ray.train.get_dataset_shard("valid").iter_batches(
+                    batch_size=cfg.batch_size, batch_format="numpy"
+                ),
+            ),
         }
         state.history.append(metrics)
         state.batches_done = 0

@@ -8,27 +8,25 @@ from __future__ import annotations
 
 import socket
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass
 
 import numpy as np
 import pyarrow as pa
 import torch
 import torch.distributed as dist
-from torch import nn
 from torchrec.optim.keyed import CombinedOptimizer, KeyedOptimizerWrapper
 from torchrec.optim.optimizers import in_backward_optimizer_filter
 
 from feedrec.data.examples import Columns, iter_column_batches
 from feedrec.data.preprocess import PreprocessLayout
-from feedrec.evaluation.metrics import auc, logloss
 from feedrec.features.transform import FeatureTransform
 from feedrec.features.vocabulary import Vocabularies
-from feedrec.models.batch import BINARY_TASKS, PairBatch, RankerBatch
+from feedrec.models.batch import PairBatch, RankerBatch
 from feedrec.models.ranker import RankerConfig
 from feedrec.models.two_tower import TwoTowerConfig
 from feedrec.training.config import TrainConfig
 from feedrec.training.loop import build_train_module
+from feedrec.training.loop import validate as validation_metrics
 from feedrec.training.sharding import gather_state_dict, shard
 from feedrec.training.trainer import item_log_q, pair_columns, ranker_columns
 
@@ -41,35 +39,6 @@ class SingleProcessResult:
     history: list[dict[str, float]]
     samples_per_s: float
     weights: dict[str, torch.Tensor]
-
-
-def _validate(
-    train_module: nn.Module, cfg: TrainConfig, batches: Iterator[Columns]
-) -> dict[str, float]:
-    train_module.eval()
-    losses, outputs, labels = [], [], []
-    with torch.no_grad():
-        for cols in batches:
-            if cfg.model == "ranker":
-                rb = RankerBatch.from_columns(cols)
-                loss, out = train_module(rb)
-                outputs.append(out.numpy())
-                labels.append(rb.labels.numpy())
-            else:
-                loss, out = train_module(PairBatch.from_columns(cols))
-                outputs.append((out.argmax(dim=1) == torch.arange(len(out))).float().numpy())
-            losses.append(loss.item())
-    train_module.train()
-    metrics = {"valid_loss": float(np.mean(losses))}
-    if cfg.model == "ranker":
-        out_all, lab_all = np.concatenate(outputs), np.concatenate(labels)
-        for i, task in enumerate(BINARY_TASKS):
-            prob = 1 / (1 + np.exp(-out_all[:, i]))
-            metrics[f"valid_auc_{task}"] = auc(lab_all[:, i], prob)
-            metrics[f"valid_logloss_{task}"] = logloss(lab_all[:, i], prob)
-    else:
-        metrics["valid_inbatch_top1"] = float(np.concatenate(outputs).mean())
-    return metrics
 
 
 def train_single_process(
@@ -146,7 +115,7 @@ def train_single_process(
         }
         if validate:
             valid = iter_column_batches(valid_path, valid_cols, batch_size, seed=0, drop_last=False)
-            metrics.update(_validate(dmp, cfg, valid))
+            metrics.update(validation_metrics(dmp, cfg, torch.device("cpu"), valid))
         history.append(metrics)
         if max_steps is not None and steps >= max_steps:
             break
