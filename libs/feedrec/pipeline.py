@@ -54,27 +54,19 @@ def preprocess(
     )
 
 
-def _split_overrides(overrides: dict[str, Any] | None) -> tuple[dict[str, Any], dict[str, Any]]:
-    """``{"epochs": 2, "model.num_experts": 6}`` -> (TrainConfig fields, model config fields)."""
-    train_fields = {k: v for k, v in (overrides or {}).items() if not k.startswith("model.")}
-    model_fields = {
-        k.removeprefix("model."): v for k, v in (overrides or {}).items() if k.startswith("model.")
-    }
-    return train_fields, model_fields
-
-
-def _trained(run: RunLayout, kind: str, artifact_dir: Path, seconds_key: str) -> str:
+def _trained(run: RunLayout, kind: str, stage: str) -> str:
+    """Track the new artifact of ``kind`` in MLflow; a one-line summary."""
     from feedrec.artifacts import load_artifact
     from feedrec.tracking import ExperimentTracker
 
-    artifact = load_artifact(artifact_dir)
+    artifact = load_artifact(run.model(kind))
     run_id = ExperimentTracker(run.root).log_training(artifact, data_root=run.data)
     last = artifact.metadata["history"][-1]
     valid = {
         k.removeprefix("valid_"): round(v, 4) for k, v in last.items() if k.startswith("valid")
     }
     return (
-        f"{seconds_key} {kind}: {artifact.metadata['train_seconds']} s, "
+        f"{stage} {kind}: {artifact.metadata['train_seconds']} s, "
         f"{last['samples_per_s_per_worker']:.0f} samples/s/worker, last epoch {valid}; "
         f"MLflow run {run_id}"
     )
@@ -100,14 +92,16 @@ def train(
     from feedrec.runtime import init_ray
     from feedrec.training.config import PRESETS
     from feedrec.training.trainer import train_model
+    from feedrec.training.tuning import split_params
 
     data = _training_data(run)
-    train_fields, model_fields = _split_overrides(overrides)
+    train_fields, model_fields = split_params(overrides or {})
     cfg = PRESETS[run_preset(run, preset)][kind].with_overrides(**train_fields)  # type: ignore[index]
     init_ray(ray_address)
-    out = run.ranker if kind == "ranker" else run.two_tower
-    train_model(cfg, data, out, storage_dir=run.ray_results, model_overrides=model_fields)
-    return _trained(run, kind, out, "train")
+    train_model(
+        cfg, data, run.model(kind), storage_dir=run.ray_results, model_overrides=model_fields
+    )
+    return _trained(run, kind, "train")
 
 
 def tune(
@@ -129,9 +123,8 @@ def tune(
     tune_cfg = TuneConfig(model=kind, **(options or {}))  # type: ignore[arg-type]
     base = PRESETS[run_preset(run, preset)][kind]  # type: ignore[index]
     init_ray(ray_address)
-    out = run.ranker if kind == "ranker" else run.two_tower
-    tune_model(tune_cfg, base, data, out, storage_dir=run.ray_results)
-    return _trained(run, kind, out, "tune")
+    tune_model(tune_cfg, base, data, run.model(kind), storage_dir=run.ray_results)
+    return _trained(run, kind, "tune")
 
 
 def evaluate(run: RunLayout) -> str:

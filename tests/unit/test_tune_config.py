@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from feedrec.training.tuning import TuneConfig
+from feedrec.training.tuning import TuneConfig, split_params
 
 
 @pytest.mark.parametrize(
@@ -19,3 +19,8 @@ from feedrec.training.tuning import TuneConfig
 def test_bad_search_space_is_named(space: dict, message: str) -> None:
     with pytest.raises(ValueError, match=message):
         TuneConfig(model="ranker", space=space)
+
+
+def test_overrides_split_into_train_and_model_fields() -> None:
+    params = {"train.dense_lr": 1e-3, "epochs": 2, "model.num_experts": 6}
+    assert split_params(params) == ({"dense_lr": 1e-3, "epochs": 2}, {"num_experts": 6})

@@ -22,11 +22,17 @@ class RunLayout:
 
     @property
     def ranker(self) -> Path:
-        return self.root / "models" / "ranker"
+        return self.model("ranker")
 
     @property
     def two_tower(self) -> Path:
-        return self.root / "models" / "two_tower"
+        return self.model("two_tower")
+
+    def model(self, kind: str) -> Path:
+        """The artifact directory of a trained model kind (``ranker`` or ``two_tower``)."""
+        if kind not in ("ranker", "two_tower"):
+            raise ValueError(f"unknown model kind {kind!r} (ranker or two_tower)")
+        return self.root / "models" / kind
 
     @property
     def retrieval(self) -> Path:

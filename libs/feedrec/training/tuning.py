@@ -105,8 +105,9 @@ class TuneConfig:
 
 
 def split_params(params: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
-    """``{"train.x": 1, "model.y": 2}`` -> (train overrides, model overrides)."""
-    train = {k.removeprefix("train."): v for k, v in params.items() if k.startswith("train.")}
+    """``{"train.x": 1, "y": 2, "model.z": 3}`` -> ({"x": 1, "y": 2}, {"z": 3}): TrainConfig
+    overrides (``train.`` prefix optional) and model config overrides (``model.`` prefix)."""
+    train = {k.removeprefix("train."): v for k, v in params.items() if not k.startswith("model.")}
     model = {k.removeprefix("model."): v for k, v in params.items() if k.startswith("model.")}
     return train, model
 
