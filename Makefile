@@ -20,7 +20,7 @@ demo: venv
 	$(PY) -m jobs.demo --preset small --run-dir runs/demo
 
 test: venv
-	$(PY) -m pytest tests -q --durations=15
+	$(PY) -m pytest tests -q --durations=15 -n 1  # -n 1: see tests/conftest.py
 
 # Training throughput, Ray Train DMP x2 vs one TorchRec process -> bench/results/train.json.
 bench-train: venv

@@ -11,6 +11,30 @@ import pytest
 os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 
+# `make test` runs pytest under xdist with one worker (`-n 1`) so that a hard crash of the worker
+# process is survivable. Ray 2.60's driver can abort in its GCS pubsub client ("Check failed:
+# !reply.publisher_id().empty()" in subscriber.cc) while the GCS tears down many actors at once,
+# e.g. at the end of a Ray Train run; that kills the pytest process (the Ray driver) with no
+# report. A test whose worker crashed is rescheduled once on a fresh worker (fresh Ray cluster,
+# fresh session fixtures); a second crash, and every ordinary failure, fails the run.
+_CRASH_RETRIES = 1
+_crashes: dict[str, int] = {}
+
+
+def pytest_handlecrashitem(crashitem: str, report: pytest.TestReport, sched: object) -> None:
+    """xdist hook: reschedule a crashed test once (see the comment above)."""
+    _crashes[crashitem] = _crashes.get(crashitem, 0) + 1
+    if _crashes[crashitem] <= _CRASH_RETRIES:
+        sched.mark_test_pending(crashitem)  # type: ignore[attr-defined]
+        report.outcome = "rerun"  # type: ignore[assignment]
+
+
+def pytest_report_teststatus(report: pytest.TestReport) -> tuple[str, str, str] | None:
+    """Show a rescheduled crash as ``R`` / ``RERUN`` (not as a failure)."""
+    if report.outcome == "rerun":
+        return "rerun", "R", "RERUN"
+    return None
+
 
 @pytest.fixture(scope="session")
 def ray_cluster() -> Iterator[None]:
