@@ -110,7 +110,15 @@ class Ranker(nn.Module):
 
         Returns: float32 [B, 5]: logits of like, comment, share, hide, then predicted log1p(dwell).
         """
-        x0 = torch.cat([self.dense_arch(dense), pooled(self.ebc, sparse, "ranker")], dim=1)
+        return self.head(dense, pooled(self.ebc, sparse, "ranker"))
+
+    def head(self, dense: torch.Tensor, pooled_embeddings: torch.Tensor) -> torch.Tensor:
+        """Everything after the embedding lookup (plain torch ops, so it traces and exports).
+
+        Args: dense float32 [B, dense_dim("ranker")]; pooled_embeddings float32
+        [B, pooled_dim("ranker")] in registry feature order. Returns: [B, 5] as ``forward``.
+        """
+        x0 = torch.cat([self.dense_arch(dense), pooled_embeddings], dim=1)
         x = self.cross(x0)
         if self.config.num_experts:
             experts = torch.stack([b(x) for b in self.bottoms], dim=1)  # [B, E, H]
@@ -130,7 +138,8 @@ class Ranker(nn.Module):
     def predictions(outputs: torch.Tensor) -> torch.Tensor:
         """[B, 5] outputs -> [B, 5]: probabilities of the binary tasks, dwell in seconds."""
         n = len(BINARY_TASKS)
-        dwell = torch.expm1(outputs[:, n:].clamp(min=0.0))
+        # exp(x) - 1, not expm1: ONNX has no expm1; for x >= 0 the two differ by < 1e-7 absolute.
+        dwell = torch.exp(outputs[:, n:].clamp(min=0.0)) - 1.0
         return torch.cat([torch.sigmoid(outputs[:, :n]), dwell], dim=1)
 
 

@@ -21,7 +21,7 @@ from feedrec.artifacts import load_artifact
 from feedrec.runtime.ray_cluster import init_ray, repo_root
 from feedrec.runtime.run_layout import RunLayout
 from feedrec.schema.registry import TASKS, dense_dim, sparse_features
-from feedrec.serving.triton_repository import write_model_repository
+from feedrec.serving.triton_repository import write_model_repository, write_portable_models
 from feedrec.serving.triton_server import TritonServer, TritonServerConfig
 
 APP_IMPORT_PATH = "apps.feed_service.app:build_app"
@@ -31,7 +31,9 @@ APP_NAME = "feed"
 @dataclass(frozen=True)
 class StackConfig:
     """Args: run_dir: a pipeline run with trained models; http_host/port: the Serve ingress;
-    ray_address: an existing cluster (None starts a local one); triton_*_port: 0 = any free."""
+    ray_address: an existing cluster (None starts a local one); triton_*_port: 0 = any free;
+    export_portable: also write the ONNX / TorchScript ranker (checked against eager) to
+    ``serve/triton_repository_gpu`` for Triton servers with those backends."""
 
     run_dir: Path
     http_host: str = "127.0.0.1"
@@ -40,6 +42,7 @@ class StackConfig:
     triton_grpc_port: int = 0
     triton_http_port: int = 0
     ready_timeout_s: float = 300.0
+    export_portable: bool = True
 
     def __post_init__(self) -> None:
         if not 0 < self.http_port < 65536:
@@ -84,6 +87,10 @@ class ServingStack:
             num_dense=widths["num_dense"],
             num_outputs=widths["num_outputs"],
         )
+        if self.config.export_portable:
+            # Its own repository: the wheel's server has no onnxruntime/libtorch backend and
+            # would refuse to start with those models in the one it loads.
+            write_portable_models(serve_dir / "triton_repository_gpu", self.run.ranker)
         self.triton = TritonServer(
             TritonServerConfig(
                 model_repository=repo,

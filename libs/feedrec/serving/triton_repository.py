@@ -7,6 +7,12 @@ Layout written by :func:`write_model_repository`::
 
 The wheel-bundled Triton only has the python backend (no libtorch/onnxruntime backends), so the
 model runs as a ``TritonPythonModel`` that loads ``RankerPredictor`` from ``artifact_dir``.
+:func:`write_portable_models` adds the same ranker for the backends a GPU cluster's Triton has::
+
+    repo_dir/<model_name>_onnx/{config.pbtxt, <version>/model.onnx}        # onnxruntime_onnx
+    repo_dir/<model_name>_torchscript/{config.pbtxt, <version>/model.pt}   # pytorch_libtorch
+
+each checked against the eager model with the matching runtime before it is kept.
 """
 
 from __future__ import annotations
@@ -15,11 +21,23 @@ import re
 import shutil
 from collections.abc import Mapping
 from pathlib import Path
+from typing import Literal
 
 INPUT_SINGLE = "single_ids"
 INPUT_MULTI = "multi_ids"
 INPUT_DENSE = "dense"
 OUTPUT_SCORES = "scores"
+
+#: python: TritonPythonModel over the eager TorchRec model (what the wheel's server runs);
+#: onnxruntime / pytorch: the PortableRanker export for those Triton backends.
+Backend = Literal["python", "onnxruntime", "pytorch"]
+_HEADER = {
+    "python": 'backend: "python"',
+    "onnxruntime": 'platform: "onnxruntime_onnx"',
+    "pytorch": 'platform: "pytorch_libtorch"',
+}
+#: Largest |export - eager| accepted on any score (probabilities and dwell seconds).
+EXPORT_TOLERANCE = 1e-4
 
 _MODEL_NAME_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]*$")
 
@@ -49,13 +67,17 @@ def render_config(
     instance_count: int,
     max_queue_delay_us: int,
     extra_parameters: Mapping[str, str] | None = None,
+    backend: Backend = "python",
 ) -> str:
     """The ``config.pbtxt`` text. Dims exclude the batch dim (Triton adds it: max_batch_size > 0).
 
     Inputs per row: ``single_ids`` int64 [num_single], ``multi_ids`` int64 [num_multi]
     (-1 = padding), ``dense`` fp32 [num_dense]. Output: ``scores`` fp32 [num_outputs].
+    The python backend runs on CPU instances; the exported backends use ``KIND_AUTO`` (GPU
+    instances where the node has GPUs, else CPU).
     """
     params = {"artifact_dir": str(artifact_dir), **(extra_parameters or {})}
+    kind = "KIND_CPU" if backend == "python" else "KIND_AUTO"
     params_text = "".join(
         f"parameters {{\n  key: {_pbtxt_string(k)}\n"
         f"  value: {{ string_value: {_pbtxt_string(v)} }}\n}}\n"
@@ -63,7 +85,7 @@ def render_config(
     )
     return f"""\
 name: {_pbtxt_string(model_name)}
-backend: "python"
+{_HEADER[backend]}
 max_batch_size: {max_batch_size}
 # Serve exactly the version just written, never a stale higher-numbered one left in the dir.
 version_policy: {{ specific: {{ versions: [ {version} ] }} }}
@@ -81,7 +103,7 @@ dynamic_batching {{
   max_queue_delay_microseconds: {max_queue_delay_us}
 }}
 instance_group [
-  {{ count: {instance_count} kind: KIND_CPU }}
+  {{ count: {instance_count} kind: {kind} }}
 ]
 {params_text}"""
 
@@ -109,30 +131,22 @@ def write_model_repository(
     served (the version_policy names ``version`` only). ``extra_parameters`` become more
     ``parameters`` entries (string values), e.g. ``predictor_factory`` read by the template.
     """
-    if not _MODEL_NAME_RE.match(model_name):
-        raise ValueError(f"model_name {model_name!r} must match {_MODEL_NAME_RE.pattern}")
-    positive = {
-        "version": version,
-        "num_single": num_single,
-        "num_multi": num_multi,
-        "num_dense": num_dense,
-        "num_outputs": num_outputs,
-        "max_batch_size": max_batch_size,
-        "instance_count": instance_count,
-    }
-    for name, value in positive.items():
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ValueError(f"{name} must be a positive int, got {value!r}")
-    if isinstance(max_queue_delay_us, bool) or not isinstance(max_queue_delay_us, int):
-        raise ValueError(f"max_queue_delay_us must be an int, got {max_queue_delay_us!r}")
-    if max_queue_delay_us < 0:
-        raise ValueError(f"max_queue_delay_us must be >= 0, got {max_queue_delay_us}")
+    _check_sizes(
+        model_name,
+        artifact_dir,
+        version=version,
+        num_single=num_single,
+        num_multi=num_multi,
+        num_dense=num_dense,
+        num_outputs=num_outputs,
+        max_batch_size=max_batch_size,
+        instance_count=instance_count,
+        max_queue_delay_us=max_queue_delay_us,
+    )
     extra = dict(extra_parameters or {})
     if "artifact_dir" in extra:
         raise ValueError("extra_parameters must not set artifact_dir (pass artifact_dir)")
     artifact_dir = Path(artifact_dir).resolve()
-    if not artifact_dir.is_dir():
-        raise ValueError(f"artifact_dir {artifact_dir} is not a directory")
     template = ranker_model_template()
     if not template.is_file():
         raise FileNotFoundError(f"ranker model template missing: {template}")
@@ -156,3 +170,104 @@ def write_model_repository(
     (model_dir / "config.pbtxt").write_text(config)
     shutil.copyfile(template, version_dir / "model.py")
     return model_dir
+
+
+def _check_sizes(model_name: str, artifact_dir: Path, **sizes: int) -> None:
+    """Validate the name, the artifact dir and the sizes (all >= 1; the queue delay >= 0)."""
+    if not _MODEL_NAME_RE.match(model_name):
+        raise ValueError(f"model_name {model_name!r} must match {_MODEL_NAME_RE.pattern}")
+    for name, value in sizes.items():
+        low = 0 if name == "max_queue_delay_us" else 1
+        if isinstance(value, bool) or not isinstance(value, int) or value < low:
+            raise ValueError(f"{name} must be an int >= {low}, got {value!r}")
+    if not Path(artifact_dir).is_dir():
+        raise ValueError(f"artifact_dir {Path(artifact_dir).resolve()} is not a directory")
+
+
+def write_portable_models(
+    repo_dir: Path,
+    artifact_dir: Path,
+    *,
+    model_name: str = "ranker",
+    version: int = 1,
+    max_batch_size: int = 8192,
+    instance_count: int = 1,
+    max_queue_delay_us: int = 500,
+    check_rows: int = 512,
+) -> dict[Backend, Path]:
+    """Export the ranker of ``artifact_dir`` for Triton's onnxruntime and libtorch backends.
+
+    Writes ``<model_name>_onnx`` and ``<model_name>_torchscript`` (layout in the module doc), then
+    loads each file with its own runtime (onnxruntime on CPU, ``torch.jit.load``) and scores
+    ``check_rows`` random valid rows: an export whose scores differ from the eager TorchRec
+    model by more than :data:`EXPORT_TOLERANCE` raises ``ValueError`` and is not kept.
+    Returns backend -> model dir.
+    """
+    # Imported here: the Triton client side (ranker_client) must not pull in torch/onnx.
+    import numpy as np
+    import onnxruntime
+    import torch
+
+    from feedrec.models.portable_ranker import INPUT_NAMES, PortableRanker
+    from feedrec.models.predictor import RankerPredictor, trained_model
+    from feedrec.models.ranker import Ranker
+
+    ranker = trained_model(Path(artifact_dir), Ranker)
+    portable = PortableRanker(ranker)
+    inputs = portable.random_inputs(check_rows)
+    eager = RankerPredictor(ranker)(*inputs).numpy()
+    widths = {
+        "num_single": portable.num_single,
+        "num_multi": portable.num_multi,
+        "num_dense": int(inputs[2].shape[1]),
+        "num_outputs": int(eager.shape[1]),
+    }
+    _check_sizes(
+        model_name,
+        artifact_dir,
+        version=version,
+        max_batch_size=max_batch_size,
+        instance_count=instance_count,
+        max_queue_delay_us=max_queue_delay_us,
+        **widths,
+    )
+    feeds = {name: t.numpy() for name, t in zip(INPUT_NAMES, inputs, strict=True)}
+    out: dict[Backend, Path] = {}
+    exports: tuple[tuple[Backend, str, str], ...] = (
+        ("onnxruntime", "onnx", "model.onnx"),
+        ("pytorch", "torchscript", "model.pt"),
+    )
+    for backend, suffix, filename in exports:
+        model_dir = Path(repo_dir) / f"{model_name}_{suffix}"
+        path = model_dir / str(version) / filename
+        if backend == "onnxruntime":
+            portable.to_onnx(path)
+            session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+            scores = session.run(None, feeds)[0]
+        else:
+            portable.to_torchscript(path)
+            with torch.no_grad():
+                scores = torch.jit.load(str(path))(*inputs).numpy()
+        error = float(np.abs(scores - eager).max())
+        if not error <= EXPORT_TOLERANCE:
+            path.unlink()
+            raise ValueError(
+                f"{backend} export of {artifact_dir} differs from eager by {error:.2e} "
+                f"> {EXPORT_TOLERANCE:.0e}"
+            )
+        config = render_config(
+            model_name=model_dir.name,
+            artifact_dir=Path(artifact_dir).resolve(),
+            backend=backend,
+            version=version,
+            max_batch_size=max_batch_size,
+            instance_count=instance_count,
+            max_queue_delay_us=max_queue_delay_us,
+            num_single=widths["num_single"],
+            num_multi=widths["num_multi"],
+            num_dense=widths["num_dense"],
+            num_outputs=widths["num_outputs"],
+        )
+        (model_dir / "config.pbtxt").write_text(config)
+        out[backend] = model_dir
+    return out

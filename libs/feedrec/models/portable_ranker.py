@@ -1,0 +1,132 @@
+"""The ranker with its TorchRec lookups rewritten as plain torch ops, for TorchScript and ONNX.
+
+TorchRec's ``EmbeddingBagCollection`` runs fbgemm kernels that neither ``torch.jit.trace`` nor
+the ONNX exporter can see through, so Triton's ``pytorch_libtorch`` and ``onnxruntime_onnx``
+backends (what a GPU cluster runs instead of the python backend) cannot load the eager model.
+:class:`PortableRanker` keeps the trained weights and the ranker's own dense head
+(:meth:`Ranker.head`) and replaces only the lookup: a gather per feature, masked sum or mean over
+the -1 padded multi-valued features. Its inputs and outputs are those of the Triton model
+(``single_ids``, ``multi_ids``, ``dense`` -> ``scores``), so the same client talks to all three.
+
+Example::
+
+    portable = PortableRanker(trained_model(artifact, Ranker))
+    portable.to_onnx(repo / "ranker_onnx" / "1" / "model.onnx")
+    portable.to_torchscript(repo / "ranker_torchscript" / "1" / "model.pt")
+"""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from feedrec.models.ranker import Ranker
+from feedrec.schema.registry import dense_dim, sparse_features, tables_for
+
+INPUT_NAMES = ("single_ids", "multi_ids", "dense")
+OUTPUT_NAME = "scores"
+
+
+class PortableRanker(nn.Module):
+    """``forward(single_ids [N, S] int64, multi_ids [N, H] int64 (-1 pad), dense [N, D] fp32)``
+    -> ``[N, 5]`` fp32 predictions (p(like), p(comment), p(share), p(hide), dwell seconds),
+    equal to ``RankerPredictor`` on the same inputs up to float rounding.
+    """
+
+    def __init__(self, ranker: Ranker) -> None:
+        super().__init__()
+        self.ranker = ranker.eval()
+        bags = ranker.ebc.embedding_bags  # ModuleDict: "ranker_<table>" -> nn.EmbeddingBag
+        self.tables = nn.ParameterDict(
+            {table.name: bags[f"ranker_{table.name}"].weight for table in tables_for("ranker")}
+        )
+        # Static layout, unrolled by tracing: (table, column offset, width, mean pooling).
+        self.layout: list[tuple[str, int, int, bool]] = []
+        s = m = 0
+        for f in sparse_features("ranker"):
+            if f.max_len == 1:
+                self.layout.append((f.table, s, 1, False))
+                s += 1
+            else:
+                self.layout.append((f.table, m, f.max_len, f.pooling == "mean"))
+                m += f.max_len
+        self.num_single, self.num_multi = s, m
+
+    def forward(
+        self, single_ids: torch.Tensor, multi_ids: torch.Tensor, dense: torch.Tensor
+    ) -> torch.Tensor:
+        slots = []
+        for table, offset, width, mean in self.layout:
+            weight = self.tables[table]
+            if width == 1:
+                slots.append(nn.functional.embedding(single_ids[:, offset], weight))
+                continue
+            block = multi_ids[:, offset : offset + width]  # [N, L], -1 = padding
+            mask = (block >= 0).unsqueeze(2).to(weight.dtype)  # [N, L, 1]
+            rows = nn.functional.embedding(block.clamp(min=0), weight) * mask  # [N, L, E]
+            pooled = rows.sum(dim=1)
+            if mean:  # an empty bag pools to zeros, as in fbgemm
+                pooled = pooled / mask.sum(dim=1).clamp(min=1.0)
+            slots.append(pooled)
+        return Ranker.predictions(self.ranker.head(dense, torch.cat(slots, dim=1)))
+
+    def example_inputs(self, n: int = 4) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Valid inputs of batch ``n`` (row 0 of every table, half the history padded)."""
+        multi = torch.zeros(n, self.num_multi, dtype=torch.int64)
+        multi[:, self.num_multi // 2 :] = -1
+        return (
+            torch.zeros(n, self.num_single, dtype=torch.int64),
+            multi,
+            torch.zeros(n, dense_dim("ranker"), dtype=torch.float32),
+        )
+
+    def random_inputs(
+        self, n: int, seed: int = 0
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``n`` random valid rows: ids within each table, ~40% history padding (and a few
+        rows with none), standard normal dense features; for export checks."""
+        g = torch.Generator().manual_seed(seed)
+        single = torch.zeros(n, self.num_single, dtype=torch.int64)
+        multi = torch.full((n, self.num_multi), -1, dtype=torch.int64)
+        for table, offset, width, _ in self.layout:
+            rows = int(self.tables[table].shape[0])
+            ids = torch.randint(0, rows, (n, width), generator=g)
+            if width == 1:
+                single[:, offset] = ids[:, 0]
+            else:
+                ids[torch.rand(n, width, generator=g) < 0.4] = -1
+                ids[: max(1, n // 50)] = -1
+                multi[:, offset : offset + width] = ids
+        dense = torch.randn(n, dense_dim("ranker"), generator=g)
+        return single, multi, dense
+
+    def to_torchscript(self, path: Path) -> Path:
+        """Trace to TorchScript (Triton ``pytorch_libtorch``); the batch dim stays dynamic."""
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with torch.inference_mode(False), torch.no_grad():
+            traced = torch.jit.trace(self, self.example_inputs(), check_trace=False)
+        traced.save(str(path))
+        return path
+
+    def to_onnx(self, path: Path, opset: int = 17) -> Path:
+        """Export to ONNX (Triton ``onnxruntime_onnx``) with a dynamic batch dim."""
+        path.parent.mkdir(parents=True, exist_ok=True)
+        batch = {0: "batch"}
+        with torch.no_grad(), warnings.catch_warnings():
+            # The TorchScript-based exporter is deprecated in favour of dynamo, which needs
+            # onnxscript; this graph is plain gathers and matmuls, which it exports exactly.
+            warnings.simplefilter("ignore", DeprecationWarning)
+            torch.onnx.export(
+                self,
+                self.example_inputs(),
+                str(path),
+                input_names=list(INPUT_NAMES),
+                output_names=[OUTPUT_NAME],
+                dynamic_axes={name: batch for name in (*INPUT_NAMES, OUTPUT_NAME)},
+                opset_version=opset,
+                dynamo=False,
+            )
+        return path

@@ -1,0 +1,98 @@
+"""PortableRanker and its ONNX / TorchScript exports score like the eager TorchRec ranker."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from google.protobuf import text_format
+from tritonclient.grpc import model_config_pb2
+
+from feedrec.artifacts import save_artifact
+from feedrec.features.vocabulary import Vocabularies, Vocabulary
+from feedrec.models.portable_ranker import PortableRanker
+from feedrec.models.predictor import RankerPredictor
+from feedrec.models.ranker import Ranker, RankerConfig
+from feedrec.schema import TABLES
+from feedrec.serving import triton_repository
+from feedrec.serving.triton_repository import write_portable_models
+
+
+def _ranker(seed: int = 0) -> Ranker:
+    torch.manual_seed(seed)
+    vocabs = Vocabularies({t.vocab: Vocabulary(np.arange(50)) for t in TABLES})
+    model = Ranker(RankerConfig(num_rows=vocabs.num_rows()))
+    # Non-trivial calibration and dwell so every output path is compared.
+    model.calibration.copy_(torch.tensor([[1.5, -0.2], [0.7, 0.1], [1.0, 0.3], [2.0, -1.0]]))
+    return model.eval()
+
+
+def _artifact(root: Path, model: Ranker) -> Path:
+    vocabs = Vocabularies({t.vocab: Vocabulary(np.arange(50)) for t in TABLES})
+    return save_artifact(
+        root,
+        kind="ranker",
+        state_dict=model.state_dict(),
+        model_config=model.config,
+        vocabs=vocabs,
+        metadata={},
+    )
+
+
+def test_portable_equals_eager_including_empty_histories() -> None:
+    model = _ranker()
+    portable = PortableRanker(model)
+    single, multi, dense = portable.random_inputs(300, seed=1)
+    assert (multi == -1).all(dim=1).any(), "some rows must have no history at all"
+    with torch.no_grad():
+        got = portable(single, multi, dense)
+    want = RankerPredictor(model)(single, multi, dense)
+    assert got.shape == (300, 5)
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-5)
+
+
+def test_exports_load_in_their_runtimes_and_match_eager(tmp_path: Path) -> None:
+    model = _ranker()
+    artifact = _artifact(tmp_path / "ranker", model)
+    dirs = write_portable_models(tmp_path / "repo", artifact, version=3, instance_count=2)
+    assert set(dirs) == {"onnxruntime", "pytorch"}
+    platforms = {}
+    for backend, model_dir in dirs.items():
+        cfg = text_format.Parse(
+            (model_dir / "config.pbtxt").read_text(), model_config_pb2.ModelConfig()
+        )
+        platforms[backend] = cfg.platform
+        assert cfg.name == model_dir.name
+        assert list(cfg.version_policy.specific.versions) == [3]
+        assert cfg.instance_group[0].count == 2
+        assert cfg.instance_group[0].kind == model_config_pb2.ModelInstanceGroup.KIND_AUTO
+    assert platforms == {"onnxruntime": "onnxruntime_onnx", "pytorch": "pytorch_libtorch"}
+
+    # A fresh batch size (the export's batch dim is dynamic) through the files just written.
+    import onnxruntime
+
+    portable = PortableRanker(model)
+    inputs = portable.random_inputs(37, seed=7)
+    want = RankerPredictor(model)(*inputs).numpy()
+    session = onnxruntime.InferenceSession(
+        str(dirs["onnxruntime"] / "3" / "model.onnx"), providers=["CPUExecutionProvider"]
+    )
+    names = ("single_ids", "multi_ids", "dense")
+    got_onnx = session.run(None, {n: t.numpy() for n, t in zip(names, inputs, strict=True)})[0]
+    with torch.no_grad():
+        got_ts = torch.jit.load(str(dirs["pytorch"] / "3" / "model.pt"))(*inputs).numpy()
+    assert np.abs(got_onnx - want).max() <= 1e-4
+    assert np.abs(got_ts - want).max() <= 1e-4
+
+
+def test_an_export_that_drifts_from_eager_is_refused(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    artifact = _artifact(tmp_path / "ranker", _ranker())
+    monkeypatch.setattr(triton_repository, "EXPORT_TOLERANCE", -1.0)  # nothing can pass
+    with pytest.raises(ValueError, match=r"onnxruntime export .* differs from eager"):
+        write_portable_models(tmp_path / "repo", artifact)
+    assert not (tmp_path / "repo" / "ranker_onnx" / "1" / "model.onnx").exists()
+    assert not (tmp_path / "repo" / "ranker_onnx" / "config.pbtxt").exists()
