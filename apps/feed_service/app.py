@@ -24,7 +24,7 @@ from feedrec.serving.api import FeedItem, FeedRequest, FeedResponse
 from feedrec.serving.config import ServiceConfig
 from feedrec.serving.online_store import OnlineFeatureStore
 from feedrec.serving.ranker_client import TritonRankerClient
-from feedrec.serving.rerank import RerankConfig, rerank
+from feedrec.serving.rerank import Candidates, rerank
 
 logger = logging.getLogger("feedrec.serve")
 # Fractional CPUs: the whole chain fits a 2-core laptop; a cluster scales replicas up.
@@ -42,14 +42,25 @@ class Retrieval:
         self.encoder = TowerEncoder.from_artifact(artifact)
         self.transform = FeatureTransform(artifact.vocabs)
         self.index = load_post_index(artifact)
+        self.fetch = min(3 * cfg.retrieve_k, len(self.index))  # over-fetch: hits get filtered
 
-    def candidates(self, user_id: int, k: int) -> list[int]:
-        """Up to ``k`` allowed post ids for a known user, best first."""
-        user = self.transform(self.store.user_raw(np.array([user_id])), "user_tower")
-        # Over-fetch: some hits are filtered (followed creators, already seen).
-        _, ids = self.index.search(self.encoder.users(user), min(3 * k, len(self.index)))
-        ids = ids[0][ids[0] >= 0]
-        return [int(p) for p in ids[self.store.allowed(user_id, ids)][:k]]
+    @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.002)
+    async def _search(self, user_ids: list[int]) -> list[np.ndarray]:
+        """Concurrent requests' users in one user-tower pass and one faiss search: [B] -> B x
+        [fetch] post ids, nearest first."""
+        users = self.transform(self.store.user_raw(np.asarray(user_ids)), "user_tower")
+        _, ids = self.index.search(self.encoder.users(users), self.fetch)
+        return [row[row >= 0] for row in ids]
+
+    async def candidates(
+        self, user_id: int, k: int, blocked: list[int]
+    ) -> tuple[list[int], dict[str, int]]:
+        """Up to ``k`` allowed post ids for a known user, best first, and how many hits each
+        filter removed (followed, seen, hidden, blocked creators)."""
+        ids = await self._search(user_id)
+        excluded = self.store.exclusions(user_id, ids, np.asarray(blocked, np.int64))
+        keep = ~np.logical_or.reduce(list(excluded.values()))
+        return [int(p) for p in ids[keep][:k]], {r: int(m.sum()) for r, m in excluded.items()}
 
 
 @serve.deployment(ray_actor_options=_SMALL)
@@ -72,35 +83,39 @@ class Ranking:
 
 @serve.deployment(ray_actor_options=_SMALL)
 class Reranking:
-    """Value model + freshness boost + max posts per creator."""
+    """Value model, freshness, creator cap, topic window, small-creator share (see rerank)."""
 
     def __init__(self, config: dict[str, Any]) -> None:
         cfg = ServiceConfig(**config)
-        self.store = OnlineFeatureStore.load(cfg.data_dir, cfg.world_dir)
-        self.rules = RerankConfig(
-            freshness_weight=cfg.freshness_weight, max_per_creator=cfg.max_per_creator
+        self.store = OnlineFeatureStore.load(
+            cfg.data_dir, cfg.world_dir, small_quantile=cfg.small_creator_quantile
         )
+        self.rules = cfg.rerank_config()
 
     def select(
-        self, post_ids: list[int], predictions: np.ndarray, count: int
-    ) -> list[dict[str, Any]]:
+        self, post_ids: list[int], predictions: np.ndarray, count: int, debug: bool
+    ) -> tuple[list[dict[str, Any]], dict[str, int]]:
+        """Feed items (with reasons when ``debug``) and rule -> candidates demoted by it."""
         ids = np.asarray(post_ids, dtype=np.int64)
-        idx, final = rerank(
-            ids,
-            predictions,
-            self.store.post_creator(ids),
-            self.store.post_age_days(ids),
-            count,
-            self.rules,
+        candidates = Candidates(
+            post_ids=ids,
+            predictions=predictions,
+            creators=self.store.post_creator(ids),
+            topics=self.store.post_topic(ids),
+            ages_days=self.store.post_age_days(ids),
+            small_creator=self.store.small_creator(ids),
         )
-        return [
+        sel = rerank(candidates, count, self.rules)
+        items = [
             {
                 "post_id": int(ids[i]),
                 "score": float(s),
                 "scores": {t: float(v) for t, v in zip(TASKS, predictions[i], strict=True)},
+                "reasons": why if debug else None,
             }
-            for i, s in zip(idx, final, strict=True)
+            for i, s, why in zip(sel.index, sel.score, sel.reasons, strict=True)
         ]
+        return items, sel.demoted
 
 
 api = FastAPI(title="feedrec", description="Suggested posts from accounts you don't follow.")
@@ -123,10 +138,13 @@ class Ingress:
         self.store = OnlineFeatureStore.load(self.cfg.data_dir, self.cfg.world_dir)
         self.model_version = load_artifact(self.cfg.ranker_dir).version
 
-    def _popular(self, user_id: int, count: int) -> list[FeedItem]:
+    def _popular(self, user_id: int, count: int, blocked: list[int]) -> list[FeedItem]:
         posts = self.store.popular[: count * 20]
         if self.store.knows_user(user_id):
-            posts = posts[self.store.allowed(user_id, posts)]
+            posts = posts[self.store.allowed(user_id, posts, np.asarray(blocked, np.int64))]
+        else:
+            blocked_mask = np.isin(self.store.post_creator(posts), blocked)
+            posts = posts[~blocked_mask]
         likes = self.store.tables.post[0, posts[:count], 1]
         return [
             FeedItem(post_id=int(p), score=float(s), scores={})
@@ -144,7 +162,7 @@ class Ingress:
         if not self.store.knows_user(req.user_id):
             return FeedResponse(
                 user_id=req.user_id,
-                items=self._popular(req.user_id, req.count),
+                items=self._popular(req.user_id, req.count, req.blocked_creator_ids),
                 model_version="popularity",
                 fallback=False,
                 cold_start=True,
@@ -153,8 +171,11 @@ class Ingress:
         timings: dict[str, float] = {}
         try:
             t0 = time.perf_counter()
-            candidates = await asyncio.wait_for(
-                self.retrieval.candidates.remote(req.user_id, self.cfg.retrieve_k), t.retrieval_s
+            candidates, filtered = await asyncio.wait_for(
+                self.retrieval.candidates.remote(
+                    req.user_id, self.cfg.retrieve_k, req.blocked_creator_ids
+                ),
+                t.retrieval_s,
             )
             timings["retrieval_ms"] = (time.perf_counter() - t0) * 1e3
             candidates = candidates[: self.cfg.rank_k]
@@ -164,15 +185,16 @@ class Ingress:
             )
             timings["ranking_ms"] = (time.perf_counter() - t0) * 1e3
             t0 = time.perf_counter()
-            items = await asyncio.wait_for(
-                self.reranking.select.remote(candidates, predictions, req.count), t.rerank_s
+            items, demoted = await asyncio.wait_for(
+                self.reranking.select.remote(candidates, predictions, req.count, req.debug),
+                t.rerank_s,
             )
             timings["rerank_ms"] = (time.perf_counter() - t0) * 1e3
         except Exception as e:  # any stage failure or timeout -> flagged popularity feed
             logger.warning("feed for user %s fell back: %r", req.user_id, e)
             return FeedResponse(
                 user_id=req.user_id,
-                items=self._popular(req.user_id, req.count),
+                items=self._popular(req.user_id, req.count, req.blocked_creator_ids),
                 model_version="popularity",
                 fallback=True,
                 debug={"error": repr(e)} if req.debug else None,
@@ -183,19 +205,36 @@ class Ingress:
             items=[FeedItem(**item) for item in items],
             model_version=self.model_version,
             fallback=False,
-            debug={"candidates": len(candidates), **timings} if req.debug else None,
+            debug=(
+                {"candidates": len(candidates), "filtered": filtered, "demoted": demoted, **timings}
+                if req.debug
+                else None
+            ),
         )
 
 
 def build_app(args: dict[str, Any]) -> serve.Application:
     """Serve application builder (``serve run apps.feed_service.app:build_app run_dir=...``).
 
-    ``args``: either ``run_dir`` (a pipeline run) or the full ``ServiceConfig`` fields.
+    ``args``: either ``run_dir`` (a pipeline run) or the full ``ServiceConfig`` fields; plus
+    optional ``deployments``: deployment name -> ``.options()`` (autoscaling etc.), which
+    ``feedrec serve up`` reads from ``serve_config.yaml`` (``serve deploy`` applies it itself).
     """
     args = dict(args)
     run_dir = args.pop("run_dir", None)
+    options: dict[str, dict[str, Any]] = args.pop("deployments", None) or {}
     cfg = ServiceConfig.from_run(run_dir, **args) if run_dir else ServiceConfig(**args)
     config = cfg.model_dump(mode="json")
-    return Ingress.bind(
-        Retrieval.bind(config), Ranking.bind(config), Reranking.bind(config), config
+    unknown = set(options) - {d.name for d in (Ingress, Retrieval, Ranking, Reranking)}
+    if unknown:
+        raise ValueError(f"deployments: unknown deployment(s) {sorted(unknown)}")
+
+    def configured(d: Any) -> Any:
+        return d.options(**options[d.name]) if d.name in options else d
+
+    return configured(Ingress).bind(
+        configured(Retrieval).bind(config),
+        configured(Ranking).bind(config),
+        configured(Reranking).bind(config),
+        config,
     )

@@ -85,13 +85,28 @@ def test_feed_for_a_known_user_obeys_the_rules(stack: ServingStack, trained_run:
     assert body["model_version"] == load_artifact(run.ranker).version
     posts = np.array([item["post_id"] for item in body["items"]])
     assert 0 < len(posts) <= 10 and len(set(posts)) == len(posts)
-    assert store.allowed(user, posts).all()  # no followed creators, nothing already seen
+    assert store.allowed(user, posts).all()  # no followed/hidden creators, nothing seen
     _, per_creator = np.unique(store.post_creator(posts), return_counts=True)
     assert per_creator.max() <= 2
-    scores = [item["score"] for item in body["items"]]
-    assert scores == sorted(scores, reverse=True)
-    assert set(body["items"][0]["scores"]) == set(TASKS)
-    assert body["debug"]["candidates"] > 0
+    # Scores fall down the feed, except where a small creator's post was given its fair slot.
+    items = body["items"]
+    by_value = [it["score"] for it in items if not any("fairness" in r for r in it["reasons"])]
+    assert by_value == sorted(by_value, reverse=True)
+    assert all(isinstance(it["reasons"], list) for it in items)
+    assert set(items[0]["scores"]) == set(TASKS)
+    debug = body["debug"]
+    assert debug["candidates"] > 0
+    assert set(debug["filtered"]) == {"followed", "seen", "hidden", "blocked"}
+    assert debug["filtered"]["blocked"] == 0
+
+    # Blocking the creators of that feed removes them, and says how many hits it filtered.
+    blocked = sorted({int(c) for c in store.post_creator(posts)})
+    again = _feed(stack, user_id=user, count=10, debug=True, blocked_creator_ids=blocked).json()
+    creators_now = store.post_creator(np.array([it["post_id"] for it in again["items"]]))
+    assert not set(creators_now.tolist()) & set(blocked)
+    assert again["debug"]["filtered"]["blocked"] >= len(posts)
+    plain = _feed(stack, user_id=user, count=10).json()
+    assert plain["debug"] is None and all(it["reasons"] is None for it in plain["items"])
 
 
 def test_unknown_user_gets_cold_start_feed(stack: ServingStack) -> None:
@@ -107,6 +122,8 @@ def test_unknown_user_gets_cold_start_feed(stack: ServingStack) -> None:
         ({"user_id": "abc"}, "user_id"),
         ({"count": 3}, "user_id"),
         ({"user_id": 1, "surprise": 1}, "surprise"),
+        ({"user_id": 1, "blocked_creator_ids": "7"}, "blocked_creator_ids"),
+        ({"user_id": 1, "blocked_creator_ids": list(range(1001))}, "blocked_creator_ids"),
     ],
 )
 def test_bad_requests_are_422_naming_the_field(stack: ServingStack, body: dict, field: str) -> None:

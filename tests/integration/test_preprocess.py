@@ -10,8 +10,10 @@ import pyarrow.parquet as pq
 
 from feedrec.data import PreprocessLayout
 from feedrec.data.examples import columns_from_arrow
+from feedrec.data.preprocess import load_entity_attributes
 from feedrec.runtime import RunLayout
 from feedrec.schema import example_arrow_schema
+from feedrec.world.layout import WorldLayout
 
 
 def _examples(run: Path, split: str) -> dict[str, np.ndarray]:
@@ -67,3 +69,18 @@ def test_rerun_is_idempotent(debug_run: Path, tmp_path: Path) -> None:
     assert again.read_meta()["rows"] == first["rows"]
     run_preprocess(PreprocessConfig(run.world, tmp_path / "again", progress=False))
     assert again.read_meta()["rows"] == first["rows"]  # overwrite, not append
+
+
+def test_seen_and_hidden_pairs_match_the_logs(debug_run: Path) -> None:
+    """Serving filters on these: every logged impression, and every creator with a hide."""
+    run = RunLayout(debug_run)
+    data = PreprocessLayout(run.data)
+    attrs = load_entity_attributes(WorldLayout(run.world))
+    logs = pads.dataset(run.world / "logs", partitioning="hive").to_table().to_pandas()
+    users, posts = logs.user_id.to_numpy(), logs.post_id.to_numpy()
+    np.testing.assert_array_equal(np.load(data.seen), np.unique(users * attrs.n_posts + posts))
+    hid = logs.hide.to_numpy() > 0
+    n_creators = len(attrs.creator_followers)
+    hidden = np.unique(users[hid] * n_creators + attrs.post_creator[posts[hid]])
+    assert len(hidden) > 0
+    np.testing.assert_array_equal(np.load(data.hidden), hidden)

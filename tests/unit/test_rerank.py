@@ -1,45 +1,118 @@
 import numpy as np
 import pytest
 
-from feedrec.serving.rerank import RerankConfig, rerank, value_scores
+from feedrec.serving.rerank import Candidates, RerankConfig, rerank, value_scores
+
+NO_RULES = RerankConfig(freshness_weight=0.0, max_per_creator=100, max_per_topic=4, fair_share=0)
 
 
-def _preds(likes: list[float]) -> np.ndarray:
-    p = np.zeros((len(likes), 5))
+def _cands(
+    likes: list[float],
+    creators: list[int] | None = None,
+    topics: list[int] | None = None,
+    ages: list[float] | None = None,
+    small: list[bool] | None = None,
+) -> Candidates:
+    n = len(likes)
+    p = np.zeros((n, 5))
     p[:, 0] = likes
-    return p
+    return Candidates(
+        post_ids=np.arange(100, 100 + n),
+        predictions=p,
+        creators=np.array(creators if creators is not None else range(n)),
+        topics=np.array(topics if topics is not None else range(n)),
+        ages_days=np.array(ages if ages is not None else [9.0] * n),
+        small_creator=np.array(small if small is not None else [False] * n),
+    )
+
+
+def _likes(n: int) -> list[float]:
+    return [1.0 - 0.05 * i for i in range(n)]
+
+
+def test_without_rules_it_is_the_value_order() -> None:
+    sel = rerank(_cands([0.2, 0.9, 0.5]), 3, NO_RULES)
+    assert sel.index.tolist() == [1, 2, 0]
+    assert sel.score.tolist() == sorted(sel.score.tolist(), reverse=True)
+    assert sel.reasons == [[], [], []] and sel.demoted == {}
 
 
 def test_at_most_max_per_creator() -> None:
-    ids = np.arange(6)
-    idx, _ = rerank(
-        ids,
-        _preds([0.9, 0.8, 0.7, 0.6, 0.5, 0.4]),
-        np.array([1, 1, 1, 2, 2, 3]),
-        np.zeros(6),
-        5,
-        RerankConfig(max_per_creator=2),
-    )
-    assert idx.tolist() == [0, 1, 3, 4, 5]
+    cfg = RerankConfig(freshness_weight=0, max_per_creator=2, fair_share=0, max_per_topic=4)
+    sel = rerank(_cands(_likes(6), creators=[1, 1, 1, 2, 2, 3]), 5, cfg)
+    assert sel.index.tolist() == [0, 1, 3, 4, 5]
+    assert sel.demoted == {"max_per_creator": 1}  # post 2, left out
 
 
-def test_freshness_boost_reorders_close_scores() -> None:
-    cfg = RerankConfig(freshness_weight=0.5, freshness_days=1.0)
-    idx, final = rerank(
-        np.arange(2), _preds([0.50, 0.45]), np.array([1, 2]), np.array([5.0, 0.0]), 2, cfg
+def test_topic_window_spreads_a_topic_and_relaxes_only_when_forced() -> None:
+    cfg = RerankConfig(
+        freshness_weight=0, max_per_creator=9, topic_window=3, max_per_topic=1, fair_share=0
     )
-    assert idx.tolist() == [1, 0] and final[0] > final[1]
+    # Topics A A A B: A can take only every third slot; once only A is left, the rule relaxes.
+    sel = rerank(_cands(_likes(4), topics=[0, 0, 0, 1]), 4, cfg)
+    assert sel.index.tolist() == [0, 3, 1, 2]
+    assert sel.reasons[0] == [] and sel.reasons[1] == []
+    assert any("topic window relaxed" in r for r in sel.reasons[2] + sel.reasons[3])
+    topics = np.array([0, 0, 0, 1])[sel.index]
+    assert topics[0] != topics[1]
+
+
+def test_fair_share_guarantees_small_creator_slots() -> None:
+    cfg = RerankConfig(freshness_weight=0, max_per_creator=9, max_per_topic=4, fair_share=0.25)
+    small = [False] * 8 + [True, True]  # the two small creators' posts rank last on value
+    sel = rerank(_cands(_likes(10), small=small), 8, cfg)
+    picked_small = np.array(small)[sel.index]
+    # Every prefix of length L holds at least floor(0.25 * L) small-creator posts.
+    for length in range(1, 9):
+        assert picked_small[:length].sum() >= int(0.25 * length)
+    assert picked_small.sum() == 2
+    promoted = [i for i, r in enumerate(sel.reasons) if any("fairness" in x for x in r)]
+    assert [sel.index[i] for i in promoted] == [8, 9]
+    assert sel.demoted["fair_share"] > 0
+
+
+def test_fairness_without_small_candidates_just_fills_by_value() -> None:
+    cfg = RerankConfig(freshness_weight=0, max_per_creator=9, max_per_topic=4, fair_share=0.5)
+    sel = rerank(_cands(_likes(4)), 4, cfg)
+    assert sel.index.tolist() == [0, 1, 2, 3]
+
+
+def test_freshness_boost_reorders_close_scores_and_says_so() -> None:
+    cfg = RerankConfig(freshness_weight=0.5, freshness_days=1.0, fair_share=0)
+    sel = rerank(_cands([0.50, 0.45], ages=[5.0, 0.0]), 2, cfg)
+    assert sel.index.tolist() == [1, 0] and sel.score[0] > sel.score[1]
+    assert sel.reasons[0] == ["freshness: x1.50"]
 
 
 def test_hide_weight_is_negative_and_boost_never_helps_negative_values() -> None:
-    p = np.zeros((2, 5))
-    p[0, 3] = 0.5  # likely hidden
-    p[1, 0] = 0.1
-    assert value_scores(p, RerankConfig().weights)[0] < 0
-    idx, _ = rerank(np.arange(2), p, np.array([1, 2]), np.array([0.0, 9.0]), 2, RerankConfig())
-    assert idx.tolist() == [1, 0]
+    c = _cands([0.0, 0.1], ages=[0.0, 9.0])
+    c.predictions[0, 3] = 0.5  # likely hidden
+    assert value_scores(c.predictions, RerankConfig().weights)[0] < 0
+    assert rerank(c, 2, RerankConfig()).index.tolist() == [1, 0]
 
 
-def test_config_rejects_unknown_task() -> None:
-    with pytest.raises(ValueError, match="unknown task"):
-        RerankConfig(weights={"likes": 1.0})
+def test_creator_cap_can_leave_fewer_than_count() -> None:
+    cfg = RerankConfig(max_per_creator=1, fair_share=0)
+    assert len(rerank(_cands(_likes(3), creators=[7, 7, 7]), 3, cfg).index) == 1
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "field"),
+    [
+        ({"weights": {"likes": 1.0}}, "unknown task"),
+        ({"max_per_topic": 5, "topic_window": 4}, "max_per_topic"),
+        ({"fair_share": 1.5}, "fair_share"),
+        ({"max_per_creator": 0}, "max_per_creator"),
+    ],
+)
+def test_config_rejects_bad_values_naming_them(kwargs: dict, field: str) -> None:
+    with pytest.raises(ValueError, match=field):
+        RerankConfig(**kwargs)
+
+
+def test_candidates_with_mismatched_rows_are_refused() -> None:
+    c = _cands([0.1, 0.2])
+    with pytest.raises(ValueError, match="topics has 1 rows"):
+        Candidates(
+            c.post_ids, c.predictions, c.creators, c.topics[:1], c.ages_days, c.small_creator
+        )

@@ -125,6 +125,10 @@ class PreprocessLayout:
         return self.root / "seen_pairs.npy"
 
     @property
+    def hidden(self) -> Path:
+        return self.root / "hidden_creator_pairs.npy"
+
+    @property
     def pairs(self) -> Path:
         return self.root / "pairs"
 
@@ -202,6 +206,8 @@ class DailySums:
     post: np.ndarray
     creator: np.ndarray
     seen: np.ndarray  # int64 [K] sorted unique user_id * n_posts + post_id of logged impressions
+    # int64 [H] sorted unique user_id * n_creators + creator_id where the user hid a post of theirs
+    hidden: np.ndarray
 
 
 def daily_sums(
@@ -209,7 +215,8 @@ def daily_sums(
 ) -> DailySums:
     """Partial sums in Ray Data ``map_batches``, folded on the driver batch by batch.
 
-    Also collects the (user, post) pairs already shown, which serving filters out.
+    Also collects the (user, post) pairs already shown and the (user, creator) pairs with a
+    hide, which serving filters out.
     """
     post_topic, post_creator = ray.put(attrs.post_topic), ray.put(attrs.post_creator)
     needed = ("user_id", "post_id", "day", *LABELS)
@@ -227,16 +234,25 @@ def daily_sums(
         post=np.zeros((n_days, attrs.n_posts, len(POST_STATS))),
         creator=np.zeros((n_days, len(attrs.creator_followers), len(CREATOR_STATS))),
         seen=np.zeros(0, np.int64),
+        hidden=np.zeros(0, np.int64),
     )
-    seen = []
+    seen, hidden = [], []
+    n_creators = len(attrs.creator_followers)
     stream = logs.select_columns(list(needed)).map_batches(with_entities, batch_format="numpy")
     for b in stream.iter_batches(batch_size=65536, batch_format="numpy"):
         _accumulate(sums.user, b, ("day", "user_id"), USER_STATS)
         _accumulate(sums.user_topic, b, ("day", "user_id", "topic"), USER_TOPIC_STATS)
         _accumulate(sums.post, b, ("day", "post_id"), POST_STATS)
         _accumulate(sums.creator, b, ("day", "creator_id"), CREATOR_STATS)
-        seen.append(np.unique(b["user_id"].astype(np.int64) * attrs.n_posts + b["post_id"]))
-    return replace(sums, seen=np.unique(np.concatenate(seen)) if seen else sums.seen)
+        users = b["user_id"].astype(np.int64)
+        seen.append(np.unique(users * attrs.n_posts + b["post_id"]))
+        hid = b["hide"] > 0
+        hidden.append(np.unique(users[hid] * n_creators + b["creator_id"][hid]))
+    return replace(
+        sums,
+        seen=np.unique(np.concatenate(seen)) if seen else sums.seen,
+        hidden=np.unique(np.concatenate(hidden)) if hidden else sums.hidden,
+    )
 
 
 def fit_vocabularies(sums: DailySums, attrs: EntityAttributes, train_days: int) -> Vocabularies:
@@ -389,6 +405,7 @@ def run_preprocess(cfg: PreprocessConfig) -> PreprocessLayout:
     tables.save(out.tables)
     vocabs.save(out.vocabularies)
     np.save(out.seen, sums.seen)
+    np.save(out.hidden, sums.hidden)
 
     tables_ref = ray.put(tables)
     assignment_ref = ray.put(assignment)

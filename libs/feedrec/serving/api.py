@@ -7,6 +7,7 @@ from pydantic import BaseModel, ConfigDict, Field, create_model
 from feedrec.schema.registry import RAW_COLUMNS, TASKS
 
 MAX_COUNT = 100
+MAX_BLOCKED = 1000
 #: Request fields that identify the viewer: user-side id columns of the registry that a client
 #: knows (the rest of the user's features come from the online store).
 REQUEST_FEATURES = ("user_id",)
@@ -25,13 +26,25 @@ def _request_model() -> type[BaseModel]:
         int,
         Field(default=20, ge=1, le=MAX_COUNT, description="number of posts to return"),
     )
-    fields["debug"] = (bool, Field(default=False, description="include per-stage details"))
+    fields["blocked_creator_ids"] = (
+        list[int],
+        Field(
+            default_factory=list,
+            max_length=MAX_BLOCKED,
+            description="creators the viewer blocked: none of their posts is returned",
+        ),
+    )
+    fields["debug"] = (
+        bool,
+        Field(default=False, description="include per-stage details and per-item reasons"),
+    )
     return create_model(  # type: ignore[call-overload]
         "FeedRequest", __config__=ConfigDict(extra="forbid", strict=True), **fields
     )
 
 
-#: ``POST /v1/feed`` body: ``{"user_id": int, "count": 1..100, "debug": bool}``.
+#: ``POST /v1/feed`` body: ``{"user_id": int, "count": 1..100, "blocked_creator_ids": [int],
+#: "debug": bool}``.
 FeedRequest = _request_model()
 
 
@@ -43,6 +56,9 @@ class FeedItem(BaseModel):
     post_id: int
     score: float
     scores: dict[str, float] = Field(description=f"per task: {', '.join(TASKS)}")
+    reasons: list[str] | None = Field(
+        default=None, description="debug only: what moved this post (fairness, freshness, ...)"
+    )
 
 
 class FeedResponse(BaseModel):

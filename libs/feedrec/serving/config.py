@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from feedrec.runtime.run_layout import RunLayout
+from feedrec.serving.rerank import RerankConfig
 
 
 class StageTimeouts(BaseModel):
@@ -35,6 +38,27 @@ class ServiceConfig(BaseModel):
     timeouts: StageTimeouts = StageTimeouts()
     freshness_weight: float = Field(default=0.3, ge=0)
     max_per_creator: int = Field(default=2, ge=1)
+    topic_window: int = Field(default=4, ge=1)
+    max_per_topic: int = Field(default=2, ge=1)
+    fair_share: float = Field(default=0.2, ge=0, le=1)
+    small_creator_quantile: float = Field(
+        default=0.25, gt=0, lt=1, description="creators at or below it (followers) are small"
+    )
+
+    @model_validator(mode="after")
+    def _rules_are_consistent(self) -> ServiceConfig:
+        self.rerank_config()  # raises naming the field, e.g. max_per_topic > topic_window
+        return self
+
+    def rerank_config(self) -> RerankConfig:
+        """The re-ranking rules (validated again there: max_per_topic <= topic_window)."""
+        return RerankConfig(
+            freshness_weight=self.freshness_weight,
+            max_per_creator=self.max_per_creator,
+            topic_window=self.topic_window,
+            max_per_topic=self.max_per_topic,
+            fair_share=self.fair_share,
+        )
 
     @classmethod
     def from_run(cls, root: Path, **overrides: object) -> ServiceConfig:
@@ -46,3 +70,33 @@ class ServiceConfig(BaseModel):
             retrieval_dir=run.retrieval,
             **overrides,  # type: ignore[arg-type]
         )
+
+
+def deployment_options(serve_config: Path, app_name: str) -> dict[str, dict[str, Any]]:
+    """Per-deployment options (autoscaling, max ongoing requests, actor resources) of
+    ``app_name`` in a ``serve deploy`` YAML, validated by Ray Serve's own schema.
+
+    ``serve deploy`` applies that section itself; ``feedrec serve up`` (``serve.run`` from
+    Python) passes these to ``build_app``, so both paths run with one configuration.
+    """
+    from ray.serve.config import AutoscalingConfig
+    from ray.serve.schema import ServeDeploySchema
+
+    raw = yaml.safe_load(Path(serve_config).read_text())
+    try:
+        schema = ServeDeploySchema.model_validate(raw)
+    except ValueError as e:
+        raise ValueError(f"{serve_config}: not a valid Serve config: {e}") from e
+    for app in schema.applications:
+        if app.name != app_name:
+            continue
+        options = {
+            d.name: d.model_dump(exclude_unset=True, exclude={"name"}) for d in app.deployments
+        }
+        for name, opts in options.items():
+            try:  # the schema keeps autoscaling_config a plain dict: check its fields too
+                AutoscalingConfig.model_validate(opts.get("autoscaling_config") or {})
+            except ValueError as e:
+                raise ValueError(f"{serve_config}: deployment {name}: {e}") from e
+        return options
+    raise ValueError(f"{serve_config}: no application named {app_name!r}")

@@ -24,6 +24,10 @@ def _csr(keys: np.ndarray, n_rows: int, n_cols: int) -> tuple[np.ndarray, np.nda
     return np.searchsorted(rows, np.arange(n_rows + 1)), cols
 
 
+def _row(indptr: np.ndarray, cols: np.ndarray, row: int) -> np.ndarray:
+    return cols[indptr[row] : indptr[row + 1]]
+
+
 @dataclass(frozen=True)
 class OnlineFeatureStore:
     """Features of users and posts as of ``now`` (days on the world clock).
@@ -33,6 +37,10 @@ class OnlineFeatureStore:
         now: request time used for post ages (start of the serving day).
         eligible: int64 [E] posts that may be suggested (created within the post lifetime).
         popular: int64 [E] the eligible posts by likes so far, most liked first.
+        follows_*, seen_*, hidden_*: CSR rows per user of followed creators, posts already
+            shown, and creators of posts the user hid.
+        small_creators: bool [C] creators at or below the ``small_quantile`` of followers (the
+            ones re-ranking guarantees a share of exposure).
     """
 
     tables: FeatureTables
@@ -43,9 +51,14 @@ class OnlineFeatureStore:
     follows: np.ndarray
     seen_indptr: np.ndarray
     seen: np.ndarray
+    hidden_indptr: np.ndarray
+    hidden: np.ndarray
+    small_creators: np.ndarray
 
     @classmethod
-    def load(cls, data_dir: Path, world_dir: Path) -> OnlineFeatureStore:
+    def load(
+        cls, data_dir: Path, world_dir: Path, small_quantile: float = 0.25
+    ) -> OnlineFeatureStore:
         data, world = PreprocessLayout(Path(data_dir)), WorldLayout(Path(world_dir))
         day = int(data.read_meta()["serving_day"])
         tables = FeatureTables.load(data.tables, day=day)
@@ -60,9 +73,25 @@ class OnlineFeatureStore:
             follows.column("user_id").to_numpy() * len(attrs.creator_followers)
             + follows.column("creator_id").to_numpy()
         )
-        f_ptr, f_cols = _csr(follow_keys, attrs.n_users, len(attrs.creator_followers))
+        n_creators = len(attrs.creator_followers)
+        f_ptr, f_cols = _csr(follow_keys, attrs.n_users, n_creators)
         s_ptr, s_cols = _csr(np.load(data.seen), attrs.n_users, attrs.n_posts)
-        return cls(tables, float(day), eligible, popular, f_ptr, f_cols, s_ptr, s_cols)
+        h_ptr, h_cols = _csr(np.load(data.hidden), attrs.n_users, n_creators)
+        followers = attrs.creator_followers
+        small = followers <= np.quantile(followers, small_quantile)
+        return cls(
+            tables,
+            float(day),
+            eligible,
+            popular,
+            f_ptr,
+            f_cols,
+            s_ptr,
+            s_cols,
+            h_ptr,
+            h_cols,
+            small,
+        )
 
     @property
     def day(self) -> int:
@@ -86,12 +115,37 @@ class OnlineFeatureStore:
             np.zeros(n),
         )
 
-    def allowed(self, user_id: int, post_ids: np.ndarray) -> np.ndarray:
-        """bool [N]: not from a followed creator (this is the *suggested* feed) and not seen."""
-        followed = self.follows[self.follows_indptr[user_id] : self.follows_indptr[user_id + 1]]
-        seen = self.seen[self.seen_indptr[user_id] : self.seen_indptr[user_id + 1]]
+    def exclusions(
+        self, user_id: int, post_ids: np.ndarray, blocked_creators: np.ndarray | None = None
+    ) -> dict[str, np.ndarray]:
+        """Why each of ``post_ids`` [N] must not be suggested: reason -> bool [N].
+
+        followed: from a creator the user follows (this is the *suggested* feed); seen: shown
+        before; hidden: from a creator one of whose posts the user hid; blocked: from a creator
+        in ``blocked_creators`` (the request's block list).
+        """
         creators = self.tables.attrs.post_creator[post_ids]
-        return ~np.isin(creators, followed) & ~np.isin(post_ids, seen)
+        blocked = np.asarray(blocked_creators if blocked_creators is not None else [], np.int64)
+        return {
+            "followed": np.isin(creators, _row(self.follows_indptr, self.follows, user_id)),
+            "seen": np.isin(post_ids, _row(self.seen_indptr, self.seen, user_id)),
+            "hidden": np.isin(creators, _row(self.hidden_indptr, self.hidden, user_id)),
+            "blocked": np.isin(creators, blocked),
+        }
+
+    def allowed(
+        self, user_id: int, post_ids: np.ndarray, blocked_creators: np.ndarray | None = None
+    ) -> np.ndarray:
+        """bool [N]: none of :meth:`exclusions` applies."""
+        excluded = self.exclusions(user_id, post_ids, blocked_creators).values()
+        return ~np.logical_or.reduce(list(excluded))
+
+    def post_topic(self, post_ids: np.ndarray) -> np.ndarray:
+        return self.tables.attrs.post_topic[post_ids]
+
+    def small_creator(self, post_ids: np.ndarray) -> np.ndarray:
+        """bool [N]: the post's creator is small (see ``small_creators``)."""
+        return self.small_creators[self.tables.attrs.post_creator[post_ids]]
 
     def post_age_days(self, post_ids: np.ndarray) -> np.ndarray:
         return self.now - self.tables.attrs.post_created_at[post_ids]

@@ -1,7 +1,24 @@
-"""Re-ranking: value model over the ranker heads, freshness boost, max posts per creator."""
+"""Re-ranking: value model over the ranker heads, freshness boost, diversity and fairness.
+
+The ranker predicts per-task probabilities; the feed needs one ordered list that a product team
+can reason about. :func:`rerank` turns ``[N, 5]`` predictions into ``count`` posts:
+
+1. value = sum_t weight_t * prediction_t (hide has a negative weight; dwell is per second);
+2. freshness: positive values are multiplied by ``1 + freshness_weight * exp(-age / days)``;
+3. a greedy fill, slot by slot, taking the best remaining post that keeps
+   - at most ``max_per_creator`` posts of one creator in the response (hard rule), and
+   - at most ``max_per_topic`` posts of one topic in any ``topic_window`` consecutive slots
+     (relaxed, with a reason, only when no candidate can keep it);
+4. fairness: once the first ``i + 1`` slots hold fewer than ``floor(fair_share * (i + 1))``
+   posts of small creators, slot ``i`` goes to the best small creator's post that keeps the rules.
+
+Every chosen post carries its reasons (what moved it), for ``debug=true`` responses.
+"""
 
 from __future__ import annotations
 
+import math
+from collections import Counter
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -21,19 +38,72 @@ class RerankConfig:
     freshness_weight: score multiplier bonus for a brand-new post, decaying with age.
     freshness_days: e-folding time of that bonus.
     max_per_creator: at most this many posts of one creator in a response.
+    topic_window, max_per_topic: at most ``max_per_topic`` posts of one topic in any
+        ``topic_window`` consecutive slots.
+    fair_share: guaranteed share of slots for small creators' posts (0 disables).
     """
 
     weights: dict[str, float] = field(default_factory=_default_weights)
     freshness_weight: float = 0.3
     freshness_days: float = 2.0
     max_per_creator: int = 2
+    topic_window: int = 4
+    max_per_topic: int = 2
+    fair_share: float = 0.2
 
     def __post_init__(self) -> None:
         unknown = set(self.weights) - set(TASKS)
         if unknown:
             raise ValueError(f"rerank config: unknown task(s) in weights {sorted(unknown)}")
-        if self.max_per_creator < 1 or self.freshness_days <= 0:
-            raise ValueError("rerank config: max_per_creator >= 1 and freshness_days > 0")
+        checks = {
+            "max_per_creator": self.max_per_creator >= 1,
+            "freshness_days": self.freshness_days > 0,
+            "freshness_weight": self.freshness_weight >= 0,
+            "topic_window": self.topic_window >= 1,
+            "max_per_topic": 1 <= self.max_per_topic <= self.topic_window,
+            "fair_share": 0.0 <= self.fair_share <= 1.0,
+        }
+        bad = [name for name, ok in checks.items() if not ok]
+        if bad:
+            raise ValueError(
+                f"rerank config: invalid {', '.join(bad)} (max_per_creator >= 1, "
+                "freshness_days > 0, freshness_weight >= 0, 1 <= max_per_topic <= "
+                "topic_window, 0 <= fair_share <= 1)"
+            )
+
+
+@dataclass(frozen=True)
+class Candidates:
+    """Ranked candidates of one request, all arrays [N].
+
+    predictions: [N, len(TASKS)] head outputs; creators, topics: ids; ages_days: post age;
+    small_creator: bool, the creator is small (fairness applies).
+    """
+
+    post_ids: np.ndarray
+    predictions: np.ndarray
+    creators: np.ndarray
+    topics: np.ndarray
+    ages_days: np.ndarray
+    small_creator: np.ndarray
+
+    def __post_init__(self) -> None:
+        n = len(self.post_ids)
+        for name in ("predictions", "creators", "topics", "ages_days", "small_creator"):
+            if len(getattr(self, name)) != n:
+                raise ValueError(f"candidates: {name} has {len(getattr(self, name))} rows, not {n}")
+
+
+@dataclass(frozen=True)
+class Selection:
+    """The feed: ``index`` [K] into the candidates, best first; ``score`` [K] final scores;
+    ``reasons``: per chosen post, why it is where it is; ``demoted``: rule -> number of
+    candidates passed over (placed lower, or left out) because of it."""
+
+    index: np.ndarray
+    score: np.ndarray
+    reasons: list[list[str]]
+    demoted: dict[str, int]
 
 
 def value_scores(predictions: np.ndarray, weights: dict[str, float]) -> np.ndarray:
@@ -42,31 +112,78 @@ def value_scores(predictions: np.ndarray, weights: dict[str, float]) -> np.ndarr
     return np.asarray(predictions, dtype=np.float64) @ w
 
 
-def rerank(
-    post_ids: np.ndarray,
-    predictions: np.ndarray,
-    creators: np.ndarray,
-    ages_days: np.ndarray,
-    count: int,
-    cfg: RerankConfig,
-) -> tuple[np.ndarray, np.ndarray]:
-    """Pick ``count`` posts. Returns (indices into the inputs, final scores), best first.
-
-    Final score = value * (1 + freshness_weight * exp(-age / freshness_days)); then a greedy pass
-    keeps at most ``max_per_creator`` posts per creator.
-    """
-    value = value_scores(predictions, cfg.weights)
-    boost = 1.0 + cfg.freshness_weight * np.exp(-np.maximum(ages_days, 0.0) / cfg.freshness_days)
+def final_scores(c: Candidates, cfg: RerankConfig) -> tuple[np.ndarray, np.ndarray]:
+    """(final score [N], freshness multiplier [N]): value, boosted when positive."""
+    value = value_scores(c.predictions, cfg.weights)
+    boost = 1.0 + cfg.freshness_weight * np.exp(
+        -np.maximum(np.asarray(c.ages_days, np.float64), 0.0) / cfg.freshness_days
+    )
     # A negative value must not be made "better" by the boost: scale only the positive part.
-    final = np.where(value > 0, value * boost, value)
+    return np.where(value > 0, value * boost, value), np.where(value > 0, boost, 1.0)
+
+
+def rerank(c: Candidates, count: int, cfg: RerankConfig) -> Selection:
+    """Pick up to ``count`` posts (fewer only when the creator cap leaves fewer); see module doc.
+
+    Cost: O(count * N) in the worst case, O(N log N + count) typically (N = a few hundred).
+    """
+    final, boost = final_scores(c, cfg)
+    order = [int(i) for i in np.argsort(-final, kind="stable")]
+    per_creator: Counter[int] = Counter()
     chosen: list[int] = []
-    per_creator: dict[int, int] = {}
-    for i in np.argsort(-final, kind="stable"):
-        c = int(creators[i])
-        if per_creator.get(c, 0) < cfg.max_per_creator:
-            chosen.append(int(i))
-            per_creator[c] = per_creator.get(c, 0) + 1
-            if len(chosen) == count:
+    reasons: list[list[str]] = []
+    demoted: dict[int, str] = {}  # candidate -> the rule that last held it back
+    small_so_far = 0
+
+    def topic_ok(i: int) -> bool:
+        recent = chosen[len(chosen) - cfg.topic_window + 1 :] if cfg.topic_window > 1 else []
+        return sum(int(c.topics[j]) == int(c.topics[i]) for j in recent) < cfg.max_per_topic
+
+    def first(pred: list[int], small_only: bool) -> tuple[int | None, bool]:
+        """Best remaining index keeping the rules (-> (i, False)); else the best keeping the
+        creator cap only (-> (i, True): topic rule relaxed); else (None, False)."""
+        relaxed = None
+        for i in pred:
+            if small_only and not c.small_creator[i]:
+                continue
+            if per_creator[int(c.creators[i])] >= cfg.max_per_creator:
+                continue
+            if topic_ok(i):
+                return i, False
+            if relaxed is None:
+                relaxed = i
+        return relaxed, relaxed is not None
+
+    while len(chosen) < count and order:
+        slot = len(chosen)
+        why: list[str] = []
+        pick: int | None = None
+        relaxed = False
+        if small_so_far < math.floor(cfg.fair_share * (slot + 1)):
+            pick, relaxed = first(order, small_only=True)
+            if pick is not None and pick != first(order, small_only=False)[0]:
+                why.append("fairness: small-creator slot")
+        if pick is None:
+            pick, relaxed = first(order, small_only=False)
+        if pick is None:
+            break
+        for i in order:  # the better posts passed over, and the rule that held them back
+            if i == pick:
                 break
+            if per_creator[int(c.creators[i])] >= cfg.max_per_creator:
+                demoted[i] = "max_per_creator"
+            elif not topic_ok(i):
+                demoted[i] = "topic_window"
+            else:
+                demoted[i] = "fair_share"
+        if relaxed:
+            why.append("diversity: topic window relaxed (no other candidate)")
+        if boost[pick] > 1.005:
+            why.append(f"freshness: x{boost[pick]:.2f}")
+        order.remove(pick)
+        chosen.append(pick)
+        reasons.append(why)
+        per_creator[int(c.creators[pick])] += 1
+        small_so_far += bool(c.small_creator[pick])
     idx = np.asarray(chosen, dtype=np.int64)
-    return idx, final[idx]
+    return Selection(idx, final[idx], reasons, dict(Counter(demoted.values())))

@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import httpx
@@ -21,6 +21,7 @@ from feedrec.artifacts import load_artifact
 from feedrec.runtime.ray_cluster import init_ray, repo_root
 from feedrec.runtime.run_layout import RunLayout
 from feedrec.schema.registry import TASKS, dense_dim, sparse_features
+from feedrec.serving.config import deployment_options
 from feedrec.serving.triton_repository import write_model_repository, write_portable_models
 from feedrec.serving.triton_server import TritonServer, TritonServerConfig
 
@@ -33,7 +34,8 @@ class StackConfig:
     """Args: run_dir: a pipeline run with trained models; http_host/port: the Serve ingress;
     ray_address: an existing cluster (None starts a local one); triton_*_port: 0 = any free;
     export_portable: also write the ONNX / TorchScript ranker (checked against eager) to
-    ``serve/triton_repository_gpu`` for Triton servers with those backends."""
+    ``serve/triton_repository_gpu`` for Triton servers with those backends; serve_config: the
+    ``serve deploy`` YAML whose per-deployment options (autoscaling, ...) are applied."""
 
     run_dir: Path
     http_host: str = "127.0.0.1"
@@ -43,6 +45,9 @@ class StackConfig:
     triton_http_port: int = 0
     ready_timeout_s: float = 300.0
     export_portable: bool = True
+    serve_config: Path = field(
+        default_factory=lambda: repo_root() / "apps" / "feed_service" / "serve_config.yaml"
+    )
 
     def __post_init__(self) -> None:
         if not 0 < self.http_port < 65536:
@@ -75,6 +80,7 @@ class ServingStack:
 
     def start(self) -> None:
         load_artifact(self.run.ranker)  # refuse a corrupt artifact before starting anything
+        options = deployment_options(self.config.serve_config, APP_NAME)  # fail before starting
         serve_dir = self.run.serve
         serve_dir.mkdir(parents=True, exist_ok=True)
         repo = serve_dir / "triton_repository"
@@ -112,7 +118,13 @@ class ServingStack:
         from ray._common.utils import import_attr
 
         build_app = import_attr(APP_IMPORT_PATH)
-        app = build_app({"run_dir": str(self.run.root), "triton_url": self.triton.grpc_url})
+        app = build_app(
+            {
+                "run_dir": str(self.run.root),
+                "triton_url": self.triton.grpc_url,
+                "deployments": options,
+            }
+        )
         serve.run(app, name=APP_NAME, route_prefix="/", blocking=False)
         self._wait_healthy()
 
