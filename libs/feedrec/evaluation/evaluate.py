@@ -201,7 +201,7 @@ def _tops(
             np.concatenate(every) if every else empty,
             np.concatenate(unseen) if unseen else empty,
         )
-    index = PostIndex.build(setup.items, setup.corpus)
+    index, _ = PostIndex.build(setup.items, setup.corpus)
     _, model_top = index.search(setup.user_emb, k_all)
     out["model"] = (model_top, out["model"][1])
     return out

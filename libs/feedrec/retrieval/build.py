@@ -9,6 +9,7 @@ import numpy as np
 
 from feedrec.artifacts import ModelArtifact, load_artifact, save_artifact
 from feedrec.data.preprocess import PreprocessLayout, load_entity_attributes
+from feedrec.features.tables import FeatureTables
 from feedrec.features.transform import FeatureTransform
 from feedrec.models.predictor import TowerEncoder
 from feedrec.retrieval.post_index import PostIndex
@@ -17,6 +18,8 @@ from feedrec.world.layout import WorldLayout
 
 INDEX_FILE = "index.faiss"
 INDEX_IDS_FILE = "index_post_ids.npy"
+#: Sample user embeddings the index sweep measures recall and speed on (large corpora only).
+SWEEP_QUERIES = 1000
 
 
 def build_retrieval_artifact(
@@ -32,8 +35,15 @@ def build_retrieval_artifact(
     lifetime = load_world_config(world).post_lifetime_days
     created = attrs.post_created_at
     posts = np.flatnonzero((created < day) & (created >= day - lifetime))
-    inputs = FeatureTransform(tower.vocabs)(attrs.post_columns(posts), "item_tower")
-    index = PostIndex.build(encoder.items(inputs), posts)
+    transform = FeatureTransform(tower.vocabs)
+    inputs = transform(attrs.post_columns(posts), "item_tower")
+    # Sample viewers as of the serving day: the queries the index sweep tunes recall for.
+    tables = FeatureTables.load(data.tables, day=day)
+    users = np.random.default_rng(0).choice(attrs.n_users, min(SWEEP_QUERIES, attrs.n_users))
+    queries = encoder.users(
+        transform(tables.user_columns(users, np.full(len(users), day)), "user_tower")
+    )
+    index, sweep = PostIndex.build(encoder.items(inputs), posts, queries=queries)
     tmp = Path(out_dir).with_name(Path(out_dir).name + ".index")
     tmp.mkdir(parents=True, exist_ok=True)
     index.save(tmp / INDEX_FILE, tmp / INDEX_IDS_FILE)
@@ -43,6 +53,14 @@ def build_retrieval_artifact(
             "posts": len(index),
             "serving_day": day,
             "faiss_type": type(index.index).__name__,
+            "sweep": None
+            if sweep is None
+            else {
+                "chosen": sweep.chosen.to_dict(),
+                "exact_qps": round(sweep.exact_qps, 1),
+                "speedup": round(sweep.speedup, 2),
+                "points": [p.to_dict() for p in sweep.points],
+            },
             "build_seconds": round(time.perf_counter() - started, 2),
         },
     }

@@ -8,6 +8,8 @@ from pathlib import Path
 import faiss
 import numpy as np
 
+from feedrec.retrieval.index_sweep import SweepResult, sweep_index
+
 #: Below this many posts an exact index is both fast and exact; above it, IVF.
 EXACT_MAX_POSTS = 200_000
 
@@ -25,13 +27,28 @@ class PostIndex:
     post_ids: np.ndarray
 
     @classmethod
-    def build(cls, embeddings: np.ndarray, post_ids: np.ndarray, *, nprobe: int = 64) -> PostIndex:
-        """Exact inner product for small corpora, IVF-Flat (sqrt(P)*4 lists) for large ones.
+    def build(
+        cls,
+        embeddings: np.ndarray,
+        post_ids: np.ndarray,
+        *,
+        nprobe: int = 64,
+        queries: np.ndarray | None = None,
+        target_recall: float = 0.95,
+    ) -> tuple[PostIndex, SweepResult | None]:
+        """Exact inner product for small corpora; for large ones, the index and search
+        parameters chosen by :func:`sweep_index` on ``queries`` (sample user embeddings), or
+        IVF-Flat (sqrt(P)*4 lists, ``nprobe``) when no queries are given.
 
-        Uses every GPU faiss sees for training/adding when present (faiss-gpu builds).
+        Returns the index and the sweep (None when none ran). Uses every GPU faiss sees for
+        training/adding when present (faiss-gpu builds, no sweep).
         """
         x = np.ascontiguousarray(embeddings, dtype=np.float32)
         dim = x.shape[1]
+        ids = np.asarray(post_ids, dtype=np.int64)
+        if len(x) > EXACT_MAX_POSTS and queries is not None and faiss.get_num_gpus() == 0:
+            sweep = sweep_index(x, queries, k=100, target_recall=target_recall)
+            return cls(index=sweep.index, post_ids=ids), sweep
         if len(x) <= EXACT_MAX_POSTS:
             index: faiss.Index = faiss.IndexFlatIP(dim)
         else:
@@ -48,7 +65,7 @@ class PostIndex:
         else:
             index.train(x)
             index.add(x)
-        return cls(index=index, post_ids=np.asarray(post_ids, dtype=np.int64))
+        return cls(index=index, post_ids=ids), None
 
     def __len__(self) -> int:
         return int(self.index.ntotal)
