@@ -3,7 +3,7 @@ SHELL := /bin/bash
 PY := .venv/bin/python
 STAMP := .venv/.feedrec-installed
 
-.PHONY: venv demo test lint format clean-run bench-train bench-ann
+.PHONY: venv demo test lint format clean-run bench-train bench-ann bench-serve
 
 venv: $(STAMP)
 
@@ -25,6 +25,10 @@ test: venv
 # Training throughput, Ray Train DMP x2 vs one TorchRec process -> bench/results/train.json.
 bench-train: venv
 	$(PY) -m bench.train --preset small --run-dir runs/bench
+
+# Feed RPS at p99 <= 100 ms: Ray Serve chain vs a one-process FastAPI twin (needs `make demo`).
+bench-serve: venv
+	$(PY) -m bench.serve --run-dir runs/demo
 
 # faiss index sweep on 1M x 64 vs exact search -> the "ann" section of bench/results/serve.json.
 bench-ann: venv

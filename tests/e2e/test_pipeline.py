@@ -109,9 +109,31 @@ def test_feed_for_a_known_user_obeys_the_rules(stack: ServingStack, trained_run:
     assert plain["debug"] is None and all(it["reasons"] is None for it in plain["items"])
 
 
-def test_unknown_user_gets_cold_start_feed(stack: ServingStack) -> None:
+def test_unknown_user_gets_cold_start_feed(stack: ServingStack, trained_run: Path) -> None:
+    run = RunLayout(trained_run)
+    store = OnlineFeatureStore.load(run.data, run.world)
     body = _feed(stack, user_id=10**9, count=5).json()
     assert body["cold_start"] is True and len(body["items"]) == 5
+    assert body["model_version"] == "cold-start" and body["fallback"] is False
+
+    # Context shapes the feed: picked interests pull their topics up, and the reasons say so.
+    topic = int(np.bincount(store.post_topic(store.popular[:100])).argmax())
+    picked = _feed(
+        stack, user_id=10**9, count=10, user_segment=0, interests=[topic], debug=True
+    ).json()
+    topics = store.post_topic(np.array([it["post_id"] for it in picked["items"]]))
+    assert (topics == topic).sum() >= 1
+    for it, t in zip(picked["items"], topics, strict=True):
+        assert it["reasons"][0] == "cold start: trending in segment"
+        assert ("cold start: matches interests" in it["reasons"]) == (t == topic)
+    posts = np.array([it["post_id"] for it in picked["items"]])
+    _, per_creator = np.unique(store.post_creator(posts), return_counts=True)
+    assert per_creator.max() <= 2
+
+    bad = _feed(stack, user_id=10**9, user_segment=store.n_segments)
+    assert bad.status_code == 422 and "user_segment" in bad.text
+    bad = _feed(stack, user_id=10**9, interests=[10**6])
+    assert bad.status_code == 422 and "interests" in bad.text
 
 
 @pytest.mark.parametrize(
@@ -194,6 +216,34 @@ def test_train_path_and_serve_path_give_identical_tensors_and_scores(
     client.close_sync()
     eager = RankerPredictor.from_artifact(artifact).predict(serve_inputs)
     np.testing.assert_allclose(triton, eager, rtol=1e-5, atol=1e-6)
+
+
+def test_ranker_swap_under_traffic_drops_no_request(stack: ServingStack, trained_run: Path) -> None:
+    """The trained ranker again, as Triton model version 2, loaded while feeds are requested."""
+    import concurrent.futures
+    import threading
+
+    swapped = threading.Event()
+
+    def feeds() -> list[tuple[int, bool]]:
+        out: list[tuple[int, bool]] = []
+        after = 0
+        while after < 5:  # until 5 requests after the swap completed
+            after += swapped.is_set()
+            r = _feed(stack, user_id=len(out) % 50, count=5)
+            out.append((r.status_code, r.status_code == 200 and r.json()["fallback"]))
+        return out
+
+    with concurrent.futures.ThreadPoolExecutor(2) as pool:
+        running = [pool.submit(feeds) for _ in range(2)]
+        try:
+            version = stack.swap_ranker(RunLayout(trained_run).ranker)
+        finally:
+            swapped.set()
+        answers = [a for f in running for a in f.result()]
+    assert version == 2
+    assert len(answers) > 10
+    assert all(code == 200 and not fallback for code, fallback in answers), answers
 
 
 def test_triton_down_serves_flagged_fallback_never_5xx(stack: ServingStack) -> None:

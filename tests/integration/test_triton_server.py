@@ -14,6 +14,8 @@ import asyncio
 import os
 import socket
 import textwrap
+import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -312,3 +314,85 @@ def test_stop_ends_process(server: TritonServer) -> None:
     # The python backend stubs (same process group) are gone too.
     with pytest.raises(ProcessLookupError):
         os.killpg(pid, 0)
+
+
+def test_new_ranker_version_takes_over_without_a_failed_request(tmp_path: Path) -> None:
+    """Version 2 (another artifact) is written next to version 1 and loaded while two clients
+    keep scoring: every request is answered, first by version 1, at the end by version 2."""
+    pymods = tmp_path / "pymods"
+    pymods.mkdir()
+    (pymods / "fake_ranker_predictor.py").write_text(FAKE_PREDICTOR)
+    artifacts = {}
+    for version, scale in ((1, "10"), (2, "20")):
+        artifacts[version] = tmp_path / f"artifact{version}"
+        artifacts[version].mkdir()
+        (artifacts[version] / "scale.txt").write_text(scale)
+    repo = tmp_path / "repo"
+
+    def write(version: int) -> None:
+        write_model_repository(
+            repo,
+            artifacts[version],
+            version=version,
+            num_single=S,
+            num_multi=H,
+            num_dense=D,
+            num_outputs=3,
+            max_batch_size=64,
+            extra_parameters={
+                "predictor_factory": "fake_ranker_predictor:FakePredictor.from_artifact"
+            },
+        )
+
+    write(1)
+    config = TritonServerConfig(
+        model_repository=repo,
+        log_path=tmp_path / "tritonserver.log",
+        ready_timeout_s=90,
+        python_path=(pymods,),
+    )
+    sparse, topics, dense = _rows(4)
+    scales: list[float] = []
+    errors: list[BaseException] = []
+    stop = threading.Event()
+
+    with TritonServer(config) as srv:
+
+        def hammer() -> None:
+            client = TritonRankerClient(srv.grpc_url)
+            while not stop.is_set():
+                try:
+                    out = client.score_sync(sparse, topics, dense, timeout_s=30)
+                    ratio = out[:, 2] / dense.sum(axis=1)
+                    assert np.allclose(ratio, ratio[0]), "one response mixed two versions"
+                    scales.append(float(ratio[0]))
+                except BaseException as e:
+                    errors.append(e)
+
+        threads = [threading.Thread(target=hammer) for _ in range(2)]
+        for t in threads:
+            t.start()
+        try:
+            while len(scales) < 10 and not errors:
+                time.sleep(0.05)
+            write(2)
+            srv.load_model("ranker")
+            seen = len(scales)
+            while len(scales) < seen + 10 and not errors:
+                time.sleep(0.05)
+        finally:
+            stop.set()
+            for t in threads:
+                t.join(timeout=60)
+    assert not errors, errors[:3]
+    assert scales[0] == pytest.approx(10) and scales[-1] == pytest.approx(20)
+    assert {round(s) for s in scales} == {10, 20}
+    # After the first version-2 answer, version 1 can only finish what was already in flight
+    # (one request per client thread).
+    switched = next(i for i, s in enumerate(scales) if round(s) == 20)
+    assert sum(round(s) == 10 for s in scales[switched:]) <= len(threads)
+
+
+def test_loading_an_unknown_model_is_refused_naming_it(server: TritonServer) -> None:
+    with pytest.raises(RuntimeError, match="could not load 'nope'"):
+        server.load_model("nope")

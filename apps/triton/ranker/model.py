@@ -42,9 +42,15 @@ class TritonPythonModel:
         torch.set_num_threads(1)
         config = json.loads(args["model_config"])
         params = config.get("parameters", {})
-        if "artifact_dir" not in params:
-            raise ValueError("config.pbtxt lacks parameters { key: 'artifact_dir' }")
-        artifact_dir = Path(params["artifact_dir"]["string_value"])
+        # The version dir names its own artifact (versions differ during a swap); the config
+        # parameter is the fallback for repositories written without it.
+        version_file = Path(args["model_repository"]) / args["model_version"] / "artifact_dir.txt"
+        if version_file.is_file():
+            artifact_dir = Path(version_file.read_text().strip())
+        elif "artifact_dir" in params:
+            artifact_dir = Path(params["artifact_dir"]["string_value"])
+        else:
+            raise ValueError(f"no {version_file} and no 'artifact_dir' parameter in config.pbtxt")
         self.num_outputs = int(next(o for o in config["output"] if o["name"] == OUTPUT)["dims"][0])
         # Optional override ("module:attr.path" called with artifact_dir): lets tests serve a
         # fake predictor through this exact file.

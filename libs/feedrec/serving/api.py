@@ -11,17 +11,34 @@ MAX_BLOCKED = 1000
 #: Request fields that identify the viewer: user-side id columns of the registry that a client
 #: knows (the rest of the user's features come from the online store).
 REQUEST_FEATURES = ("user_id",)
+#: Optional context a client may know about a viewer the models have never seen (cold start):
+#: user-side id columns of the registry.
+CONTEXT_FEATURES = ("user_segment",)
+MAX_INTERESTS = 20
 
 
 def _request_model() -> type[BaseModel]:
     known = {c.name for c in RAW_COLUMNS if c.entity == "user" and c.dtype == "int64"}
-    missing = set(REQUEST_FEATURES) - known
+    missing = set(REQUEST_FEATURES + CONTEXT_FEATURES) - known
     if missing:
         raise ValueError(f"request features {sorted(missing)} are not user features")
     fields: dict[str, object] = {
         name: (int, Field(ge=0, le=2**62, description=f"registry feature {name}"))
         for name in REQUEST_FEATURES
     }
+    for name in CONTEXT_FEATURES:
+        fields[name] = (
+            int | None,
+            Field(default=None, ge=0, description=f"cold-start context: registry feature {name}"),
+        )
+    fields["interests"] = (
+        list[int],
+        Field(
+            default_factory=list,
+            max_length=MAX_INTERESTS,
+            description="cold-start context: topic ids the viewer picked (e.g. at sign-up)",
+        ),
+    )
     fields["count"] = (
         int,
         Field(default=20, ge=1, le=MAX_COUNT, description="number of posts to return"),

@@ -41,6 +41,8 @@ class OnlineFeatureStore:
             shown, and creators of posts the user hid.
         small_creators: bool [C] creators at or below the ``small_quantile`` of followers (the
             ones re-ranking guarantees a share of exposure).
+        segment_topic_rate: float [S + 1, T] smoothed like rate per impression by user segment
+            and post topic over the feature window; row S is all users (unknown segment).
     """
 
     tables: FeatureTables
@@ -54,6 +56,7 @@ class OnlineFeatureStore:
     hidden_indptr: np.ndarray
     hidden: np.ndarray
     small_creators: np.ndarray
+    segment_topic_rate: np.ndarray
 
     @classmethod
     def load(
@@ -79,6 +82,15 @@ class OnlineFeatureStore:
         h_ptr, h_cols = _csr(np.load(data.hidden), attrs.n_users, n_creators)
         followers = attrs.creator_followers
         small = followers <= np.quantile(followers, small_quantile)
+        # user_topic [1, U, T, (imps, likes)] -> per segment; +1 like / +20 imps smoothing.
+        ut = tables.user_topic[0]
+        n_seg = int(attrs.user_segment.max()) + 1 if attrs.n_users else 0
+        imps = np.zeros((n_seg + 1, ut.shape[1]))
+        likes = np.zeros_like(imps)
+        np.add.at(imps, attrs.user_segment, ut[:, :, 0])
+        np.add.at(likes, attrs.user_segment, ut[:, :, 1])
+        imps[n_seg], likes[n_seg] = imps[:n_seg].sum(axis=0), likes[:n_seg].sum(axis=0)
+        rate = (likes + 1.0) / (imps + 20.0)
         return cls(
             tables,
             float(day),
@@ -91,6 +103,7 @@ class OnlineFeatureStore:
             h_ptr,
             h_cols,
             small,
+            rate,
         )
 
     @property
@@ -139,6 +152,33 @@ class OnlineFeatureStore:
         """bool [N]: none of :meth:`exclusions` applies."""
         excluded = self.exclusions(user_id, post_ids, blocked_creators).values()
         return ~np.logical_or.reduce(list(excluded))
+
+    @property
+    def n_segments(self) -> int:
+        return len(self.segment_topic_rate) - 1
+
+    def cold_start(
+        self, segment: int | None, interests: list[int], n: int
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Feed candidates for a viewer with no history: (post ids [<= n], scores), best first.
+
+        Score = the post's likes so far (trending) x its topic's like rate in the viewer's
+        segment (all users when unknown), doubled for topics in ``interests``.
+        Raises ValueError naming the field for an unknown segment or topic.
+        """
+        n_topics = self.segment_topic_rate.shape[1]
+        if segment is not None and not 0 <= segment < self.n_segments:
+            raise ValueError(f"user_segment: {segment} is not a segment (0..{self.n_segments - 1})")
+        bad = [t for t in interests if not 0 <= t < n_topics]
+        if bad:
+            raise ValueError(f"interests: {bad} are not topics (0..{n_topics - 1})")
+        posts = self.popular[: max(20 * n, 500)]
+        topics = self.tables.attrs.post_topic[posts]
+        row = self.n_segments if segment is None else segment
+        score = (1.0 + self.tables.post[0, posts, 1]) * self.segment_topic_rate[row, topics]
+        score = score * np.where(np.isin(topics, interests), 2.0, 1.0)
+        order = np.argsort(-score, kind="stable")[:n]
+        return posts[order], score[order]
 
     def post_topic(self, post_ids: np.ndarray) -> np.ndarray:
         return self.tables.attrs.post_topic[post_ids]

@@ -12,6 +12,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any, TypedDict
 
 import httpx
 import ray
@@ -34,7 +35,8 @@ class StackConfig:
     """Args: run_dir: a pipeline run with trained models; http_host/port: the Serve ingress;
     ray_address: an existing cluster (None starts a local one); triton_*_port: 0 = any free;
     export_portable: also write the ONNX / TorchScript ranker (checked against eager) to
-    ``serve/triton_repository_gpu`` for Triton servers with those backends; serve_config: the
+    ``serve/triton_repository_gpu`` for Triton servers with those backends;
+    service_overrides: ``ServiceConfig`` fields (e.g. ``retrieve_k``); serve_config: the
     ``serve deploy`` YAML whose per-deployment options (autoscaling, ...) are applied."""
 
     run_dir: Path
@@ -45,6 +47,7 @@ class StackConfig:
     triton_http_port: int = 0
     ready_timeout_s: float = 300.0
     export_portable: bool = True
+    service_overrides: dict[str, Any] = field(default_factory=dict)
     serve_config: Path = field(
         default_factory=lambda: repo_root() / "apps" / "feed_service" / "serve_config.yaml"
     )
@@ -54,7 +57,14 @@ class StackConfig:
             raise ValueError(f"stack config: http_port {self.http_port} is not a valid port")
 
 
-def ranker_io_widths() -> dict[str, int]:
+class RankerWidths(TypedDict):
+    num_single: int
+    num_multi: int
+    num_dense: int
+    num_outputs: int
+
+
+def ranker_io_widths() -> RankerWidths:
     """Triton tensor widths of the ranker, from the registry."""
     feats = sparse_features("ranker")
     return {
@@ -84,15 +94,7 @@ class ServingStack:
         serve_dir = self.run.serve
         serve_dir.mkdir(parents=True, exist_ok=True)
         repo = serve_dir / "triton_repository"
-        widths = ranker_io_widths()
-        write_model_repository(
-            repo,
-            self.run.ranker,
-            num_single=widths["num_single"],
-            num_multi=widths["num_multi"],
-            num_dense=widths["num_dense"],
-            num_outputs=widths["num_outputs"],
-        )
+        write_model_repository(repo, self.run.ranker, **ranker_io_widths())
         if self.config.export_portable:
             # Its own repository: the wheel's server has no onnxruntime/libtorch backend and
             # would refuse to start with those models in the one it loads.
@@ -123,10 +125,26 @@ class ServingStack:
                 "run_dir": str(self.run.root),
                 "triton_url": self.triton.grpc_url,
                 "deployments": options,
+                **self.config.service_overrides,
             }
         )
         serve.run(app, name=APP_NAME, route_prefix="/", blocking=False)
         self._wait_healthy()
+
+    def swap_ranker(self, artifact_dir: Path) -> int:
+        """Serve another ranker artifact without dropping a request: it is written as the next
+        version of the Triton model and loaded; Triton retires the old version once the new one
+        is ready. Returns the new version. (``model_version`` in feed responses still names the
+        artifact the Serve app started with.)"""
+        if self.triton is None:
+            raise RuntimeError("swap_ranker() needs a started stack")
+        load_artifact(artifact_dir)  # refuse a corrupt artifact before touching the repository
+        repo = self.run.serve / "triton_repository"
+        versions = [int(p.name) for p in (repo / "ranker").iterdir() if p.name.isdigit()]
+        version = max(versions, default=0) + 1
+        write_model_repository(repo, Path(artifact_dir), version=version, **ranker_io_widths())
+        self.triton.load_model("ranker")
+        return version
 
     def _wait_healthy(self) -> None:
         deadline = time.monotonic() + self.config.ready_timeout_s

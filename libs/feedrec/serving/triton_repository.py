@@ -4,6 +4,7 @@ Layout written by :func:`write_model_repository`::
 
     repo_dir/<model_name>/config.pbtxt
     repo_dir/<model_name>/<version>/model.py     # copy of apps/triton/ranker/model.py
+    repo_dir/<model_name>/<version>/artifact_dir.txt   # the artifact this version serves
 
 The wheel-bundled Triton only has the python backend (no libtorch/onnxruntime backends), so the
 model runs as a ``TritonPythonModel`` that loads ``RankerPredictor`` from ``artifact_dir``.
@@ -27,6 +28,8 @@ INPUT_SINGLE = "single_ids"
 INPUT_MULTI = "multi_ids"
 INPUT_DENSE = "dense"
 OUTPUT_SCORES = "scores"
+#: In each version dir of the python-backend model: the artifact that version serves.
+ARTIFACT_FILE = "artifact_dir.txt"
 
 #: python: TritonPythonModel over the eager TorchRec model (what the wheel's server runs);
 #: onnxruntime / pytorch: the PortableRanker export for those Triton backends.
@@ -167,8 +170,11 @@ def write_model_repository(
         max_queue_delay_us=max_queue_delay_us,
         extra_parameters=extra,
     )
-    (model_dir / "config.pbtxt").write_text(config)
     shutil.copyfile(template, version_dir / "model.py")
+    # Per version (the config is per model): what lets version 2 serve another artifact while
+    # version 1 still answers during a swap.
+    (version_dir / ARTIFACT_FILE).write_text(str(artifact_dir))
+    (model_dir / "config.pbtxt").write_text(config)  # last: the swap's commit point
     return model_dir
 
 

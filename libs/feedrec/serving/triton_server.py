@@ -38,6 +38,7 @@ import sysconfig
 import tempfile
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 from collections import deque
 from dataclasses import dataclass
@@ -322,6 +323,30 @@ class TritonServer:
                     f"Last log lines ({self._log_path}):\n{self._log_tail()}"
                 )
             time.sleep(0.25)
+
+    def load_model(self, name: str, timeout_s: float = 300.0) -> None:
+        """(Re)load model ``name`` from the repository as it is now (explicit model control).
+
+        Triton loads the versions the config now names next to the ones it serves and only
+        then retires the old ones, so requests keep being answered throughout; a version that
+        fails to load leaves the old one serving. Raises RuntimeError with the server's reason.
+        """
+        if not self.is_running():
+            raise RuntimeError("TritonServer.load_model() needs a running server")
+        req = urllib.request.Request(
+            f"{self.http_url}/v2/repository/models/{urllib.parse.quote(name)}/load",
+            data=b"{}",
+            method="POST",
+            headers={"Content-Type": "application/json"},
+        )
+        try:
+            with urllib.request.urlopen(req, timeout=timeout_s) as resp:
+                if resp.status == 200:
+                    return
+                body = resp.read().decode(errors="replace")
+        except urllib.error.HTTPError as e:
+            body = e.read().decode(errors="replace")
+        raise RuntimeError(f"tritonserver could not load {name!r}: {body}\n{self._log_tail()}")
 
     def stop(self, timeout_s: float | None = None) -> int | None:
         """Stop the server: SIGTERM, wait, then SIGKILL the whole process group.

@@ -1,0 +1,246 @@
+"""Feed requests end to end: Ray Serve chain vs its single-process FastAPI twin, same machine.
+
+    make bench-serve      # = python -m bench.serve --run-dir runs/demo
+
+Starts the serving stack (Triton ranker + Ray Serve app, ``feedrec serve up``'s code) on a
+trained run, finds the highest offered load whose p99 stays <= 100 ms with no errors (open-loop
+arrivals at a fixed rate, rate doubled then bisected), then does the same against the twin
+(``bench/serve_twin.py``: the same stages in one uvicorn process, same Triton). Prints both and
+writes ``bench/results/serve.json``: ``{"rps_at_p99_100ms", "twin_rps", "ratio", "p50_ms",
+"p99_ms", ...}`` (other sections of the file, e.g. ``ann``, are kept).
+
+The load generator runs on the same cores as the servers (2 here); both sides pay that cost.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import httpx
+import numpy as np
+
+RESULTS = Path(__file__).resolve().parent / "results" / "serve.json"
+P99_TARGET_MS = 100.0
+
+
+@dataclass(frozen=True)
+class LoadResult:
+    """One fixed-rate run: offered and achieved rate, latency percentiles, failures."""
+
+    offered_rps: float
+    achieved_rps: float
+    p50_ms: float
+    p99_ms: float
+    errors: int
+    fallbacks: int
+    requests: int
+
+    @property
+    def ok(self) -> bool:
+        return self.p99_ms <= P99_TARGET_MS and self.errors == 0 and self.fallbacks == 0
+
+
+async def offered_load(
+    url: str, rps: float, seconds: float, users: np.ndarray, count: int, seed: int = 0
+) -> LoadResult:
+    """Open loop: request i starts at i / rps whatever earlier ones are doing (a slow server
+    cannot slow the arrivals down, as with real users). A timeout or non-2xx is an error."""
+    rng = np.random.default_rng(seed)
+    n = max(1, int(rps * seconds))
+    picks = rng.choice(users, n)
+    latencies = np.full(n, np.inf)
+    errors = fallbacks = 0
+    limits = httpx.Limits(max_connections=1000, max_keepalive_connections=1000)
+    async with httpx.AsyncClient(base_url=url, limits=limits, timeout=5.0) as client:
+
+        async def one(i: int) -> None:
+            nonlocal errors, fallbacks
+            t0 = time.perf_counter()
+            try:
+                r = await client.post("/v1/feed", json={"user_id": int(picks[i]), "count": count})
+                latencies[i] = (time.perf_counter() - t0) * 1e3
+                if r.status_code != 200:
+                    errors += 1
+                elif r.json()["fallback"]:
+                    fallbacks += 1
+            except httpx.HTTPError:
+                errors += 1
+
+        start = time.perf_counter()
+        tasks = []
+        for i in range(n):
+            delay = start + i / rps - time.perf_counter()
+            if delay > 0:
+                await asyncio.sleep(delay)
+            tasks.append(asyncio.create_task(one(i)))
+        await asyncio.gather(*tasks)
+        elapsed = time.perf_counter() - start
+    done = latencies[np.isfinite(latencies)]
+    return LoadResult(
+        offered_rps=rps,
+        achieved_rps=len(done) / elapsed,
+        p50_ms=float(np.percentile(latencies, 50)) if len(done) else float("inf"),
+        p99_ms=float(np.percentile(latencies, 99)),
+        errors=errors,
+        fallbacks=fallbacks,
+        requests=n,
+    )
+
+
+def max_rps(
+    url: str, users: np.ndarray, count: int, seconds: float, label: str
+) -> tuple[LoadResult | None, list[LoadResult]]:
+    """Highest offered rate meeting the p99 target: double from 5 RPS, then bisect 4 times."""
+    runs: list[LoadResult] = []
+
+    def run(rps: float) -> LoadResult:
+        r = asyncio.run(offered_load(url, rps, seconds, users, count, seed=len(runs)))
+        runs.append(r)
+        print(
+            f"  {label:6} offered {rps:7.1f} RPS -> {r.achieved_rps:7.1f} done/s, "
+            f"p50 {r.p50_ms:7.1f} ms, p99 {r.p99_ms:7.1f} ms, errors {r.errors}, "
+            f"fallbacks {r.fallbacks} {'ok' if r.ok else 'over'}",
+            flush=True,
+        )
+        time.sleep(2.0)  # let queues drain between runs
+        return r
+
+    asyncio.run(offered_load(url, 5, 3, users, count))  # warm-up (connections, caches)
+    good: LoadResult | None = None
+    rps = 5.0
+    while True:
+        r = run(rps)
+        if not r.ok:
+            break
+        good, rps = r, rps * 2
+    low, high = (good.offered_rps if good else 0.0), rps
+    for _ in range(4):
+        mid = (low + high) / 2
+        if mid < 1:
+            break
+        r = run(mid)
+        if r.ok:
+            good, low = r, mid
+        else:
+            high = mid
+    return good, runs
+
+
+def _wait_healthy(url: str, timeout_s: float = 300.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            if httpx.get(f"{url}/healthz", timeout=2).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.5)
+    raise TimeoutError(f"{url} not healthy after {timeout_s:.0f} s")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--run-dir", type=Path, default=Path("runs/demo"))
+    parser.add_argument("--seconds", type=float, default=10.0, help="per load step")
+    parser.add_argument("--count", type=int, default=50, help="posts per feed")
+    parser.add_argument("--retrieve-k", type=int, default=1000)
+    parser.add_argument("--rank-k", type=int, default=500)
+    parser.add_argument("--serve-port", type=int, default=8000)
+    parser.add_argument("--twin-port", type=int, default=8100)
+    args = parser.parse_args()
+    if not (args.run_dir / "models").is_dir():
+        parser.error(f"--run-dir {args.run_dir}: no trained models (run `make demo` first)")
+
+    from feedrec.runtime import RunLayout
+    from feedrec.serving.online_store import OnlineFeatureStore
+    from feedrec.serving.stack import ServingStack, StackConfig
+
+    started = time.perf_counter()
+    run = RunLayout(args.run_dir.resolve())
+    store = OnlineFeatureStore.load(run.data, run.world)
+    users = np.arange(store.tables.attrs.n_users)
+    stack = ServingStack(
+        StackConfig(
+            run_dir=run.root,
+            http_port=args.serve_port,
+            export_portable=False,
+            service_overrides={"retrieve_k": args.retrieve_k, "rank_k": args.rank_k},
+        )
+    )
+    with stack:
+        assert stack.triton is not None
+        print(f"Ray Serve chain at {stack.url}", flush=True)
+        serve_best, serve_runs = max_rps(stack.url, users, args.count, args.seconds, "serve")
+        twin_url = f"http://127.0.0.1:{args.twin_port}"
+        root = Path(__file__).resolve().parents[1]
+        twin = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "bench.serve_twin",
+                f"--run-dir={run.root}",
+                f"--triton-url={stack.triton.grpc_url}",
+                f"--port={args.twin_port}",
+                f"--retrieve-k={args.retrieve_k}",
+                f"--rank-k={args.rank_k}",
+            ],
+            cwd=root,
+            env={**os.environ, "PYTHONPATH": f"{root}{os.pathsep}{root / 'libs'}"},
+        )
+        try:
+            _wait_healthy(twin_url)
+            print(f"FastAPI twin at {twin_url}", flush=True)
+            twin_best, twin_runs = max_rps(twin_url, users, args.count, args.seconds, "twin")
+        finally:
+            twin.terminate()
+            twin.wait(timeout=30)
+    serve_rps = serve_best.offered_rps if serve_best else 0.0
+    twin_rps = twin_best.offered_rps if twin_best else 0.0
+    ratio = serve_rps / twin_rps if twin_rps else float("nan")
+    print(f"\n{'':8}{'RPS @ p99<=100ms':>18}{'p50 ms':>9}{'p99 ms':>9}")
+    for name, best in (("serve", serve_best), ("twin", twin_best)):
+        if best:
+            print(f"{name:8}{best.offered_rps:>18.1f}{best.p50_ms:>9.1f}{best.p99_ms:>9.1f}")
+        else:
+            print(f"{name:8}{'none met the target':>18}")
+    print(f"ratio (Serve / twin): {ratio:.2f} (goal >= 0.7); Serve goal >= 150 RPS")
+    results = json.loads(RESULTS.read_text()) if RESULTS.exists() else {}
+    results.update(
+        {
+            "rps_at_p99_100ms": round(serve_rps, 1),
+            "twin_rps": round(twin_rps, 1),
+            "ratio": round(ratio, 3),
+            "p50_ms": round(serve_best.p50_ms, 1) if serve_best else None,
+            "p99_ms": round(serve_best.p99_ms, 1) if serve_best else None,
+            "load_steps": {
+                "serve": [asdict(r) for r in serve_runs],
+                "twin": [asdict(r) for r in twin_runs],
+            },
+            "workload": {
+                "run_dir": str(args.run_dir),
+                "posts": len(store.eligible),
+                "count": args.count,
+                "retrieve_k": args.retrieve_k,
+                "rank_k": args.rank_k,
+                "seconds_per_step": args.seconds,
+            },
+            "host": {"cpus": os.cpu_count(), "machine": platform.machine()},
+            "bench_seconds": round(time.perf_counter() - started, 1),
+        }
+    )
+    RESULTS.parent.mkdir(parents=True, exist_ok=True)
+    RESULTS.write_text(json.dumps(results, indent=2) + "\n")
+    print(f"wrote {RESULTS}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,80 @@
+"""The feed service's monolithic twin: the same stages in one FastAPI process, without Serve.
+
+    python -m bench.serve_twin --run-dir runs/demo --triton-url 127.0.0.1:8001 --port 8100
+
+``FeedPipeline`` gets the stages' methods directly instead of deployment handles: the request
+path, the Triton ranker and the re-ranking are the served ones, so ``bench/serve.py`` measures
+what Ray Serve's composition costs (or buys) and nothing else.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import uvicorn
+from fastapi import FastAPI, HTTPException
+
+from feedrec.artifacts import load_artifact
+from feedrec.serving.api import FeedRequest, FeedResponse
+from feedrec.serving.config import ServiceConfig
+from feedrec.serving.online_store import OnlineFeatureStore
+from feedrec.serving.stages import FeedPipeline, RequestError, Reranker, Retriever, Scorer
+
+
+def twin_app(cfg: ServiceConfig) -> FastAPI:
+    store = OnlineFeatureStore.load(
+        cfg.data_dir, cfg.world_dir, small_quantile=cfg.small_creator_quantile
+    )
+    retriever, scorer, reranker = Retriever(cfg, store), Scorer(cfg, store), Reranker(cfg, store)
+
+    async def retrieve(user_id: int, k: int, blocked: list[int]) -> Any:
+        return retriever.allowed(user_id, retriever.search([user_id])[0], k, blocked)
+
+    async def select(post_ids: list[int], predictions: np.ndarray, count: int, debug: bool) -> Any:
+        return reranker.select(post_ids, predictions, count, debug)
+
+    pipeline = FeedPipeline(
+        cfg,
+        store,
+        load_artifact(cfg.ranker_dir).version,
+        retrieve=retrieve,
+        rank=scorer.score,
+        rerank=select,
+    )
+    app = FastAPI(title="feedrec twin")
+
+    @app.get("/healthz")
+    def healthz() -> dict[str, str]:
+        return {"status": "ok"}
+
+    @app.post("/v1/feed", response_model=FeedResponse)
+    async def feed(request: FeedRequest) -> FeedResponse:  # type: ignore[valid-type]
+        try:
+            return await pipeline.feed(request)
+        except RequestError as e:
+            raise HTTPException(status_code=422, detail=str(e)) from e
+
+    return app
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--run-dir", type=Path, required=True)
+    parser.add_argument("--triton-url", required=True)
+    parser.add_argument("--port", type=int, default=8100)
+    parser.add_argument(
+        "--retrieve-k", type=int, default=ServiceConfig.model_fields["retrieve_k"].default
+    )
+    parser.add_argument("--rank-k", type=int, default=ServiceConfig.model_fields["rank_k"].default)
+    args = parser.parse_args()
+    cfg = ServiceConfig.from_run(
+        args.run_dir, triton_url=args.triton_url, retrieve_k=args.retrieve_k, rank_k=args.rank_k
+    )
+    uvicorn.run(twin_app(cfg), host="127.0.0.1", port=args.port, log_level="warning")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,232 @@
+"""The feed's stages as plain objects, and the orchestration that chains them.
+
+The Ray Serve application (``apps/feed_service/app.py``) hosts each stage in its own deployment
+and hands :class:`FeedPipeline` callables that go through deployment handles; the single-process
+twin (``bench/serve_twin.py``) hands it the stages' methods directly. Either way the request
+path (deadlines, cold start, fallback, debug fields) is this one code.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from feedrec.artifacts import load_artifact
+from feedrec.features.transform import FeatureTransform
+from feedrec.models.predictor import TowerEncoder
+from feedrec.retrieval.build import load_post_index
+from feedrec.schema.registry import TASKS
+from feedrec.serving.api import FeedItem, FeedResponse
+from feedrec.serving.config import ServiceConfig
+from feedrec.serving.online_store import OnlineFeatureStore
+from feedrec.serving.ranker_client import TritonRankerClient
+from feedrec.serving.rerank import Candidates, rerank
+
+logger = logging.getLogger("feedrec.serve")
+
+
+class Retriever:
+    """User tower on the online features -> faiss -> filters (followed, seen, hidden, blocked)."""
+
+    def __init__(self, cfg: ServiceConfig, store: OnlineFeatureStore) -> None:
+        self.store = store
+        artifact = load_artifact(cfg.retrieval_dir)
+        self.encoder = TowerEncoder.from_artifact(artifact)
+        self.transform = FeatureTransform(artifact.vocabs)
+        self.index = load_post_index(artifact)
+        self.fetch = min(3 * cfg.retrieve_k, len(self.index))  # over-fetch: hits get filtered
+
+    def search(self, user_ids: list[int]) -> list[np.ndarray]:
+        """[B] users -> B x [fetch] post ids, nearest first (one tower pass, one faiss call)."""
+        users = self.transform(self.store.user_raw(np.asarray(user_ids)), "user_tower")
+        _, ids = self.index.search(self.encoder.users(users), self.fetch)
+        return [row[row >= 0] for row in ids]
+
+    def allowed(
+        self, user_id: int, hits: np.ndarray, k: int, blocked: list[int]
+    ) -> tuple[list[int], dict[str, int]]:
+        """The first ``k`` allowed ``hits`` and how many each filter removed."""
+        excluded = self.store.exclusions(user_id, hits, np.asarray(blocked, np.int64))
+        keep = ~np.logical_or.reduce(list(excluded.values()))
+        return [int(p) for p in hits[keep][:k]], {r: int(m.sum()) for r, m in excluded.items()}
+
+
+class Scorer:
+    """Online features + the shared transform -> the ranker in Triton (gRPC) -> [N, 5]."""
+
+    def __init__(self, cfg: ServiceConfig, store: OnlineFeatureStore) -> None:
+        self.cfg, self.store = cfg, store
+        self.transform = FeatureTransform(load_artifact(cfg.ranker_dir).vocabs)
+        self.client = TritonRankerClient(cfg.triton_url, model_name=cfg.triton_model)
+
+    async def score(self, user_id: int, post_ids: list[int]) -> np.ndarray:
+        raw = self.store.ranker_raw(user_id, np.asarray(post_ids, dtype=np.int64))
+        inputs = self.transform(raw, "ranker")
+        return await self.client.score(
+            inputs.single_ids, inputs.multi_ids, inputs.dense, timeout_s=self.cfg.timeouts.ranking_s
+        )
+
+
+class Reranker:
+    """Value model, freshness, creator cap, topic window, small-creator share (see rerank)."""
+
+    def __init__(self, cfg: ServiceConfig, store: OnlineFeatureStore) -> None:
+        self.store = store
+        self.rules = cfg.rerank_config()
+
+    def select(
+        self, post_ids: list[int], predictions: np.ndarray, count: int, debug: bool
+    ) -> tuple[list[dict[str, Any]], dict[str, int]]:
+        """Feed items (with reasons when ``debug``) and rule -> candidates demoted by it."""
+        ids = np.asarray(post_ids, dtype=np.int64)
+        candidates = Candidates(
+            post_ids=ids,
+            predictions=predictions,
+            creators=self.store.post_creator(ids),
+            topics=self.store.post_topic(ids),
+            ages_days=self.store.post_age_days(ids),
+            small_creator=self.store.small_creator(ids),
+        )
+        sel = rerank(candidates, count, self.rules)
+        items = [
+            {
+                "post_id": int(ids[i]),
+                "score": float(s),
+                "scores": {t: float(v) for t, v in zip(TASKS, predictions[i], strict=True)},
+                "reasons": why if debug else None,
+            }
+            for i, s, why in zip(sel.index, sel.score, sel.reasons, strict=True)
+        ]
+        return items, sel.demoted
+
+
+class RequestError(ValueError):
+    """A request the models cannot serve as asked (HTTP 422 with this message)."""
+
+
+Retrieve = Callable[[int, int, list[int]], Awaitable[tuple[list[int], dict[str, int]]]]
+Rank = Callable[[int, list[int]], Awaitable[np.ndarray]]
+Rerank = Callable[[list[int], np.ndarray, int, bool], Awaitable[Any]]
+
+
+@dataclass
+class FeedPipeline:
+    """retrieve -> rank -> rerank with per-stage deadlines; unknown users get the cold-start
+    feed, and any stage failure or timeout a flagged popularity feed (never an error)."""
+
+    cfg: ServiceConfig
+    store: OnlineFeatureStore
+    model_version: str
+    retrieve: Retrieve
+    rank: Rank
+    rerank: Rerank
+
+    def popular(self, user_id: int, count: int, blocked: list[int]) -> list[FeedItem]:
+        posts = self.store.popular[: count * 20]
+        if self.store.knows_user(user_id):
+            posts = posts[self.store.allowed(user_id, posts, np.asarray(blocked, np.int64))]
+        else:
+            posts = posts[~np.isin(self.store.post_creator(posts), blocked)]
+        likes = self.store.tables.post[0, posts[:count], 1]
+        return [
+            FeedItem(post_id=int(p), score=float(s), scores={})
+            for p, s in zip(posts[:count], likes, strict=True)
+        ]
+
+    def cold_start(self, req: Any) -> FeedResponse:
+        """A viewer the models have never seen: trending posts weighted by the like rate of
+        their topic in the viewer's segment and by the viewer's picked interests, then the
+        same re-ranking rules (creator cap, topic window, small-creator share)."""
+        try:
+            posts, score = self.store.cold_start(req.user_segment, req.interests, 10 * req.count)
+        except ValueError as e:
+            raise RequestError(str(e)) from e
+        keep = ~np.isin(self.store.post_creator(posts), req.blocked_creator_ids)
+        posts, score = posts[keep], score[keep]
+        predictions = np.zeros((len(posts), len(TASKS)))
+        predictions[:, TASKS.index("like")] = score / max(float(score.max(initial=0.0)), 1e-12)
+        candidates = Candidates(
+            post_ids=posts,
+            predictions=predictions,
+            creators=self.store.post_creator(posts),
+            topics=self.store.post_topic(posts),
+            ages_days=self.store.post_age_days(posts),
+            small_creator=self.store.small_creator(posts),
+        )
+        sel = rerank(candidates, req.count, self.cfg.rerank_config())
+        interests = set(req.interests)
+        items = []
+        for i, s, why in zip(sel.index, sel.score, sel.reasons, strict=True):
+            context = [
+                "cold start: trending in segment"
+                if req.user_segment is not None
+                else "cold start: trending"
+            ]
+            if int(candidates.topics[i]) in interests:
+                context.append("cold start: matches interests")
+            items.append(
+                FeedItem(
+                    post_id=int(posts[i]),
+                    score=float(s),
+                    scores={},
+                    reasons=context + why if req.debug else None,
+                )
+            )
+        return FeedResponse(
+            user_id=req.user_id,
+            items=items,
+            model_version="cold-start",
+            fallback=False,
+            cold_start=True,
+        )
+
+    async def feed(self, req: Any) -> FeedResponse:
+        """``req``: a validated ``FeedRequest``. Raises ``RequestError`` for unusable context."""
+        started = time.perf_counter()
+        if not self.store.knows_user(req.user_id):
+            return self.cold_start(req)
+        t = self.cfg.timeouts
+        timings: dict[str, float] = {}
+        try:
+            t0 = time.perf_counter()
+            candidates, filtered = await asyncio.wait_for(
+                self.retrieve(req.user_id, self.cfg.retrieve_k, req.blocked_creator_ids),
+                t.retrieval_s,
+            )
+            timings["retrieval_ms"] = (time.perf_counter() - t0) * 1e3
+            candidates = candidates[: self.cfg.rank_k]
+            t0 = time.perf_counter()
+            predictions = await asyncio.wait_for(self.rank(req.user_id, candidates), t.ranking_s)
+            timings["ranking_ms"] = (time.perf_counter() - t0) * 1e3
+            t0 = time.perf_counter()
+            items, demoted = await asyncio.wait_for(
+                self.rerank(candidates, predictions, req.count, req.debug), t.rerank_s
+            )
+            timings["rerank_ms"] = (time.perf_counter() - t0) * 1e3
+        except Exception as e:  # any stage failure or timeout -> flagged popularity feed
+            logger.warning("feed for user %s fell back: %r", req.user_id, e)
+            return FeedResponse(
+                user_id=req.user_id,
+                items=self.popular(req.user_id, req.count, req.blocked_creator_ids),
+                model_version="popularity",
+                fallback=True,
+                debug={"error": repr(e)} if req.debug else None,
+            )
+        timings["total_ms"] = (time.perf_counter() - started) * 1e3
+        return FeedResponse(
+            user_id=req.user_id,
+            items=[FeedItem(**item) for item in items],
+            model_version=self.model_version,
+            fallback=False,
+            debug=(
+                {"candidates": len(candidates), "filtered": filtered, "demoted": demoted, **timings}
+                if req.debug
+                else None
+            ),
+        )
