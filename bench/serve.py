@@ -135,18 +135,6 @@ def max_rps(
     return good, runs
 
 
-def _wait_healthy(url: str, timeout_s: float = 300.0) -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        try:
-            if httpx.get(f"{url}/healthz", timeout=2).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.5)
-    raise TimeoutError(f"{url} not healthy after {timeout_s:.0f} s")
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--run-dir", type=Path, default=Path("runs/demo"))
@@ -161,6 +149,7 @@ def main() -> None:
         parser.error(f"--run-dir {args.run_dir}: no trained models (run `make demo` first)")
 
     from feedrec.runtime import RunLayout
+    from feedrec.serving.feed_client import wait_healthy
     from feedrec.serving.online_store import OnlineFeatureStore
     from feedrec.serving.stack import ServingStack, StackConfig
 
@@ -197,7 +186,7 @@ def main() -> None:
             env={**os.environ, "PYTHONPATH": f"{root}{os.pathsep}{root / 'libs'}"},
         )
         try:
-            _wait_healthy(twin_url)
+            wait_healthy(twin_url, 300.0)
             print(f"FastAPI twin at {twin_url}", flush=True)
             twin_best, twin_runs = max_rps(twin_url, users, args.count, args.seconds, "twin")
         finally:

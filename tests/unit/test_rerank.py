@@ -116,3 +116,19 @@ def test_candidates_with_mismatched_rows_are_refused() -> None:
         Candidates(
             c.post_ids, c.predictions, c.creators, c.topics[:1], c.ages_days, c.small_creator
         )
+
+
+def test_posts_without_a_moved_reason_are_in_score_order() -> None:
+    rng = np.random.default_rng(3)
+    n = 60
+    c = _cands(
+        list(rng.random(n)),
+        creators=list(rng.integers(0, 15, n)),
+        topics=list(rng.integers(0, 4, n)),
+        small=list(rng.random(n) < 0.2),
+    )
+    sel = rerank(c, 30, RerankConfig(freshness_weight=0, fair_share=0.3))
+    moved = [any(r.startswith(("fairness", "held back")) for r in why) for why in sel.reasons]
+    assert any(moved), "the rules must have moved something in this draw"
+    plain = [s for s, m in zip(sel.score, moved, strict=True) if not m]
+    assert plain == sorted(plain, reverse=True)

@@ -44,8 +44,12 @@ class TritonPythonModel:
         params = config.get("parameters", {})
         # The version dir names its own artifact (versions differ during a swap); the config
         # parameter is the fallback for repositories written without it.
-        version_file = Path(args["model_repository"]) / args["model_version"] / "artifact_dir.txt"
-        if version_file.is_file():
+        version_file = (
+            Path(args.get("model_repository", ""))
+            / str(args.get("model_version", ""))
+            / "artifact_dir.txt"
+        )
+        if args.get("model_repository") and version_file.is_file():
             artifact_dir = Path(version_file.read_text().strip())
         elif "artifact_dir" in params:
             artifact_dir = Path(params["artifact_dir"]["string_value"])

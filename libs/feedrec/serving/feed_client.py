@@ -1,8 +1,24 @@
-"""Formatting of feed responses for people (CLI and demo)."""
+"""Talking to a running feed service: readiness, and formatting responses for people."""
 
 from __future__ import annotations
 
+import time
 from typing import Any
+
+import httpx
+
+
+def wait_healthy(url: str, timeout_s: float) -> None:
+    """Block until ``GET {url}/healthz`` answers 200; TimeoutError after ``timeout_s``."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            if httpx.get(f"{url}/healthz", timeout=2.0).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.5)
+    raise TimeoutError(f"feed service not healthy at {url} after {timeout_s:.0f} s")
 
 
 def format_feed(response: dict[str, Any]) -> str:

@@ -12,7 +12,9 @@ can reason about. :func:`rerank` turns ``[N, 5]`` predictions into ``count`` pos
 4. fairness: once the first ``i + 1`` slots hold fewer than ``floor(fair_share * (i + 1))``
    posts of small creators, slot ``i`` goes to the best small creator's post that keeps the rules.
 
-Every chosen post carries its reasons (what moved it), for ``debug=true`` responses.
+Every chosen post carries its reasons (what moved it: "fairness: ...", "held back: <rule>",
+"freshness: x1.23", ...), for ``debug=true`` responses. Posts without a fairness or held-back
+reason appear in descending final score.
 """
 
 from __future__ import annotations
@@ -176,6 +178,8 @@ def rerank(c: Candidates, count: int, cfg: RerankConfig) -> Selection:
                 demoted[i] = "topic_window"
             else:
                 demoted[i] = "fair_share"
+        if pick in demoted:  # a better-valued post was placed before it by the rules
+            why.append(f"held back: {demoted[pick]}")
         if relaxed:
             why.append("diversity: topic window relaxed (no other candidate)")
         if boost[pick] > 1.005:

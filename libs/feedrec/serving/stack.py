@@ -9,12 +9,10 @@ from __future__ import annotations
 
 import os
 import sys
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypedDict
 
-import httpx
 import ray
 from ray import serve
 
@@ -23,6 +21,7 @@ from feedrec.runtime.ray_cluster import init_ray, repo_root
 from feedrec.runtime.run_layout import RunLayout
 from feedrec.schema.registry import TASKS, dense_dim, sparse_features
 from feedrec.serving.config import deployment_options
+from feedrec.serving.feed_client import wait_healthy
 from feedrec.serving.triton_repository import write_model_repository, write_portable_models
 from feedrec.serving.triton_server import TritonServer, TritonServerConfig
 
@@ -129,7 +128,7 @@ class ServingStack:
             }
         )
         serve.run(app, name=APP_NAME, route_prefix="/", blocking=False)
-        self._wait_healthy()
+        wait_healthy(self.url, self.config.ready_timeout_s)
 
     def swap_ranker(self, artifact_dir: Path) -> int:
         """Serve another ranker artifact without dropping a request: it is written as the next
@@ -145,19 +144,6 @@ class ServingStack:
         write_model_repository(repo, Path(artifact_dir), version=version, **ranker_io_widths())
         self.triton.load_model("ranker")
         return version
-
-    def _wait_healthy(self) -> None:
-        deadline = time.monotonic() + self.config.ready_timeout_s
-        while time.monotonic() < deadline:
-            try:
-                if httpx.get(f"{self.url}/healthz", timeout=2.0).status_code == 200:
-                    return
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.5)
-        raise TimeoutError(
-            f"feed service not healthy at {self.url} after {self.config.ready_timeout_s:.0f} s"
-        )
 
     def stop(self) -> None:
         """Serve first (no request may reach a stopped Triton), then Triton, then local Ray."""

@@ -31,6 +31,20 @@ from feedrec.serving.rerank import Candidates, rerank
 logger = logging.getLogger("feedrec.serve")
 
 
+def _candidates(
+    store: OnlineFeatureStore, post_ids: np.ndarray, predictions: np.ndarray
+) -> Candidates:
+    """What re-ranking needs of ``post_ids`` [N] with their predictions [N, len(TASKS)]."""
+    return Candidates(
+        post_ids=post_ids,
+        predictions=predictions,
+        creators=store.post_creator(post_ids),
+        topics=store.post_topic(post_ids),
+        ages_days=store.post_age_days(post_ids),
+        small_creator=store.small_creator(post_ids),
+    )
+
+
 class Retriever:
     """User tower on the online features -> faiss -> filters (followed, seen, hidden, blocked)."""
 
@@ -85,15 +99,7 @@ class Reranker:
     ) -> tuple[list[dict[str, Any]], dict[str, int]]:
         """Feed items (with reasons when ``debug``) and rule -> candidates demoted by it."""
         ids = np.asarray(post_ids, dtype=np.int64)
-        candidates = Candidates(
-            post_ids=ids,
-            predictions=predictions,
-            creators=self.store.post_creator(ids),
-            topics=self.store.post_topic(ids),
-            ages_days=self.store.post_age_days(ids),
-            small_creator=self.store.small_creator(ids),
-        )
-        sel = rerank(candidates, count, self.rules)
+        sel = rerank(_candidates(self.store, ids, predictions), count, self.rules)
         items = [
             {
                 "post_id": int(ids[i]),
@@ -151,14 +157,7 @@ class FeedPipeline:
         posts, score = posts[keep], score[keep]
         predictions = np.zeros((len(posts), len(TASKS)))
         predictions[:, TASKS.index("like")] = score / max(float(score.max(initial=0.0)), 1e-12)
-        candidates = Candidates(
-            post_ids=posts,
-            predictions=predictions,
-            creators=self.store.post_creator(posts),
-            topics=self.store.post_topic(posts),
-            ages_days=self.store.post_age_days(posts),
-            small_creator=self.store.small_creator(posts),
-        )
+        candidates = _candidates(self.store, posts, predictions)
         sel = rerank(candidates, req.count, self.cfg.rerank_config())
         interests = set(req.interests)
         items = []
