@@ -132,3 +132,28 @@ def test_posts_without_a_moved_reason_are_in_score_order() -> None:
     assert any(moved), "the rules must have moved something in this draw"
     plain = [s for s, m in zip(sel.score, moved, strict=True) if not m]
     assert plain == sorted(plain, reverse=True)
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_rules_hold_on_random_draws(seed: int) -> None:
+    rng = np.random.default_rng(seed)
+    n = 300
+    c = _cands(
+        list(rng.random(n)),
+        creators=list(rng.integers(0, 40, n)),
+        topics=list(rng.integers(0, 5, n)),
+        small=list(rng.random(n) < 0.3),
+    )
+    cfg = RerankConfig(freshness_weight=0, topic_window=4, max_per_topic=2, fair_share=0.25)
+    sel = rerank(c, 50, cfg)
+    assert len(sel.index) == 50 and len(set(sel.index.tolist())) == 50
+    _, per_creator = np.unique(c.creators[sel.index], return_counts=True)
+    assert per_creator.max() <= cfg.max_per_creator
+    topics = c.topics[sel.index]
+    for end in range(len(topics)):
+        window = topics[max(0, end - 3) : end + 1]
+        relaxed = any("relaxed" in r for r in sel.reasons[end])
+        assert relaxed or (window == topics[end]).sum() <= 2
+    small = np.asarray(c.small_creator)[sel.index]
+    for length in range(1, 51):
+        assert small[:length].sum() >= int(0.25 * length)

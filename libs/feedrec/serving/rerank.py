@@ -127,67 +127,77 @@ def final_scores(c: Candidates, cfg: RerankConfig) -> tuple[np.ndarray, np.ndarr
 def rerank(c: Candidates, count: int, cfg: RerankConfig) -> Selection:
     """Pick up to ``count`` posts (fewer only when the creator cap leaves fewer); see module doc.
 
-    Cost: O(count * N) in the worst case, O(N log N + count) typically (N = a few hundred).
+    Cost: one scan of the remaining candidates per slot, stopping at the pick; posts of a
+    capped creator leave the scan for good. ~1 ms for 500 candidates and 50 slots.
     """
     final, boost = final_scores(c, cfg)
-    order = [int(i) for i in np.argsort(-final, kind="stable")]
+    order = np.argsort(-final, kind="stable").tolist()
+    # Plain lists: the loop indexes them one element at a time (numpy scalars cost ~10x more).
+    creators, topics = c.creators.tolist(), c.topics.tolist()
+    small = np.asarray(c.small_creator, dtype=bool).tolist()
     per_creator: Counter[int] = Counter()
+    recent: Counter[int] = Counter()  # topics of the last topic_window - 1 chosen posts
     chosen: list[int] = []
     reasons: list[list[str]] = []
     demoted: dict[int, str] = {}  # candidate -> the rule that last held it back
     small_so_far = 0
-
-    def topic_ok(i: int) -> bool:
-        recent = chosen[len(chosen) - cfg.topic_window + 1 :] if cfg.topic_window > 1 else []
-        return sum(int(c.topics[j]) == int(c.topics[i]) for j in recent) < cfg.max_per_topic
-
-    def first(pred: list[int], small_only: bool) -> tuple[int | None, bool]:
-        """Best remaining index keeping the rules (-> (i, False)); else the best keeping the
-        creator cap only (-> (i, True): topic rule relaxed); else (None, False)."""
-        relaxed = None
-        for i in pred:
-            if small_only and not c.small_creator[i]:
-                continue
-            if per_creator[int(c.creators[i])] >= cfg.max_per_creator:
-                continue
-            if topic_ok(i):
-                return i, False
-            if relaxed is None:
-                relaxed = i
-        return relaxed, relaxed is not None
+    small_left = any(small)  # False once no small creator's post can be picked any more
 
     while len(chosen) < count and order:
-        slot = len(chosen)
+        need_small = small_left and small_so_far < math.floor(cfg.fair_share * (len(chosen) + 1))
+        best = best_small = relaxed = relaxed_small = None
+        capped: list[int] = []
+        for i in order:
+            if per_creator.get(creators[i], 0) >= cfg.max_per_creator:
+                capped.append(i)
+                continue
+            ok = recent.get(topics[i], 0) < cfg.max_per_topic
+            if ok and best is None:
+                best = i
+            if not ok and relaxed is None:
+                relaxed = i
+            if small[i]:
+                if ok and best_small is None:
+                    best_small = i
+                if not ok and relaxed_small is None:
+                    relaxed_small = i
+            if best is not None and (not need_small or best_small is not None):
+                break
+        for i in capped:  # never eligible again
+            order.remove(i)
+            demoted[i] = "max_per_creator"
         why: list[str] = []
-        pick: int | None = None
-        relaxed = False
-        if small_so_far < math.floor(cfg.fair_share * (slot + 1)):
-            pick, relaxed = first(order, small_only=True)
-            if pick is not None and pick != first(order, small_only=False)[0]:
+        overall = best if best is not None else relaxed
+        pick = None
+        if need_small:
+            pick = best_small if best_small is not None else relaxed_small
+            small_left = pick is not None  # the scan saw every remaining post
+            if pick is not None and pick != overall:
                 why.append("fairness: small-creator slot")
         if pick is None:
-            pick, relaxed = first(order, small_only=False)
+            pick = overall
         if pick is None:
             break
         for i in order:  # the better posts passed over, and the rule that held them back
             if i == pick:
                 break
-            if per_creator[int(c.creators[i])] >= cfg.max_per_creator:
-                demoted[i] = "max_per_creator"
-            elif not topic_ok(i):
-                demoted[i] = "topic_window"
-            else:
-                demoted[i] = "fair_share"
+            held = recent.get(topics[i], 0) >= cfg.max_per_topic
+            demoted[i] = "topic_window" if held else "fair_share"
         if pick in demoted:  # a better-valued post was placed before it by the rules
             why.append(f"held back: {demoted[pick]}")
-        if relaxed:
+        if recent.get(topics[pick], 0) >= cfg.max_per_topic:
             why.append("diversity: topic window relaxed (no other candidate)")
         if boost[pick] > 1.005:
             why.append(f"freshness: x{boost[pick]:.2f}")
         order.remove(pick)
         chosen.append(pick)
         reasons.append(why)
-        per_creator[int(c.creators[pick])] += 1
-        small_so_far += bool(c.small_creator[pick])
+        per_creator[creators[pick]] += 1
+        small_so_far += small[pick]
+        recent[topics[pick]] += 1
+        if cfg.topic_window > 1 and len(chosen) >= cfg.topic_window:
+            recent[topics[chosen[-cfg.topic_window]]] -= 1
+        elif cfg.topic_window == 1:
+            recent.clear()
     idx = np.asarray(chosen, dtype=np.int64)
     return Selection(idx, final[idx], reasons, dict(Counter(demoted.values())))
