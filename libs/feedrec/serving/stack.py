@@ -11,7 +11,7 @@ import os
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TypedDict
+from typing import Any, Literal, TypedDict
 
 import ray
 from ray import serve
@@ -27,6 +27,12 @@ from feedrec.serving.triton_server import TritonServer, TritonServerConfig
 
 APP_IMPORT_PATH = "apps.feed_service.app:build_app"
 APP_NAME = "feed"
+RankerRuntime = Literal["onnxruntime", "torchrec"]
+#: What the Triton python-backend model builds its predictor with, per runtime.
+PREDICTOR_FACTORIES: dict[str, str] = {
+    "onnxruntime": "feedrec.models.portable_ranker:OnnxRankerPredictor.from_artifact",
+    "torchrec": "feedrec.models.predictor:RankerPredictor.from_artifact",
+}
 
 
 @dataclass(frozen=True)
@@ -35,6 +41,8 @@ class StackConfig:
     ray_address: an existing cluster (None starts a local one); triton_*_port: 0 = any free;
     export_portable: also write the ONNX / TorchScript ranker (checked against eager) to
     ``serve/triton_repository_gpu`` for Triton servers with those backends;
+    ranker_runtime: what the Triton python backend runs, ``onnxruntime`` (the ranker exported
+    in memory and checked against eager at load; half the CPU time) or ``torchrec`` (eager);
     service_overrides: ``ServiceConfig`` fields (e.g. ``retrieve_k``); serve_config: the
     ``serve deploy`` YAML whose per-deployment options (autoscaling, ...) are applied."""
 
@@ -46,12 +54,18 @@ class StackConfig:
     triton_http_port: int = 0
     ready_timeout_s: float = 300.0
     export_portable: bool = True
+    ranker_runtime: RankerRuntime = "onnxruntime"
     service_overrides: dict[str, Any] = field(default_factory=dict)
     serve_config: Path = field(
         default_factory=lambda: repo_root() / "apps" / "feed_service" / "serve_config.yaml"
     )
 
     def __post_init__(self) -> None:
+        if self.ranker_runtime not in PREDICTOR_FACTORIES:
+            raise ValueError(
+                f"stack config: ranker_runtime must be one of {sorted(PREDICTOR_FACTORIES)}, "
+                f"not {self.ranker_runtime!r}"
+            )
         if not 0 < self.http_port < 65536:
             raise ValueError(f"stack config: http_port {self.http_port} is not a valid port")
 
@@ -93,7 +107,9 @@ class ServingStack:
         serve_dir = self.run.serve
         serve_dir.mkdir(parents=True, exist_ok=True)
         repo = serve_dir / "triton_repository"
-        write_model_repository(repo, self.run.ranker, **ranker_io_widths())
+        write_model_repository(
+            repo, self.run.ranker, extra_parameters=self._factory(), **ranker_io_widths()
+        )
         if self.config.export_portable:
             # Its own repository: the wheel's server has no onnxruntime/libtorch backend and
             # would refuse to start with those models in the one it loads.
@@ -130,6 +146,9 @@ class ServingStack:
         serve.run(app, name=APP_NAME, route_prefix="/", blocking=False)
         wait_healthy(self.url, self.config.ready_timeout_s)
 
+    def _factory(self) -> dict[str, str]:
+        return {"predictor_factory": PREDICTOR_FACTORIES[self.config.ranker_runtime]}
+
     def swap_ranker(self, artifact_dir: Path) -> int:
         """Serve another ranker artifact without dropping a request: it is written as the next
         version of the Triton model and loaded; Triton retires the old version once the new one
@@ -141,7 +160,13 @@ class ServingStack:
         repo = self.run.serve / "triton_repository"
         versions = [int(p.name) for p in (repo / "ranker").iterdir() if p.name.isdigit()]
         version = max(versions, default=0) + 1
-        write_model_repository(repo, Path(artifact_dir), version=version, **ranker_io_widths())
+        write_model_repository(
+            repo,
+            Path(artifact_dir),
+            version=version,
+            extra_parameters=self._factory(),
+            **ranker_io_widths(),
+        )
         self.triton.load_model("ranker")
         return version
 
