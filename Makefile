@@ -3,7 +3,7 @@ SHELL := /bin/bash
 PY := .venv/bin/python
 STAMP := .venv/.feedrec-installed
 
-.PHONY: venv demo test lint format clean-run bench-train bench-ann bench-serve
+.PHONY: venv demo test lint format clean-run bench-train bench-ann bench-serve bench-spike
 
 venv: $(STAMP)
 
@@ -29,6 +29,10 @@ bench-train: venv
 # Feed RPS at p99 <= 100 ms: Ray Serve chain vs a one-process FastAPI twin (needs `make demo`).
 bench-serve: venv
 	$(PY) -m bench.serve --run-dir runs/demo
+
+# A 10x step in load for 60 s: latency and replicas over time -> bench/results/spike.png.
+bench-spike: venv
+	$(PY) -m bench.spike --run-dir runs/demo
 
 # faiss index sweep on 1M x 64 vs exact search -> the "ann" section of bench/results/serve.json.
 bench-ann: venv

@@ -113,8 +113,13 @@ def sweep_index(
             continue
         t0 = time.perf_counter()
         index = faiss.index_factory(dim, factory, faiss.METRIC_INNER_PRODUCT)
-        index.train(x)
-        index.add(x)
+        if index.is_trained:  # HNSW: nothing to train
+            index.add(x)
+        else:  # IVF: 40 points per list are plenty for k-means (faiss warns below 39)
+            nlist = faiss.extract_index_ivf(index).nlist
+            sample = np.random.default_rng(0).choice(len(x), min(len(x), 40 * nlist), False)
+            index.train(x[np.sort(sample)])
+            index.add(x)
         build_s = time.perf_counter() - t0
         built[factory] = index
         for value in values:

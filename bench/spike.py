@@ -1,0 +1,210 @@
+"""Traffic spike: a 10x step in offered load for 60 s against the autoscaled Serve chain.
+
+    make bench-spike      # = python -m bench.spike --run-dir runs/demo
+
+Open-loop arrivals at ``--base`` RPS, then 10x that for 60 s, then ``--base`` again, while a
+thread samples Serve's running replicas per deployment every second. Prints p50/p99 before,
+during and after the step, the status codes (anything but 200, or 503 from Serve's backpressure,
+counts as an error), how long p99 took to come back under 100 ms after the first scale-up, and
+plots latency and replicas over time to ``bench/results/spike.png``. Results go to the
+``spike`` section of ``bench/results/serve.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import threading
+import time
+from collections import Counter
+from pathlib import Path
+
+import httpx
+import numpy as np
+
+RESULTS = Path(__file__).resolve().parent / "results"
+P99_TARGET_MS = 100.0
+WINDOW_S = 5.0
+
+
+async def schedule(
+    url: str, phases: list[tuple[float, float]], users: np.ndarray, count: int
+) -> list[tuple[float, float, int]]:
+    """Open-loop load over ``phases`` of (rps, seconds): (start s, latency ms, status) per
+    request; status 0 = no answer (timeout or connection error)."""
+    rng = np.random.default_rng(0)
+    starts: list[float] = []
+    t = 0.0
+    for rps, seconds in phases:
+        n = int(rps * seconds)
+        starts += [t + i / rps for i in range(n)]
+        t += seconds
+    out: list[tuple[float, float, int]] = []
+    limits = httpx.Limits(max_connections=2000, max_keepalive_connections=2000)
+    async with httpx.AsyncClient(base_url=url, limits=limits, timeout=10.0) as client:
+
+        async def one(at: float, user: int) -> None:
+            t0 = time.perf_counter()
+            try:
+                r = await client.post("/v1/feed", json={"user_id": user, "count": count})
+                out.append((at, (time.perf_counter() - t0) * 1e3, r.status_code))
+            except httpx.HTTPError:
+                out.append((at, (time.perf_counter() - t0) * 1e3, 0))
+
+        begin = time.perf_counter()
+        tasks = []
+        for at, user in zip(starts, rng.choice(users, len(starts)), strict=True):
+            delay = begin + at - time.perf_counter()
+            if delay > 0:
+                await asyncio.sleep(delay)
+            tasks.append(asyncio.create_task(one(at, int(user))))
+        await asyncio.gather(*tasks)
+    return sorted(out)
+
+
+def sample_replicas(app: str, stop: threading.Event, out: list[dict[str, float]]) -> None:
+    """Every second: elapsed s and RUNNING replicas per deployment of ``app``."""
+    from ray import serve
+
+    t0 = time.perf_counter()
+    while not stop.is_set():
+        status = serve.status().applications.get(app)
+        if status is not None:
+            row: dict[str, float] = {"t": time.perf_counter() - t0}
+            for name, dep in status.deployments.items():
+                row[name] = sum(n for s, n in dep.replica_states.items() if str(s) == "RUNNING")
+            out.append(row)
+        stop.wait(1.0)
+
+
+def _window_stats(records: list[tuple[float, float, int]], end: float) -> list[dict[str, float]]:
+    rows = []
+    for lo in np.arange(0.0, end, WINDOW_S):
+        lat = [ms for at, ms, code in records if lo <= at < lo + WINDOW_S and code == 200]
+        if lat:
+            rows.append(
+                {
+                    "t": float(lo),
+                    "p50_ms": float(np.percentile(lat, 50)),
+                    "p99_ms": float(np.percentile(lat, 99)),
+                    "n": len(lat),
+                }
+            )
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--run-dir", type=Path, default=Path("runs/demo"))
+    parser.add_argument("--base", type=float, default=3.0, help="RPS before and after the step")
+    parser.add_argument("--factor", type=float, default=10.0)
+    parser.add_argument("--spike-seconds", type=float, default=60.0)
+    parser.add_argument("--count", type=int, default=50)
+    parser.add_argument("--port", type=int, default=8000)
+    args = parser.parse_args()
+    if not (args.run_dir / "models").is_dir():
+        parser.error(f"--run-dir {args.run_dir}: no trained models (run `make demo` first)")
+
+    from feedrec.runtime import RunLayout
+    from feedrec.serving.online_store import OnlineFeatureStore
+    from feedrec.serving.stack import APP_NAME, ServingStack, StackConfig
+
+    run = RunLayout(args.run_dir.resolve())
+    users = np.arange(OnlineFeatureStore.load(run.data, run.world).tables.attrs.n_users)
+    before, after = 20.0, 60.0
+    phases = [
+        (args.base, before),
+        (args.base * args.factor, args.spike_seconds),
+        (args.base, after),
+    ]
+    replicas: list[dict[str, float]] = []
+    stop = threading.Event()
+    with ServingStack(StackConfig(run_dir=run.root, http_port=args.port, export_portable=False)):
+        sampler = threading.Thread(target=sample_replicas, args=(APP_NAME, stop, replicas))
+        sampler.start()
+        try:
+            records = asyncio.run(
+                schedule(f"http://127.0.0.1:{args.port}", phases, users, args.count)
+            )
+        finally:
+            stop.set()
+            sampler.join()
+    end = before + args.spike_seconds + after
+    codes = Counter(code for _, _, code in records)
+    errors = sum(n for code, n in codes.items() if code not in (200, 503))
+
+    def pct(lo: float, hi: float, q: float) -> float | None:
+        lat = [ms for at, ms, code in records if lo <= at < hi and code == 200]
+        return round(float(np.percentile(lat, q)), 1) if lat else None
+
+    windows = _window_stats(records, end)
+    deployments = sorted({k for row in replicas for k in row if k != "t"})
+    first_up = next(
+        (row["t"] for row in replicas if any(row[d] > replicas[0].get(d, 1) for d in deployments)),
+        None,
+    )
+    recovered = None
+    if first_up is not None:
+        recovered = next(
+            (
+                w["t"] + WINDOW_S - first_up
+                for w in windows
+                if w["t"] >= first_up and w["p99_ms"] <= P99_TARGET_MS
+            ),
+            None,
+        )
+    spike = {
+        "base_rps": args.base,
+        "spike_rps": args.base * args.factor,
+        "spike_seconds": args.spike_seconds,
+        "p99_before_ms": pct(0, before, 99),
+        "p99_during_ms": pct(before, before + args.spike_seconds, 99),
+        "p99_after_ms": pct(before + args.spike_seconds + 10, end, 99),
+        "p50_during_ms": pct(before, before + args.spike_seconds, 50),
+        "status_codes": {str(k): v for k, v in sorted(codes.items())},
+        "errors": errors,
+        "first_scale_up_s": None if first_up is None else round(first_up, 1),
+        "p99_back_under_target_s_after_scale_up": None
+        if recovered is None
+        else round(recovered, 1),
+        "max_replicas": {d: max(row.get(d, 0) for row in replicas) for d in deployments},
+        "windows": windows,
+        "replicas": replicas,
+    }
+    print(
+        json.dumps({k: v for k, v in spike.items() if k not in ("windows", "replicas")}, indent=2)
+    )
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax1, ax2) = plt.subplots(2, 1, figsize=(9, 6), sharex=True)
+    ts = [w["t"] + WINDOW_S / 2 for w in windows]
+    ax1.plot(ts, [w["p99_ms"] for w in windows], label="p99")
+    ax1.plot(ts, [w["p50_ms"] for w in windows], label="p50")
+    ax1.axhline(P99_TARGET_MS, color="grey", ls="--", lw=1, label="100 ms target")
+    ax1.axvspan(before, before + args.spike_seconds, color="orange", alpha=0.15, label="10x load")
+    ax1.set_ylabel("latency (ms, 5 s windows)")
+    ax1.set_yscale("log")
+    ax1.legend(loc="upper right")
+    for d in deployments:
+        ax2.step([r["t"] for r in replicas], [r.get(d, 0) for r in replicas], where="post", label=d)
+    ax2.axvspan(before, before + args.spike_seconds, color="orange", alpha=0.15)
+    ax2.set_ylabel("running replicas")
+    ax2.set_xlabel("seconds")
+    ax2.legend(loc="upper right")
+    fig.suptitle(f"feed service, {args.base:g} -> {args.base * args.factor:g} RPS step (2 cores)")
+    fig.tight_layout()
+    fig.savefig(RESULTS / "spike.png", dpi=100)
+    results_file = RESULTS / "serve.json"
+    results = json.loads(results_file.read_text()) if results_file.exists() else {}
+    results["spike"] = spike
+    results_file.write_text(json.dumps(results, indent=2) + "\n")
+    print(f"wrote {results_file} and {RESULTS / 'spike.png'}")
+
+
+if __name__ == "__main__":
+    main()
