@@ -19,8 +19,10 @@ from __future__ import annotations
 
 import tempfile
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -29,6 +31,8 @@ from feedrec.schema.registry import dense_dim, sparse_features, tables_for
 
 INPUT_NAMES = ("single_ids", "multi_ids", "dense")
 OUTPUT_NAME = "scores"
+#: Scores (single_ids, multi_ids, dense) tensors -> [N, 5] array-like.
+Scorer = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], object]
 
 
 class PortableRanker(nn.Module):
@@ -74,16 +78,6 @@ class PortableRanker(nn.Module):
             slots.append(pooled)
         return Ranker.predictions(self.ranker.head(dense, torch.cat(slots, dim=1)))
 
-    def example_inputs(self, n: int = 4) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Valid inputs of batch ``n`` (row 0 of every table, half the history padded)."""
-        multi = torch.zeros(n, self.num_multi, dtype=torch.int64)
-        multi[:, self.num_multi // 2 :] = -1
-        return (
-            torch.zeros(n, self.num_single, dtype=torch.int64),
-            multi,
-            torch.zeros(n, dense_dim("ranker"), dtype=torch.float32),
-        )
-
     def random_inputs(
         self, n: int, seed: int = 0
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -104,11 +98,20 @@ class PortableRanker(nn.Module):
         dense = torch.randn(n, dense_dim("ranker"), generator=g)
         return single, multi, dense
 
+    def max_error(self, score: Scorer, rows: int = 256) -> float:
+        """Largest |score - eager TorchRec| over ``rows`` random valid rows: how an export
+        is checked before it is served (``score`` takes the three input tensors)."""
+        from feedrec.models.predictor import RankerPredictor
+
+        inputs = self.random_inputs(rows)
+        eager = RankerPredictor(self.ranker)(*inputs).numpy()
+        return float(np.abs(np.asarray(score(*inputs)) - eager).max())
+
     def to_torchscript(self, path: Path) -> Path:
         """Trace to TorchScript (Triton ``pytorch_libtorch``); the batch dim stays dynamic."""
         path.parent.mkdir(parents=True, exist_ok=True)
         with torch.inference_mode(False), torch.no_grad():
-            traced = torch.jit.trace(self, self.example_inputs(), check_trace=False)
+            traced = torch.jit.trace(self, self.random_inputs(4), check_trace=False)
         traced.save(str(path))
         return path
 
@@ -126,7 +129,7 @@ class PortableRanker(nn.Module):
             warnings.simplefilter("ignore", DeprecationWarning)
             torch.onnx.export(
                 self,
-                self.example_inputs(),
+                self.random_inputs(4),
                 f"{tmp}/model.onnx",
                 input_names=list(INPUT_NAMES),
                 output_names=[OUTPUT_NAME],
@@ -146,10 +149,7 @@ class OnnxRankerPredictor:
     """
 
     def __init__(self, ranker: Ranker, tolerance: float = 1e-4) -> None:
-        import numpy as np
         import onnxruntime
-
-        from feedrec.models.predictor import RankerPredictor
 
         portable = PortableRanker(ranker)
         options = onnxruntime.SessionOptions()
@@ -159,8 +159,7 @@ class OnnxRankerPredictor:
         self.session = onnxruntime.InferenceSession(
             portable.onnx_bytes(), options, providers=["CPUExecutionProvider"]
         )
-        check = portable.random_inputs(256)
-        error = float(np.abs(self(*check).numpy() - RankerPredictor(ranker)(*check).numpy()).max())
+        error = portable.max_error(lambda *t: self(*t).numpy())
         if not error <= tolerance:
             raise ValueError(f"onnxruntime ranker differs from eager by {error:.2e}")
 

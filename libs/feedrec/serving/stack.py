@@ -11,7 +11,7 @@ import os
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, TypedDict
+from typing import Any, Literal
 
 import ray
 from ray import serve
@@ -19,10 +19,13 @@ from ray import serve
 from feedrec.artifacts import load_artifact
 from feedrec.runtime.ray_cluster import init_ray, repo_root
 from feedrec.runtime.run_layout import RunLayout
-from feedrec.schema.registry import TASKS, dense_dim, sparse_features
 from feedrec.serving.config import deployment_options
 from feedrec.serving.feed_client import wait_healthy
-from feedrec.serving.triton_repository import write_model_repository, write_portable_models
+from feedrec.serving.triton_repository import (
+    ranker_io_widths,
+    write_model_repository,
+    write_portable_models,
+)
 from feedrec.serving.triton_server import TritonServer, TritonServerConfig
 
 APP_IMPORT_PATH = "apps.feed_service.app:build_app"
@@ -68,24 +71,6 @@ class StackConfig:
             )
         if not 0 < self.http_port < 65536:
             raise ValueError(f"stack config: http_port {self.http_port} is not a valid port")
-
-
-class RankerWidths(TypedDict):
-    num_single: int
-    num_multi: int
-    num_dense: int
-    num_outputs: int
-
-
-def ranker_io_widths() -> RankerWidths:
-    """Triton tensor widths of the ranker, from the registry."""
-    feats = sparse_features("ranker")
-    return {
-        "num_single": sum(1 for f in feats if f.max_len == 1),
-        "num_multi": sum(f.max_len for f in feats if f.max_len > 1),
-        "num_dense": dense_dim("ranker"),
-        "num_outputs": len(TASKS),
-    }
 
 
 class ServingStack:

@@ -22,7 +22,9 @@ import re
 import shutil
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal, TypedDict
+
+from feedrec.schema.registry import TASKS, dense_dim, sparse_features
 
 INPUT_SINGLE = "single_ids"
 INPUT_MULTI = "multi_ids"
@@ -43,6 +45,24 @@ _HEADER = {
 EXPORT_TOLERANCE = 1e-4
 
 _MODEL_NAME_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]*$")
+
+
+class RankerWidths(TypedDict):
+    num_single: int
+    num_multi: int
+    num_dense: int
+    num_outputs: int
+
+
+def ranker_io_widths() -> RankerWidths:
+    """Triton tensor widths of the ranker, from the registry."""
+    feats = sparse_features("ranker")
+    return {
+        "num_single": sum(1 for f in feats if f.max_len == 1),
+        "num_multi": sum(f.max_len for f in feats if f.max_len > 1),
+        "num_dense": dense_dim("ranker"),
+        "num_outputs": len(TASKS),
+    }
 
 
 def ranker_model_template() -> Path:
@@ -79,6 +99,17 @@ def render_config(
     The python backend runs on CPU instances; the exported backends use ``KIND_AUTO`` (GPU
     instances where the node has GPUs, else CPU).
     """
+    _check_sizes(
+        model_name,
+        version=version,
+        num_single=num_single,
+        num_multi=num_multi,
+        num_dense=num_dense,
+        num_outputs=num_outputs,
+        max_batch_size=max_batch_size,
+        instance_count=instance_count,
+        max_queue_delay_us=max_queue_delay_us,
+    )
     params = {"artifact_dir": str(artifact_dir), **(extra_parameters or {})}
     kind = "KIND_CPU" if backend == "python" else "KIND_AUTO"
     params_text = "".join(
@@ -134,30 +165,15 @@ def write_model_repository(
     served (the version_policy names ``version`` only). ``extra_parameters`` become more
     ``parameters`` entries (string values), e.g. ``predictor_factory`` read by the template.
     """
-    _check_sizes(
-        model_name,
-        artifact_dir,
-        version=version,
-        num_single=num_single,
-        num_multi=num_multi,
-        num_dense=num_dense,
-        num_outputs=num_outputs,
-        max_batch_size=max_batch_size,
-        instance_count=instance_count,
-        max_queue_delay_us=max_queue_delay_us,
-    )
     extra = dict(extra_parameters or {})
     if "artifact_dir" in extra:
         raise ValueError("extra_parameters must not set artifact_dir (pass artifact_dir)")
+    _check_artifact_dir(artifact_dir)
     artifact_dir = Path(artifact_dir).resolve()
     template = ranker_model_template()
     if not template.is_file():
         raise FileNotFoundError(f"ranker model template missing: {template}")
-
-    model_dir = Path(repo_dir) / model_name
-    version_dir = model_dir / str(version)
-    version_dir.mkdir(parents=True, exist_ok=True)
-    config = render_config(
+    config = render_config(  # validates the name and sizes before anything is written
         model_name=model_name,
         version=version,
         artifact_dir=artifact_dir,
@@ -170,6 +186,9 @@ def write_model_repository(
         max_queue_delay_us=max_queue_delay_us,
         extra_parameters=extra,
     )
+    model_dir = Path(repo_dir) / model_name
+    version_dir = model_dir / str(version)
+    version_dir.mkdir(parents=True, exist_ok=True)
     shutil.copyfile(template, version_dir / "model.py")
     # Per version (the config is per model): what lets version 2 serve another artifact while
     # version 1 still answers during a swap.
@@ -178,14 +197,17 @@ def write_model_repository(
     return model_dir
 
 
-def _check_sizes(model_name: str, artifact_dir: Path, **sizes: int) -> None:
-    """Validate the name, the artifact dir and the sizes (all >= 1; the queue delay >= 0)."""
+def _check_sizes(model_name: str, **sizes: int) -> None:
+    """Validate the name and the sizes (all >= 1; the queue delay >= 0)."""
     if not _MODEL_NAME_RE.match(model_name):
         raise ValueError(f"model_name {model_name!r} must match {_MODEL_NAME_RE.pattern}")
     for name, value in sizes.items():
         low = 0 if name == "max_queue_delay_us" else 1
         if isinstance(value, bool) or not isinstance(value, int) or value < low:
             raise ValueError(f"{name} must be an int >= {low}, got {value!r}")
+
+
+def _check_artifact_dir(artifact_dir: Path) -> None:
     if not Path(artifact_dir).is_dir():
         raise ValueError(f"artifact_dir {Path(artifact_dir).resolve()} is not a directory")
 
@@ -210,58 +232,19 @@ def write_portable_models(
     Returns backend -> model dir.
     """
     # Imported here: the Triton client side (ranker_client) must not pull in torch/onnx.
-    import numpy as np
-    import onnxruntime
-    import torch
-
-    from feedrec.models.portable_ranker import INPUT_NAMES, PortableRanker
-    from feedrec.models.predictor import RankerPredictor, trained_model
+    from feedrec.models.portable_ranker import PortableRanker
+    from feedrec.models.predictor import trained_model
     from feedrec.models.ranker import Ranker
 
-    ranker = trained_model(Path(artifact_dir), Ranker)
-    portable = PortableRanker(ranker)
-    inputs = portable.random_inputs(check_rows)
-    eager = RankerPredictor(ranker)(*inputs).numpy()
-    widths = {
-        "num_single": portable.num_single,
-        "num_multi": portable.num_multi,
-        "num_dense": int(inputs[2].shape[1]),
-        "num_outputs": int(eager.shape[1]),
+    _check_artifact_dir(artifact_dir)
+    portable = PortableRanker(trained_model(Path(artifact_dir), Ranker))
+    widths = ranker_io_widths()
+    exports: dict[Backend, tuple[Path, str]] = {
+        "onnxruntime": (Path(repo_dir) / f"{model_name}_onnx", "model.onnx"),
+        "pytorch": (Path(repo_dir) / f"{model_name}_torchscript", "model.pt"),
     }
-    _check_sizes(
-        model_name,
-        artifact_dir,
-        version=version,
-        max_batch_size=max_batch_size,
-        instance_count=instance_count,
-        max_queue_delay_us=max_queue_delay_us,
-        **widths,
-    )
-    feeds = {name: t.numpy() for name, t in zip(INPUT_NAMES, inputs, strict=True)}
-    out: dict[Backend, Path] = {}
-    exports: tuple[tuple[Backend, str, str], ...] = (
-        ("onnxruntime", "onnx", "model.onnx"),
-        ("pytorch", "torchscript", "model.pt"),
-    )
-    for backend, suffix, filename in exports:
-        model_dir = Path(repo_dir) / f"{model_name}_{suffix}"
-        path = model_dir / str(version) / filename
-        if backend == "onnxruntime":
-            portable.to_onnx(path)
-            session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-            scores = session.run(None, feeds)[0]
-        else:
-            portable.to_torchscript(path)
-            with torch.no_grad():
-                scores = torch.jit.load(str(path))(*inputs).numpy()
-        error = float(np.abs(scores - eager).max())
-        if not error <= EXPORT_TOLERANCE:
-            path.unlink()
-            raise ValueError(
-                f"{backend} export of {artifact_dir} differs from eager by {error:.2e} "
-                f"> {EXPORT_TOLERANCE:.0e}"
-            )
-        config = render_config(
+    configs = {  # rendered first: bad names or sizes fail before the slow exports
+        backend: render_config(
             model_name=model_dir.name,
             artifact_dir=Path(artifact_dir).resolve(),
             backend=backend,
@@ -269,11 +252,46 @@ def write_portable_models(
             max_batch_size=max_batch_size,
             instance_count=instance_count,
             max_queue_delay_us=max_queue_delay_us,
-            num_single=widths["num_single"],
-            num_multi=widths["num_multi"],
-            num_dense=widths["num_dense"],
-            num_outputs=widths["num_outputs"],
+            **widths,
         )
-        (model_dir / "config.pbtxt").write_text(config)
-        out[backend] = model_dir
-    return out
+        for backend, (model_dir, _) in exports.items()
+    }
+    for backend, (model_dir, filename) in exports.items():
+        path = model_dir / str(version) / filename
+        if backend == "onnxruntime":
+            portable.to_onnx(path)
+        else:
+            portable.to_torchscript(path)
+        error = portable.max_error(_loaded_scorer(backend, path), check_rows)
+        if not error <= EXPORT_TOLERANCE:
+            path.unlink()
+            raise ValueError(
+                f"{backend} export of {artifact_dir} differs from eager by {error:.2e} "
+                f"> {EXPORT_TOLERANCE:.0e}"
+            )
+        (model_dir / "config.pbtxt").write_text(configs[backend])
+    return {backend: model_dir for backend, (model_dir, _) in exports.items()}
+
+
+def _loaded_scorer(backend: Backend, path: Path) -> Any:
+    """The export at ``path`` loaded with its own runtime: (single, multi, dense) -> [N, 5]."""
+    import torch
+
+    from feedrec.models.portable_ranker import INPUT_NAMES
+
+    if backend == "onnxruntime":
+        import onnxruntime
+
+        session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+
+        def run(*t: torch.Tensor) -> object:
+            return session.run(None, {n: x.numpy() for n, x in zip(INPUT_NAMES, t, strict=True)})[0]
+
+        return run
+    traced = torch.jit.load(str(path))
+
+    def call(*t: torch.Tensor) -> object:
+        with torch.no_grad():
+            return traced(*t).numpy()
+
+    return call
