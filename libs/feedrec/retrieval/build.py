@@ -12,7 +12,7 @@ from feedrec.data.preprocess import PreprocessLayout, load_entity_attributes
 from feedrec.features.tables import FeatureTables
 from feedrec.features.transform import FeatureTransform
 from feedrec.models.predictor import TowerEncoder
-from feedrec.retrieval.post_index import PostIndex
+from feedrec.retrieval.post_index import EXACT_MAX_POSTS, PostIndex
 from feedrec.world.generator import load_world_config
 from feedrec.world.layout import WorldLayout
 
@@ -37,12 +37,14 @@ def build_retrieval_artifact(
     posts = np.flatnonzero((created < day) & (created >= day - lifetime))
     transform = FeatureTransform(tower.vocabs)
     inputs = transform(attrs.post_columns(posts), "item_tower")
-    # Sample viewers as of the serving day: the queries the index sweep tunes recall for.
-    tables = FeatureTables.load(data.tables, day=day)
-    users = np.random.default_rng(0).choice(attrs.n_users, min(SWEEP_QUERIES, attrs.n_users))
-    queries = encoder.users(
-        transform(tables.user_columns(users, np.full(len(users), day)), "user_tower")
-    )
+    queries = None
+    if len(posts) > EXACT_MAX_POSTS:  # only large corpora get the sweep: skip the work otherwise
+        # Sample viewers as of the serving day: the queries the sweep tunes recall for.
+        tables = FeatureTables.load(data.tables, day=day)
+        users = np.random.default_rng(0).choice(attrs.n_users, min(SWEEP_QUERIES, attrs.n_users))
+        queries = encoder.users(
+            transform(tables.user_columns(users, np.full(len(users), day)), "user_tower")
+        )
     index, sweep = PostIndex.build(encoder.items(inputs), posts, queries=queries)
     tmp = Path(out_dir).with_name(Path(out_dir).name + ".index")
     tmp.mkdir(parents=True, exist_ok=True)

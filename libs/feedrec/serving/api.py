@@ -17,6 +17,11 @@ CONTEXT_FEATURES = ("user_segment",)
 MAX_INTERESTS = 20
 
 
+def _id_list(max_length: int, description: str) -> tuple[object, object]:
+    """An optional list of ids (default empty) as a ``create_model`` field."""
+    return (list[int], Field(default_factory=list, max_length=max_length, description=description))
+
+
 def _request_model() -> type[BaseModel]:
     known = {c.name for c in RAW_COLUMNS if c.entity == "user" and c.dtype == "int64"}
     missing = set(REQUEST_FEATURES + CONTEXT_FEATURES) - known
@@ -31,25 +36,15 @@ def _request_model() -> type[BaseModel]:
             int | None,
             Field(default=None, ge=0, description=f"cold-start context: registry feature {name}"),
         )
-    fields["interests"] = (
-        list[int],
-        Field(
-            default_factory=list,
-            max_length=MAX_INTERESTS,
-            description="cold-start context: topic ids the viewer picked (e.g. at sign-up)",
-        ),
+    fields["interests"] = _id_list(
+        MAX_INTERESTS, "cold-start context: topic ids the viewer picked (e.g. at sign-up)"
     )
     fields["count"] = (
         int,
         Field(default=20, ge=1, le=MAX_COUNT, description="number of posts to return"),
     )
-    fields["blocked_creator_ids"] = (
-        list[int],
-        Field(
-            default_factory=list,
-            max_length=MAX_BLOCKED,
-            description="creators the viewer blocked: none of their posts is returned",
-        ),
+    fields["blocked_creator_ids"] = _id_list(
+        MAX_BLOCKED, "creators the viewer blocked: none of their posts is returned"
     )
     fields["debug"] = (
         bool,
