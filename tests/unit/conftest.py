@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from pathlib import Path
+
 import pytest
 
 
@@ -13,3 +16,32 @@ def _no_ray(monkeypatch: pytest.MonkeyPatch) -> None:
         raise RuntimeError("unit tests must not start Ray; move this test to tests/integration")
 
     monkeypatch.setattr(ray, "init", refuse)
+
+
+@pytest.fixture
+def ranker_artifact() -> Callable[[Path, int], Path]:
+    """``make(root, seed)`` -> a small verified ranker artifact directory at ``root``."""
+
+    def make(root: Path, seed: int = 0, extra: dict[str, Path] | None = None) -> Path:
+        import numpy as np
+        import torch
+
+        from feedrec.artifacts import save_artifact
+        from feedrec.features.vocabulary import Vocabularies, Vocabulary
+        from feedrec.models.ranker import Ranker, RankerConfig
+        from feedrec.schema import TABLES
+
+        torch.manual_seed(seed)
+        vocabs = Vocabularies({t.vocab: Vocabulary(np.arange(4)) for t in TABLES})
+        model = Ranker(RankerConfig(num_rows=vocabs.num_rows()))
+        return save_artifact(
+            root,
+            kind="ranker",
+            state_dict=model.state_dict(),
+            model_config=model.config,
+            vocabs=vocabs,
+            metadata={},
+            extra_files=extra,
+        )
+
+    return make

@@ -136,7 +136,11 @@ def load_artifact(root: Path) -> ModelArtifact:
     except json.JSONDecodeError as e:
         raise ArtifactError(f"{manifest_path}: unreadable manifest ({e})") from e
     for name, expected in manifest["sha256"].items():
+        # A manifest may only name files inside its own directory (no "../", no absolute
+        # paths, no symlinks out): an artifact copied from elsewhere is untrusted input.
         path = root / name
+        if Path(name).name != name or name in ("", ".", "..") or path.is_symlink():
+            raise ArtifactError(f"{root}: manifest names {name!r}, not a plain file in it")
         if not path.is_file():
             raise ArtifactError(f"{root}: file {name} listed in the manifest is missing")
         if _sha256(path) != expected:

@@ -1,0 +1,171 @@
+"""The model registry: numbered verified copies, the metric gate, promotion and rollback."""
+
+import json
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from feedrec.artifacts import ArtifactError
+from feedrec.artifacts.model_registry import (
+    ModelRegistry,
+    PromotionGate,
+    RegistryError,
+    flat_metrics,
+)
+from feedrec.cli import main
+
+GOOD = {"auc.like": 0.75, "logloss.like": 0.20, "ece.like": 0.003}
+
+
+def test_register_numbers_versions_and_copies_verified_files(
+    tmp_path: Path, ranker_artifact: Callable[..., Path]
+) -> None:
+    reg = ModelRegistry(tmp_path / "reg")
+    a = reg.register("ranker", ranker_artifact(tmp_path / "a"), metrics=GOOD)
+    b = reg.register("ranker", ranker_artifact(tmp_path / "b", seed=1), metrics=GOOD)
+    assert (a.version, b.version) == (1, 2)
+    assert a.path == tmp_path.resolve() / "reg" / "ranker" / "v0001"
+    assert a.artifact_version != b.artifact_version
+    assert reg.entry("ranker", 2).metrics == GOOD
+    assert reg.load("ranker", 1).version == a.artifact_version
+    assert reg.production("ranker") is None
+
+
+def test_corrupt_artifact_is_never_registered(
+    tmp_path: Path, ranker_artifact: Callable[..., Path]
+) -> None:
+    src = ranker_artifact(tmp_path / "a")
+    (src / "weights.pt").write_bytes((src / "weights.pt").read_bytes()[:-5])
+    reg = ModelRegistry(tmp_path / "reg")
+    with pytest.raises(ArtifactError, match=r"weights\.pt"):
+        reg.register("ranker", src)
+    assert reg.versions("ranker") == []
+
+
+def test_retrieval_needs_an_index_and_ranker_must_not_have_one(
+    tmp_path: Path, ranker_artifact: Callable[..., Path]
+) -> None:
+    reg = ModelRegistry(tmp_path / "reg")
+    with pytest.raises(RegistryError, match="must contain a faiss index"):
+        reg.register("retrieval", ranker_artifact(tmp_path / "a"))
+    index = tmp_path / "index.faiss"
+    index.write_bytes(b"x")
+    with pytest.raises(RegistryError, match="must not contain"):
+        reg.register("ranker", ranker_artifact(tmp_path / "b", extra={"index.faiss": index}))
+
+
+def test_gate_refuses_regressions_and_force_overrides(
+    tmp_path: Path, ranker_artifact: Callable[..., Path]
+) -> None:
+    reg = ModelRegistry(tmp_path / "reg")
+    reg.register("ranker", ranker_artifact(tmp_path / "a"), metrics=GOOD)
+    worse = {**GOOD, "auc.like": 0.70}
+    reg.register("ranker", ranker_artifact(tmp_path / "b", seed=1), metrics=worse)
+    first = reg.promote("ranker", 1)
+    assert (first.previous, first.version) == (None, 1)
+    with pytest.raises(RegistryError, match=r"auc\.like: 0\.7000 vs production 0\.7500"):
+        reg.promote("ranker", 2)
+    assert reg.production_version("ranker") == 1
+    forced = reg.promote("ranker", 2, force=True)
+    assert forced.forced and forced.gate_failures and reg.production_version("ranker") == 2
+
+
+def test_gate_directions_per_metric() -> None:
+    gate = PromotionGate(max_relative_drop=0.01, max_ece_increase=0.005)
+    assert gate.check({**GOOD, "auc.like": 0.7426}, GOOD) == []  # -0.99%: allowed
+    assert gate.check({**GOOD, "logloss.like": 0.199}, GOOD) == []  # better
+    assert len(gate.check({**GOOD, "logloss.like": 0.21}, GOOD)) == 1
+    assert len(gate.check({**GOOD, "ece.like": 0.0085}, GOOD)) == 1
+    assert "missing" in gate.check({"auc.like": 0.8}, GOOD)[0]
+    with pytest.raises(ValueError, match="max_relative_drop"):
+        PromotionGate(max_relative_drop=1.5)
+
+
+def test_rollback_walks_back_the_history(
+    tmp_path: Path, ranker_artifact: Callable[..., Path]
+) -> None:
+    reg = ModelRegistry(tmp_path / "reg")
+    for i in range(3):
+        reg.register("ranker", ranker_artifact(tmp_path / f"m{i}", seed=i), metrics=GOOD)
+        reg.promote("ranker", i + 1)
+    assert reg.rollback("ranker").version == 2
+    assert reg.rollback("ranker").version == 1
+    with pytest.raises(RegistryError, match="no earlier production version"):
+        reg.rollback("ranker")
+    assert reg.production_version("ranker") == 1
+
+
+def test_rollback_refuses_a_corrupted_target(
+    tmp_path: Path, ranker_artifact: Callable[..., Path]
+) -> None:
+    reg = ModelRegistry(tmp_path / "reg")
+    for i in range(2):
+        reg.register("ranker", ranker_artifact(tmp_path / f"m{i}", seed=i), metrics=GOOD)
+        reg.promote("ranker", i + 1)
+    weights = reg.entry("ranker", 1).path / "weights.pt"
+    weights.write_bytes(b"tampered")
+    with pytest.raises(ArtifactError, match="checksum mismatch"):
+        reg.rollback("ranker")
+    assert reg.production_version("ranker") == 2
+
+
+def test_paths_cannot_escape_the_root(tmp_path: Path, ranker_artifact: Callable[..., Path]) -> None:
+    reg = ModelRegistry(tmp_path / "reg")
+    with pytest.raises(RegistryError, match="unknown model name"):
+        reg.version_dir("../../etc", 1)
+    with pytest.raises(RegistryError, match="positive integer"):
+        reg.version_dir("ranker", 0)
+    outside = ranker_artifact(tmp_path / "outside")
+    (tmp_path / "reg" / "ranker").mkdir(parents=True)
+    (tmp_path / "reg" / "ranker" / "v0001").symlink_to(outside)
+    with pytest.raises(RegistryError, match="outside the registry root"):
+        reg.entry("ranker", 1)
+
+
+def test_manifest_naming_a_file_outside_is_refused(
+    tmp_path: Path, ranker_artifact: Callable[..., Path]
+) -> None:
+    src = ranker_artifact(tmp_path / "a")
+    manifest = json.loads((src / "manifest.json").read_text())
+    manifest["sha256"]["../secret"] = "0" * 64
+    (src / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(ArtifactError, match="not a plain file"):
+        ModelRegistry(tmp_path / "reg").register("ranker", src)
+
+
+def test_flat_metrics_from_an_evaluation() -> None:
+    metrics = {
+        "ranking": {"rows": 10, "like": {"model": {"auc": 0.7, "logloss": 0.2, "ece": 0.01}}},
+        "retrieval": {"model": {"recall@100": 0.03}},
+    }
+    assert flat_metrics("ranker", metrics) == {
+        "auc.like": 0.7,
+        "logloss.like": 0.2,
+        "ece.like": 0.01,
+    }
+    assert flat_metrics("retrieval", metrics) == {"recall@100": 0.03}
+
+
+def test_cli_promote_rollback_and_errors(
+    tmp_path: Path, ranker_artifact: Callable[..., Path]
+) -> None:
+    reg = ModelRegistry(tmp_path / "reg")
+    reg.register("ranker", ranker_artifact(tmp_path / "a"), metrics=GOOD)
+    reg.register(
+        "ranker", ranker_artifact(tmp_path / "b", seed=1), metrics={**GOOD, "auc.like": 0.5}
+    )
+    runner = CliRunner()
+    args = ["--registry", str(tmp_path / "reg")]
+    ok = runner.invoke(main, ["models", "promote", "ranker", "1", *args])
+    assert ok.exit_code == 0 and "production vNone -> v1" in ok.output
+    refused = runner.invoke(main, ["models", "promote", "ranker", "2", *args])
+    assert refused.exit_code == 2 and "auc.like" in refused.output
+    listed = runner.invoke(main, ["models", "list", *args])
+    assert "* ranker-v1" in listed.output and "  ranker-v2" in listed.output
+    missing = runner.invoke(main, ["models", "promote", "ranker", "9", *args])
+    assert missing.exit_code == 2 and "not registered" in missing.output
+    runner.invoke(main, ["models", "promote", "ranker", "2", "--force", *args])
+    back = runner.invoke(main, ["models", "rollback", "ranker", *args])
+    assert back.exit_code == 0 and "v2 -> v1" in back.output
