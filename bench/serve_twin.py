@@ -17,7 +17,6 @@ import numpy as np
 import uvicorn
 from fastapi import FastAPI, HTTPException
 
-from feedrec.artifacts import load_artifact
 from feedrec.serving.api import FeedRequest, FeedResponse
 from feedrec.serving.config import ServiceConfig
 from feedrec.serving.online_store import OnlineFeatureStore
@@ -31,7 +30,8 @@ def twin_app(cfg: ServiceConfig) -> FastAPI:
     retriever, scorer, reranker = Retriever(cfg, store), Scorer(cfg, store), Reranker(cfg, store)
 
     async def retrieve(user_id: int, k: int, blocked: list[int]) -> Any:
-        return retriever.allowed(user_id, retriever.search([user_id])[0], k, blocked)
+        hits = retriever.search([user_id])[0]
+        return (*retriever.allowed(user_id, hits, k, blocked), retriever.label)
 
     async def select(post_ids: list[int], predictions: np.ndarray, count: int, debug: bool) -> Any:
         return reranker.select(post_ids, predictions, count, debug)
@@ -39,7 +39,6 @@ def twin_app(cfg: ServiceConfig) -> FastAPI:
     pipeline = FeedPipeline(
         cfg,
         store,
-        load_artifact(cfg.ranker_dir).version,
         retrieve=retrieve,
         rank=scorer.score,
         rerank=select,

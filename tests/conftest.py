@@ -21,6 +21,7 @@ _CRASH_RETRIES = 1
 _crashes: dict[str, int] = {}
 
 
+@pytest.hookimpl(optionalhook=True)  # an xdist hook: `-p no:xdist` runs still collect
 def pytest_handlecrashitem(crashitem: str, report: pytest.TestReport, sched: object) -> None:
     """xdist hook: reschedule a crashed test once (see the comment above)."""
     _crashes[crashitem] = _crashes.get(crashitem, 0) + 1
@@ -56,6 +57,9 @@ def debug_run(tmp_path_factory: pytest.TempPathFactory, ray_cluster: None) -> Pa
     from feedrec import pipeline
     from feedrec.runtime import RunLayout
 
+    reuse = os.environ.get("FEEDREC_TEST_RUN")  # developer loop: a run made by this fixture
+    if reuse:  # and `trained_run` before, e.g. `feedrec generate --preset debug` + train + index
+        return Path(reuse).resolve()
     run = RunLayout(tmp_path_factory.mktemp("run"))
     pipeline.generate(run, "debug")
     pipeline.preprocess(run)
@@ -69,6 +73,8 @@ def trained_run(debug_run: Path) -> Path:
     from feedrec.runtime import RunLayout
 
     run = RunLayout(debug_run)
+    if os.environ.get("FEEDREC_TEST_RUN") and run.retrieval.is_dir():
+        return debug_run
     pipeline.train(run, "ranker", "debug")
     pipeline.train(run, "two_tower", "debug")
     pipeline.index(run)

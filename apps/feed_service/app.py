@@ -8,22 +8,28 @@ while a deployment hop cost 10-25 ms on the 2-core box (measured with debug timi
 Deploy with ``feedrec serve up`` or ``serve deploy apps/feed_service/serve_config.yaml``.
 """
 
-from typing import Any
+from dataclasses import asdict
+from typing import Any, Literal
 
 import numpy as np
-from fastapi import FastAPI, HTTPException
+from fastapi import FastAPI, Header, HTTPException
 from ray import serve
 from ray.serve.handle import DeploymentHandle
 
-from feedrec.artifacts import load_artifact
-from feedrec.serving.api import FeedRequest, FeedResponse
+from feedrec.artifacts import ArtifactError
+from feedrec.artifacts.model_registry import MODEL_NAMES, ModelRegistry, RegistryError
+from feedrec.serving.admin_auth import AdminAuth, AdminAuthError
+from feedrec.serving.api import FeedRequest, FeedResponse, PromoteRequest
 from feedrec.serving.config import ServiceConfig
+from feedrec.serving.feed_metrics import FeedMetrics
 from feedrec.serving.online_store import OnlineFeatureStore
-from feedrec.serving.stages import FeedPipeline, RequestError, Reranker, Retriever, Scorer
+from feedrec.serving.request_limits import install_request_limits
+from feedrec.serving.stages import FeedPipeline, RequestError, Reranker, Scorer, retrievers
 
 # Fractional CPUs: the whole chain fits a 2-core laptop; a cluster scales replicas up. The
 # Serve YAML (serve_config.yaml) overrides these and adds autoscaling.
 _SMALL = {"num_cpus": 0.25}
+ModelName = Literal["ranker", "retrieval"]
 
 
 def _store(cfg: ServiceConfig) -> OnlineFeatureStore:
@@ -38,18 +44,22 @@ class Retrieval:
 
     def __init__(self, config: dict[str, Any]) -> None:
         cfg = ServiceConfig(**config)
-        self.stage = Retriever(cfg, _store(cfg))
+        # Fixed, or following the registry's production version (swapped in by a thread).
+        self.retrievers = retrievers(cfg, _store(cfg))
 
     @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.002)
-    async def _search(self, user_ids: list[int]) -> list[np.ndarray]:
+    async def _search(self, user_ids: list[int]) -> list[tuple[np.ndarray, str]]:
         """Concurrent requests' users in one user-tower pass and one faiss search."""
-        return self.stage.search(user_ids)
+        retriever = self.retrievers.current
+        return [(hits, retriever.label) for hits in retriever.search(user_ids)]
 
     async def candidates(
         self, user_id: int, k: int, blocked: list[int]
-    ) -> tuple[list[int], dict[str, int]]:
-        """Up to ``k`` allowed post ids, best first, and how many hits each filter removed."""
-        return self.stage.allowed(user_id, await self._search(user_id), k, blocked)
+    ) -> tuple[list[int], dict[str, int], str]:
+        """Up to ``k`` allowed post ids, best first, how many hits each filter removed, and
+        the label of the retrieval version that found them."""
+        hits, label = await self._search(user_id)
+        return (*self.retrievers.current.allowed(user_id, hits, k, blocked), label)
 
 
 @serve.deployment(ray_actor_options=_SMALL)
@@ -60,11 +70,12 @@ class Ranking:
         cfg = ServiceConfig(**config)
         self.stage = Scorer(cfg, _store(cfg))
 
-    async def score(self, user_id: int, post_ids: list[int]) -> np.ndarray:
+    async def score(self, user_id: int, post_ids: list[int]) -> tuple[np.ndarray, str]:
         return await self.stage.score(user_id, post_ids)
 
 
 api = FastAPI(title="feedrec", description="Suggested posts from accounts you don't follow.")
+install_request_limits(api)  # body size, JSON-only, hostile JSON -> 4xx naming it
 
 
 @serve.deployment(ray_actor_options=_SMALL)
@@ -95,11 +106,56 @@ class Ingress:
         self.pipeline = FeedPipeline(
             cfg,
             store,
-            load_artifact(cfg.ranker_dir).version,
             retrieve=retrieve,
             rank=rank,
             rerank=select,
+            metrics=FeedMetrics(),
         )
+        self.admin = AdminAuth.from_file(cfg.admin_token_file)
+        self.registry = ModelRegistry(cfg.registry_dir) if cfg.registry_dir else None
+
+    def _admin_registry(self, authorization: str | None) -> ModelRegistry:
+        try:
+            self.admin.check(authorization)
+        except AdminAuthError as e:
+            raise HTTPException(status_code=e.status, detail=e.reason) from e
+        if self.registry is None:
+            raise HTTPException(status_code=409, detail="this service is not serving a registry")
+        return self.registry
+
+    @api.get("/admin/models", include_in_schema=False)
+    def admin_models(self, authorization: str | None = Header(default=None)) -> list[dict]:
+        registry = self._admin_registry(authorization)
+        return [
+            {**entry.to_dict(), "production": live}
+            for name in MODEL_NAMES
+            for entry, live in registry.list(name)
+        ]
+
+    @api.post("/admin/models/{name}/promote", include_in_schema=False)
+    def admin_promote(
+        self,
+        name: ModelName,
+        body: PromoteRequest,
+        authorization: str | None = Header(default=None),
+    ) -> dict[str, Any]:
+        """Promote through the metric gate; replicas pick it up at their next registry poll."""
+        registry = self._admin_registry(authorization)
+        try:
+            done = registry.promote(name, body.version, force=body.force)
+        except (RegistryError, ArtifactError) as e:
+            raise HTTPException(status_code=409, detail=str(e)) from e
+        return asdict(done)
+
+    @api.post("/admin/models/{name}/rollback", include_in_schema=False)
+    def admin_rollback(
+        self, name: ModelName, authorization: str | None = Header(default=None)
+    ) -> dict[str, Any]:
+        registry = self._admin_registry(authorization)
+        try:
+            return asdict(registry.rollback(name))
+        except (RegistryError, ArtifactError) as e:
+            raise HTTPException(status_code=409, detail=str(e)) from e
 
     @api.get("/healthz")
     def healthz(self) -> dict[str, str]:

@@ -6,8 +6,6 @@ pair equal the ones the offline (Ray Data) path computes.
 
 from __future__ import annotations
 
-import socket
-from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
@@ -25,20 +23,8 @@ from feedrec.runtime import RunLayout
 from feedrec.schema import RAW_COLUMNS, TASKS
 from feedrec.serving.online_store import OnlineFeatureStore
 from feedrec.serving.ranker_client import TritonRankerClient
-from feedrec.serving.stack import ServingStack, StackConfig
+from feedrec.serving.stack import ServingStack
 from feedrec.training.trainer import ranker_columns
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-@pytest.fixture(scope="module")
-def stack(trained_run: Path) -> Iterator[ServingStack]:
-    with ServingStack(StackConfig(run_dir=trained_run, http_port=_free_port())) as s:
-        yield s
 
 
 def _feed(stack: ServingStack, **body: object) -> httpx.Response:
@@ -221,32 +207,44 @@ def test_train_path_and_serve_path_give_identical_tensors_and_scores(
     np.testing.assert_allclose(triton, eager, rtol=1e-5, atol=1e-6)
 
 
-def test_ranker_swap_under_traffic_drops_no_request(stack: ServingStack, trained_run: Path) -> None:
-    """The trained ranker again, as Triton model version 2, loaded while feeds are requested."""
-    import concurrent.futures
-    import threading
+def test_prometheus_metrics_are_exported_through_ray(stack: ServingStack) -> None:
+    """What the dashboard and alert rules (apps/feed_service/monitoring) read is scraped from
+    Ray's metrics endpoint after real requests."""
+    import time
 
-    swapped = threading.Event()
+    import ray
 
-    def feeds() -> list[tuple[int, bool]]:
-        out: list[tuple[int, bool]] = []
-        after = 0
-        while after < 5:  # until 5 requests after the swap completed
-            after += swapped.is_set()
-            r = _feed(stack, user_id=len(out) % 50, count=5)
-            out.append((r.status_code, r.status_code == 200 and r.json()["fallback"]))
-        return out
+    for user in range(6):
+        assert _feed(stack, user_id=user, count=5).status_code == 200
+    assert _feed(stack, user_id=10**7, count=5).json()["cold_start"] is True
+    assert _feed(stack, user_id=-1, count=5).status_code == 422
+    port = ray.nodes()[0]["MetricsExportPort"]
+    # (name, tags that one of its sample lines must carry; tag order is not fixed)
+    want = [
+        ("ray_feedrec_feed_requests_total", ['outcome="ok"']),
+        ("ray_feedrec_feed_requests_total", ['outcome="cold_start"']),
+        ("ray_feedrec_stage_latency_ms_bucket", ['stage="total"', 'le="100.0"']),
+        ("ray_feedrec_candidates_bucket", ['stage="retrieved"']),
+        ("ray_feedrec_prediction_mean_bucket", ['task="like"']),
+        ("ray_feedrec_served_score_bucket", []),
+        ("ray_feedrec_model_info", ["model_version="]),
+        ("ray_serve_num_http_requests_total", []),
+        ("ray_serve_num_http_error_requests_total", ['error_code="422"']),
+        ("ray_serve_deployment_replica_healthy", ['deployment="Ranking"']),
+    ]
 
-    with concurrent.futures.ThreadPoolExecutor(2) as pool:
-        running = [pool.submit(feeds) for _ in range(2)]
-        try:
-            version = stack.swap_ranker(RunLayout(trained_run).ranker)
-        finally:
-            swapped.set()
-        answers = [a for f in running for a in f.result()]
-    assert version == 2
-    assert len(answers) > 10
-    assert all(code == 200 and not fallback for code, fallback in answers), answers
+    def present(lines: list[str], name: str, tags: list[str]) -> bool:
+        return any(
+            line.startswith((name + "{", name + " ")) and all(t in line for t in tags)
+            for line in lines
+        )
+
+    deadline, missing = time.monotonic() + 90, want
+    while missing and time.monotonic() < deadline:
+        time.sleep(2)  # Ray's agents report every few seconds
+        lines = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=10).text.splitlines()
+        missing = [(name, tags) for name, tags in want if not present(lines, name, tags)]
+    assert not missing, missing
 
 
 def test_triton_down_serves_flagged_fallback_never_5xx(stack: ServingStack) -> None:

@@ -24,7 +24,7 @@ import pytest
 from tritonclient.utils import InferenceServerException
 
 from feedrec.serving.ranker_client import TritonRankerClient
-from feedrec.serving.triton_repository import write_model_repository
+from feedrec.serving.triton_repository import add_model_version, write_model_repository
 from feedrec.serving.triton_server import TritonServer, TritonServerConfig
 
 S, H, D = 2, 3, 4  # sparse ids, history length, dense features per row
@@ -317,8 +317,9 @@ def test_stop_ends_process(server: TritonServer) -> None:
 
 
 def test_new_ranker_version_takes_over_without_a_failed_request(tmp_path: Path) -> None:
-    """Version 2 (another artifact) is written next to version 1 and loaded while two clients
-    keep scoring: every request is answered, first by version 1, at the end by version 2."""
+    """Version 2 (another artifact) is added next to version 1 and loaded while two clients
+    keep scoring: every request is answered, first by version 1, at the end by version 2 (the
+    latest, for clients that name no version); version 1 still answers when asked by name."""
     pymods = tmp_path / "pymods"
     pymods.mkdir()
     (pymods / "fake_ranker_predictor.py").write_text(FAKE_PREDICTOR)
@@ -375,8 +376,12 @@ def test_new_ranker_version_takes_over_without_a_failed_request(tmp_path: Path) 
         try:
             while len(scales) < 10 and not errors:
                 time.sleep(0.05)
-            write(2)
+            config_before = (repo / "ranker" / "config.pbtxt").read_bytes()
+            # Version 1 stays loaded (pinned clients); the config is untouched, so Triton
+            # loads version 2 only instead of reloading both.
+            add_model_version(repo, artifacts[2], 2, keep=[1])
             srv.load_model("ranker")
+            assert (repo / "ranker" / "config.pbtxt").read_bytes() == config_before
             seen = len(scales)
             while len(scales) < seen + 10 and not errors:
                 time.sleep(0.05)
@@ -384,6 +389,10 @@ def test_new_ranker_version_takes_over_without_a_failed_request(tmp_path: Path) 
             stop.set()
             for t in threads:
                 t.join(timeout=60)
+        pinned = TritonRankerClient(srv.grpc_url, model_version="1")
+        out = pinned.score_sync(sparse, topics, dense, timeout_s=30)
+        pinned.close_sync()
+        assert np.allclose(out[:, 2] / dense.sum(axis=1), 10)  # the kept version still answers
         with pytest.raises(RuntimeError, match="could not load 'nope'"):
             srv.load_model("nope")
     assert not errors, errors[:3]

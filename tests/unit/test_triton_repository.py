@@ -15,7 +15,11 @@ import torch
 from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2
 
-from feedrec.serving.triton_repository import ranker_model_template, write_model_repository
+from feedrec.serving.triton_repository import (
+    add_model_version,
+    ranker_model_template,
+    write_model_repository,
+)
 
 DIMS: dict[str, Any] = {"num_single": 5, "num_multi": 20, "num_dense": 7, "num_outputs": 3}
 
@@ -55,7 +59,7 @@ def test_writes_parseable_config_and_copies_template(tmp_path: Path) -> None:
     [group] = cfg.instance_group
     assert group.count == 2
     assert group.kind == model_config_pb2.ModelInstanceGroup.KIND_CPU
-    assert list(cfg.version_policy.specific.versions) == [1]
+    assert cfg.version_policy.HasField("all")
     assert cfg.parameters["artifact_dir"].string_value == str(artifact.resolve())
     copied = model_dir / "1" / "model.py"
     assert copied.read_bytes() == ranker_model_template().read_bytes()
@@ -76,10 +80,29 @@ def test_new_version_and_extra_parameters(tmp_path: Path) -> None:
     )
     cfg = _parse(model_dir)
     assert cfg.name == "ranker_v2"
-    assert list(cfg.version_policy.specific.versions) == [3]
+    assert cfg.version_policy.HasField("all")
     assert (model_dir / "3" / "model.py").is_file()
     assert cfg.parameters["predictor_factory"].string_value == 'm:F "quoted"'
     assert (tmp_path / "repo" / "ranker" / "config.pbtxt").is_file()  # untouched
+
+
+def test_add_model_version_keeps_named_versions_and_the_config(tmp_path: Path) -> None:
+    a, b = tmp_path / "a", tmp_path / "b"
+    a.mkdir()
+    b.mkdir()
+    model_dir = write_model_repository(tmp_path / "repo", a, version=1, **DIMS)
+    (model_dir / "7").mkdir()  # stale, e.g. from an earlier run
+    config = (model_dir / "config.pbtxt").read_bytes()
+    add_model_version(tmp_path / "repo", b, 2, keep=[1])
+    assert sorted(p.name for p in model_dir.iterdir() if p.is_dir()) == ["1", "2"]
+    assert (model_dir / "2" / "artifact_dir.txt").read_text() == str(b.resolve())
+    assert (model_dir / "config.pbtxt").read_bytes() == config  # a reload of every version
+    add_model_version(tmp_path / "repo", a, 3, keep=[2])
+    assert sorted(p.name for p in model_dir.iterdir() if p.is_dir()) == ["2", "3"]
+    with pytest.raises(FileNotFoundError, match=r"config\.pbtxt"):
+        add_model_version(tmp_path / "other", a, 1)
+    with pytest.raises(ValueError, match="keep_0"):
+        add_model_version(tmp_path / "repo", a, 4, keep=[0])
 
 
 @pytest.mark.parametrize(

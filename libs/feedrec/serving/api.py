@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from pydantic import BaseModel, ConfigDict, Field, create_model
+from typing import Annotated
+
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, create_model
 
 from feedrec.schema.registry import RAW_COLUMNS, TASKS
 
@@ -15,11 +17,31 @@ REQUEST_FEATURES = ("user_id",)
 #: user-side id columns of the registry.
 CONTEXT_FEATURES = ("user_segment",)
 MAX_INTERESTS = 20
+#: Largest id a request may carry (user, segment, topic, creator): 2**53 - 1, the largest integer
+#: every JSON client represents exactly (JavaScript's ``Number.MAX_SAFE_INTEGER``); a bound
+#: above 2**53 also cannot be checked exactly by JSON Schema validators that compare as floats.
+MAX_ID = 2**53 - 1
+
+
+def _integral(value: object) -> object:
+    """``3.0`` -> ``3``: JSON Schema's ``integer`` admits numbers with a zero fraction, and some
+    JSON encoders write them; anything else is left to strict ``int`` validation (``1.5``,
+    ``"3"`` and ``true`` stay errors)."""
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    return value
+
+
+#: An ``integer`` of the request schema (strict, but ``3.0`` counts as 3).
+Integer = Annotated[int, BeforeValidator(_integral)]
+#: An id in a request. ``Field`` before the validator, flat: otherwise pydantic writes its bounds
+#: into the JSON Schema as ``ge``/``le`` instead of ``minimum``/``maximum``.
+Id = Annotated[int, Field(ge=0, le=MAX_ID), BeforeValidator(_integral)]
 
 
 def _id_list(max_length: int, description: str) -> tuple[object, object]:
-    """An optional list of ids (default empty) as a ``create_model`` field."""
-    return (list[int], Field(default_factory=list, max_length=max_length, description=description))
+    """An optional list of ids in 0..MAX_ID (default empty) as a ``create_model`` field."""
+    return (list[Id], Field(default_factory=list, max_length=max_length, description=description))
 
 
 def _request_model() -> type[BaseModel]:
@@ -28,19 +50,19 @@ def _request_model() -> type[BaseModel]:
     if missing:
         raise ValueError(f"request features {sorted(missing)} are not user features")
     fields: dict[str, object] = {
-        name: (int, Field(ge=0, le=2**62, description=f"registry feature {name}"))
+        name: (Integer, Field(ge=0, le=MAX_ID, description=f"registry feature {name}"))
         for name in REQUEST_FEATURES
     }
     for name in CONTEXT_FEATURES:
         fields[name] = (
-            int | None,
-            Field(default=None, ge=0, description=f"cold-start context: registry feature {name}"),
+            Id | None,
+            Field(default=None, description=f"cold-start context: registry feature {name}"),
         )
     fields["interests"] = _id_list(
         MAX_INTERESTS, "cold-start context: topic ids the viewer picked (e.g. at sign-up)"
     )
     fields["count"] = (
-        int,
+        Integer,
         Field(default=20, ge=1, le=MAX_COUNT, description="number of posts to return"),
     )
     fields["blocked_creator_ids"] = _id_list(
@@ -84,3 +106,12 @@ class FeedResponse(BaseModel):
     fallback: bool = Field(description="true when a stage failed and a popularity feed was served")
     cold_start: bool = Field(default=False, description="true for users unknown to the models")
     debug: dict[str, object] | None = None
+
+
+class PromoteRequest(BaseModel):
+    """``POST /admin/models/{name}/promote`` body (admin token required)."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    version: int = Field(ge=1, le=1_000_000)
+    force: bool = Field(default=False, description="promote even if the metric gate fails")

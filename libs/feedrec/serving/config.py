@@ -33,6 +33,17 @@ class ServiceConfig(BaseModel):
     retrieval_dir: Path
     triton_url: str = "127.0.0.1:8001"
     triton_model: str = "ranker"
+    registry_dir: Path | None = Field(
+        default=None,
+        description="a model registry: replicas follow its production versions (ranker_dir and "
+        "retrieval_dir are then unused); None serves ranker_dir and retrieval_dir as they are",
+    )
+    registry_poll_s: float = Field(default=2.0, gt=0, le=3600)
+    admin_token_file: Path | None = Field(
+        default=None,
+        description="a chmod-600 file with the bearer token of the admin endpoints (promote, "
+        "rollback); None (default) disables them. $FEEDREC_ADMIN_TOKEN_FILE also works",
+    )
     retrieve_k: int = Field(default=300, ge=1, le=10_000)
     rank_k: int = Field(default=150, ge=1, le=5_000)
     timeouts: StageTimeouts = StageTimeouts()
@@ -63,13 +74,13 @@ class ServiceConfig(BaseModel):
     @classmethod
     def from_run(cls, root: Path, **overrides: object) -> ServiceConfig:
         run = RunLayout(Path(root).resolve())
-        return cls(
-            world_dir=run.world,
-            data_dir=run.data,
-            ranker_dir=run.ranker,
-            retrieval_dir=run.retrieval,
-            **overrides,  # type: ignore[arg-type]
-        )
+        fields: dict[str, object] = {
+            "world_dir": run.world,
+            "data_dir": run.data,
+            "ranker_dir": run.ranker,
+            "retrieval_dir": run.retrieval,
+        }
+        return cls(**{**fields, **overrides})  # type: ignore[arg-type]
 
 
 def deployment_options(serve_config: Path, app_name: str) -> dict[str, dict[str, Any]]:

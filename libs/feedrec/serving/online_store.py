@@ -78,8 +78,8 @@ class OnlineFeatureStore:
         )
         n_creators = len(attrs.creator_followers)
         f_ptr, f_cols = _csr(follow_keys, attrs.n_users, n_creators)
-        s_ptr, s_cols = _csr(np.load(data.seen), attrs.n_users, attrs.n_posts)
-        h_ptr, h_cols = _csr(np.load(data.hidden), attrs.n_users, n_creators)
+        s_ptr, s_cols = _csr(np.load(data.seen, allow_pickle=False), attrs.n_users, attrs.n_posts)
+        h_ptr, h_cols = _csr(np.load(data.hidden, allow_pickle=False), attrs.n_users, n_creators)
         followers = attrs.creator_followers
         small = followers <= np.quantile(followers, small_quantile)
         # user_topic [1, U, T, (imps, likes)] -> per segment; +1 like / +20 imps smoothing.

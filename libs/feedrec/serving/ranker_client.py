@@ -72,6 +72,18 @@ def _deadline_as_timeout(timeout_s: float) -> Iterator[None]:
         raise
 
 
+#: gRPC channel options: tritonclient's defaults (no message size limit; it drops them when
+#: any are given) plus a short reconnect backoff. gRPC's default backoff grows to 120 s: after a
+#: Triton restart the channel could stay in backoff, and feeds on the fallback, for minutes.
+CHANNEL_ARGS: list[tuple[str, int]] = [
+    ("grpc.max_send_message_length", 2**31 - 1),
+    ("grpc.max_receive_message_length", 2**31 - 1),
+    ("grpc.initial_reconnect_backoff_ms", 250),
+    ("grpc.min_reconnect_backoff_ms", 250),
+    ("grpc.max_reconnect_backoff_ms", 2000),
+]
+
+
 class TritonRankerClient:
     """Scores candidate rows on the Triton ``ranker`` model over gRPC.
 
@@ -94,7 +106,7 @@ class TritonRankerClient:
         loop = asyncio.get_running_loop()
         if self._aio is None or self._aio_loop is not loop:
             # A client from a closed/other loop cannot be reused (nor awaited-closed) here.
-            self._aio = grpcclient_aio.InferenceServerClient(self.url)
+            self._aio = grpcclient_aio.InferenceServerClient(self.url, channel_args=CHANNEL_ARGS)
             self._aio_loop = loop
         return self._aio
 
@@ -104,8 +116,11 @@ class TritonRankerClient:
         multi_ids: np.ndarray,
         dense: np.ndarray,
         timeout_s: float,
+        model_version: str | None = None,
     ) -> np.ndarray:
         """Score N rows. Inputs [N,S] int64, [N,H] int64 (-1 pad), [N,D] float32 -> [N,K] float32.
+
+        ``model_version``: a Triton model version to pin (default: the client's).
 
         Raises:
             ValueError: an input has the wrong type, dtype, rank or row count.
@@ -117,7 +132,7 @@ class TritonRankerClient:
             result = await self._aio_client().infer(
                 self.model_name,
                 inputs,
-                model_version=self.model_version,
+                model_version=self.model_version if model_version is None else model_version,
                 outputs=outputs,
                 client_timeout=timeout_s,
             )
@@ -144,6 +159,17 @@ class TritonRankerClient:
         self.close_sync()
 
     # ----------------------------------------------------------------- sync API
+    def ready_sync(self, model_version: str | None = None) -> bool:
+        """Blocking readiness of the model (a given version, or the client's); False on
+        connection errors (a restarting server)."""
+        version = self.model_version if model_version is None else model_version
+        try:
+            if self._sync is None:
+                self._sync = grpcclient.InferenceServerClient(self.url, channel_args=CHANNEL_ARGS)
+            return bool(self._sync.is_model_ready(self.model_name, version))
+        except InferenceServerException:
+            return False
+
     def score_sync(
         self,
         single_ids: np.ndarray,
@@ -154,7 +180,7 @@ class TritonRankerClient:
         """Blocking twin of :meth:`score` (scripts, tests); same shapes and errors."""
         inputs, outputs = self._build(single_ids, multi_ids, dense)
         if self._sync is None:
-            self._sync = grpcclient.InferenceServerClient(self.url)
+            self._sync = grpcclient.InferenceServerClient(self.url, channel_args=CHANNEL_ARGS)
         with _deadline_as_timeout(timeout_s):
             result = self._sync.infer(
                 self.model_name,

@@ -7,8 +7,10 @@ for ``/healthz``. ``stop()`` tears down only what it started, by handle and PID.
 
 from __future__ import annotations
 
+import logging
 import os
 import sys
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -17,17 +19,24 @@ import ray
 from ray import serve
 
 from feedrec.artifacts import load_artifact
+from feedrec.artifacts.model_registry import ModelRegistry, RegistryEntry, RegistryError
 from feedrec.runtime.ray_cluster import init_ray, repo_root
 from feedrec.runtime.run_layout import RunLayout
 from feedrec.serving.config import deployment_options
 from feedrec.serving.feed_client import wait_healthy
+from feedrec.serving.model_watcher import Loaded, ModelWatcher, NotReady
 from feedrec.serving.triton_repository import (
+    add_model_version,
     ranker_io_widths,
     write_model_repository,
     write_portable_models,
 )
 from feedrec.serving.triton_server import TritonServer, TritonServerConfig
 
+logger = logging.getLogger("feedrec.serve")
+#: How long a restarted Triton may take to load its models (every served version) before the
+#: supervisor logs it as failed (and restarts it if it died meanwhile).
+TRITON_RESTART_READY_S = 600.0
 APP_IMPORT_PATH = "apps.feed_service.app:build_app"
 APP_NAME = "feed"
 RankerRuntime = Literal["onnxruntime", "torchrec"]
@@ -47,7 +56,10 @@ class StackConfig:
     ranker_runtime: what the Triton python backend runs, ``onnxruntime`` (the ranker exported
     in memory and checked against eager at load; half the CPU time) or ``torchrec`` (eager);
     service_overrides: ``ServiceConfig`` fields (e.g. ``retrieve_k``); serve_config: the
-    ``serve deploy`` YAML whose per-deployment options (autoscaling, ...) are applied."""
+    ``serve deploy`` YAML whose per-deployment options (autoscaling, ...) are applied;
+    registry: serve the production versions of a model registry and follow promotions and
+    rollbacks every ``registry_poll_s`` (None: the run's models, fixed); restart_triton:
+    a supervisor thread restarts a Triton server that died (same ports)."""
 
     run_dir: Path
     http_host: str = "127.0.0.1"
@@ -59,6 +71,9 @@ class StackConfig:
     export_portable: bool = True
     ranker_runtime: RankerRuntime = "onnxruntime"
     service_overrides: dict[str, Any] = field(default_factory=dict)
+    registry: Path | None = None
+    registry_poll_s: float = 2.0
+    restart_triton: bool = True
     serve_config: Path = field(
         default_factory=lambda: repo_root() / "apps" / "feed_service" / "serve_config.yaml"
     )
@@ -68,6 +83,10 @@ class StackConfig:
             raise ValueError(
                 f"stack config: ranker_runtime must be one of {sorted(PREDICTOR_FACTORIES)}, "
                 f"not {self.ranker_runtime!r}"
+            )
+        if self.registry_poll_s <= 0:
+            raise ValueError(
+                f"stack config: registry_poll_s must be > 0, not {self.registry_poll_s}"
             )
         if not 0 < self.http_port < 65536:
             raise ValueError(f"stack config: http_port {self.http_port} is not a valid port")
@@ -81,27 +100,67 @@ class ServingStack:
         self.run = RunLayout(Path(config.run_dir).resolve())
         self.triton: TritonServer | None = None
         self._started_ray = False
+        self.registry = ModelRegistry(config.registry) if config.registry else None
+        self.ranker_watcher: ModelWatcher[int] | None = None  # Triton follows the registry
+        self.triton_restarts = 0
+        self._triton_version = 1
+        self._supervisor: threading.Thread | None = None
+        self._stopping = threading.Event()
 
     @property
     def url(self) -> str:
         return f"http://{self.config.http_host}:{self.config.http_port}"
 
+    @property
+    def _repo(self) -> Path:
+        return self.run.serve / "triton_repository"
+
+    def _models(self) -> tuple[Path, Path, dict[str, Any]]:
+        """Ranker dir, retrieval dir and the ServiceConfig fields that pick them."""
+        if self.registry is None:
+            return self.run.ranker, self.run.retrieval, {}
+        ranker, retrieval = (
+            self.registry.production("ranker"),
+            self.registry.production("retrieval"),
+        )
+        if ranker is None or retrieval is None:
+            raise RegistryError(
+                f"{self.registry.root}: promote a ranker and a retrieval version first "
+                "(`feedrec models register --promote`)"
+            )
+        self._triton_version = ranker.version  # Triton version numbers = registry versions
+        return (
+            ranker.path,
+            retrieval.path,
+            {
+                "ranker_dir": str(ranker.path),
+                "retrieval_dir": str(retrieval.path),
+                "registry_dir": str(self.registry.root),
+                "registry_poll_s": self.config.registry_poll_s,
+            },
+        )
+
     def start(self) -> None:
-        load_artifact(self.run.ranker)  # refuse a corrupt artifact before starting anything
+        ranker_dir, retrieval_dir, model_fields = self._models()
+        load_artifact(ranker_dir)  # refuse corrupt artifacts before starting anything
+        load_artifact(retrieval_dir)
         options = deployment_options(self.config.serve_config, APP_NAME)  # fail before starting
         serve_dir = self.run.serve
         serve_dir.mkdir(parents=True, exist_ok=True)
-        repo = serve_dir / "triton_repository"
         write_model_repository(
-            repo, self.run.ranker, extra_parameters=self._factory(), **ranker_io_widths()
+            self._repo,
+            ranker_dir,
+            version=self._triton_version,
+            extra_parameters=self._factory(),
+            **ranker_io_widths(),
         )
         if self.config.export_portable:
             # Its own repository: the wheel's server has no onnxruntime/libtorch backend and
             # would refuse to start with those models in the one it loads.
-            write_portable_models(serve_dir / "triton_repository_gpu", self.run.ranker)
+            write_portable_models(serve_dir / "triton_repository_gpu", ranker_dir)
         self.triton = TritonServer(
             TritonServerConfig(
-                model_repository=repo,
+                model_repository=self._repo,
                 grpc_port=self.config.triton_grpc_port,
                 http_port=self.config.triton_http_port,
                 log_path=serve_dir / "triton.log",
@@ -125,38 +184,66 @@ class ServingStack:
                 "run_dir": str(self.run.root),
                 "triton_url": self.triton.grpc_url,
                 "deployments": options,
+                **model_fields,
                 **self.config.service_overrides,
             }
         )
         serve.run(app, name=APP_NAME, route_prefix="/", blocking=False)
         wait_healthy(self.url, self.config.ready_timeout_s)
+        if self.registry is not None:
+            self.ranker_watcher = ModelWatcher(
+                self.registry,
+                "ranker",
+                self._load_in_triton,
+                poll_s=self.config.registry_poll_s,
+                initial=Loaded(self._triton_version, self._triton_version),
+            )
+        self._supervisor = threading.Thread(target=self._supervise, name="stack", daemon=True)
+        self._supervisor.start()
+
+    def _supervise(self) -> None:
+        """Restart a dead Triton; load the registry's new production ranker into Triton (the
+        Ranking replicas switch once it is ready there)."""
+        while not self._stopping.wait(self.config.registry_poll_s):
+            triton = self.triton
+            if self.config.restart_triton and triton is not None and not triton.is_running():
+                logger.error("tritonserver (pid %s) died; restarting it", triton.pid)
+                try:
+                    triton.restart()
+                    self.triton_restarts += 1
+                    # Until it is ready, the Ranking replicas' calls fail fast and feeds are
+                    # the flagged fallback; a slow start is not a failed one.
+                    triton.wait_ready(timeout_s=TRITON_RESTART_READY_S)
+                    logger.info("tritonserver restarted (pid %s)", triton.pid)
+                except Exception:  # keep supervising: a dead server is restarted next round
+                    logger.exception("tritonserver restart failed")
+                    continue
+                if self._stopping.is_set():
+                    triton.stop()
+            if self.ranker_watcher is not None:
+                self.ranker_watcher.poll_once()
+
+    def _load_in_triton(self, entry: RegistryEntry) -> int:
+        """Add registry version N as Triton version N next to the one in service (replicas on
+        the old vocabularies pin that one until they switch), load it; older ones go."""
+        if self.triton is None or not self.triton.is_running():
+            raise NotReady("tritonserver is not running")
+        load_artifact(entry.path)  # ArtifactError: the watcher refuses this version for good
+        previous = self._triton_version
+        add_model_version(self._repo, entry.path, entry.version, keep=[previous])
+        self.triton.load_model("ranker")  # loads the new version only; config.pbtxt unchanged
+        self._triton_version = entry.version
+        return entry.version
 
     def _factory(self) -> dict[str, str]:
         return {"predictor_factory": PREDICTOR_FACTORIES[self.config.ranker_runtime]}
 
-    def swap_ranker(self, artifact_dir: Path) -> int:
-        """Serve another ranker artifact without dropping a request: it is written as the next
-        version of the Triton model and loaded; Triton retires the old version once the new one
-        is ready. Returns the new version. (``model_version`` in feed responses still names the
-        artifact the Serve app started with.)"""
-        if self.triton is None:
-            raise RuntimeError("swap_ranker() needs a started stack")
-        load_artifact(artifact_dir)  # refuse a corrupt artifact before touching the repository
-        repo = self.run.serve / "triton_repository"
-        versions = [int(p.name) for p in (repo / "ranker").iterdir() if p.name.isdigit()]
-        version = max(versions, default=0) + 1
-        write_model_repository(
-            repo,
-            Path(artifact_dir),
-            version=version,
-            extra_parameters=self._factory(),
-            **ranker_io_widths(),
-        )
-        self.triton.load_model("ranker")
-        return version
-
     def stop(self) -> None:
         """Serve first (no request may reach a stopped Triton), then Triton, then local Ray."""
+        self._stopping.set()
+        if self._supervisor is not None:
+            self._supervisor.join(timeout=self.config.registry_poll_s + 120)
+            self._supervisor = None
         try:
             if ray.is_initialized():
                 serve.delete(APP_NAME)

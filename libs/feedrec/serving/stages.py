@@ -18,12 +18,15 @@ from typing import Any
 import numpy as np
 
 from feedrec.artifacts import load_artifact
+from feedrec.artifacts.model_registry import ModelRegistry, RegistryEntry
 from feedrec.features.transform import FeatureTransform
 from feedrec.models.predictor import TowerEncoder
 from feedrec.retrieval.build import load_post_index
 from feedrec.schema.registry import TASKS
 from feedrec.serving.api import FeedItem, FeedResponse
 from feedrec.serving.config import ServiceConfig
+from feedrec.serving.feed_metrics import FeedMetrics
+from feedrec.serving.model_watcher import ModelWatcher, NotReady
 from feedrec.serving.online_store import OnlineFeatureStore
 from feedrec.serving.ranker_client import TritonRankerClient
 from feedrec.serving.rerank import Candidates, rerank
@@ -48,9 +51,10 @@ def _candidates(
 class Retriever:
     """User tower on the online features -> faiss -> filters (followed, seen, hidden, blocked)."""
 
-    def __init__(self, cfg: ServiceConfig, store: OnlineFeatureStore) -> None:
+    def __init__(self, cfg: ServiceConfig, store: OnlineFeatureStore, label: str = "") -> None:
         self.store = store
         artifact = load_artifact(cfg.retrieval_dir)
+        self.label = label or artifact.version
         self.encoder = TowerEncoder.from_artifact(artifact)
         self.transform = FeatureTransform(artifact.vocabs)
         self.index = load_post_index(artifact)
@@ -71,20 +75,69 @@ class Retriever:
         return [int(p) for p in hits[keep][:k]], {r: int(m.sum()) for r, m in excluded.items()}
 
 
+@dataclass(frozen=True)
+class RankerModel:
+    """What the Ranking replica needs of one ranker version: its vocabularies (through the
+    shared transform), the Triton model version that serves its weights ("" = whichever one
+    Triton serves) and the label feed responses report."""
+
+    transform: FeatureTransform
+    triton_version: str
+    label: str
+
+
+def ranker_models(cfg: ServiceConfig, triton: TritonRankerClient) -> ModelWatcher[RankerModel]:
+    """The ranker to score with: fixed (``cfg.ranker_dir``) or following the registry. A new
+    registry version is used only once Triton reports it ready (the stack loads it there)."""
+    if cfg.registry_dir is None:
+        artifact = load_artifact(cfg.ranker_dir)
+        return ModelWatcher.fixed(
+            RankerModel(FeatureTransform(artifact.vocabs), "", artifact.version)
+        )
+
+    def build(entry: RegistryEntry) -> RankerModel:
+        if not triton.ready_sync(str(entry.version)):
+            raise NotReady(f"Triton has not loaded {entry.label} yet")
+        artifact = load_artifact(entry.path)
+        return RankerModel(FeatureTransform(artifact.vocabs), str(entry.version), entry.label)
+
+    registry = ModelRegistry(cfg.registry_dir)
+    return ModelWatcher(registry, "ranker", build, poll_s=cfg.registry_poll_s).start()
+
+
+def retrievers(cfg: ServiceConfig, store: OnlineFeatureStore) -> ModelWatcher[Retriever]:
+    """The retrieval model + index to search with: fixed or following the registry."""
+    if cfg.registry_dir is None:
+        return ModelWatcher.fixed(Retriever(cfg, store))
+
+    def build(entry: RegistryEntry) -> Retriever:
+        return Retriever(cfg.model_copy(update={"retrieval_dir": entry.path}), store, entry.label)
+
+    registry = ModelRegistry(cfg.registry_dir)
+    return ModelWatcher(registry, "retrieval", build, poll_s=cfg.registry_poll_s).start()
+
+
 class Scorer:
     """Online features + the shared transform -> the ranker in Triton (gRPC) -> [N, 5]."""
 
     def __init__(self, cfg: ServiceConfig, store: OnlineFeatureStore) -> None:
         self.cfg, self.store = cfg, store
-        self.transform = FeatureTransform(load_artifact(cfg.ranker_dir).vocabs)
         self.client = TritonRankerClient(cfg.triton_url, model_name=cfg.triton_model)
+        self.models = ranker_models(cfg, self.client)
 
-    async def score(self, user_id: int, post_ids: list[int]) -> np.ndarray:
+    async def score(self, user_id: int, post_ids: list[int]) -> tuple[np.ndarray, str]:
+        """[N] candidates -> ([N, len(TASKS)] predictions, label of the ranker version used)."""
+        model = self.models.current  # one read: vocabularies and weights of the same version
         raw = self.store.ranker_raw(user_id, np.asarray(post_ids, dtype=np.int64))
-        inputs = self.transform(raw, "ranker")
-        return await self.client.score(
-            inputs.single_ids, inputs.multi_ids, inputs.dense, timeout_s=self.cfg.timeouts.ranking_s
+        inputs = model.transform(raw, "ranker")
+        scores = await self.client.score(
+            inputs.single_ids,
+            inputs.multi_ids,
+            inputs.dense,
+            timeout_s=self.cfg.timeouts.ranking_s,
+            model_version=model.triton_version,
         )
+        return scores, model.label
 
 
 class Reranker:
@@ -116,8 +169,9 @@ class RequestError(ValueError):
     """A request the models cannot serve as asked (HTTP 422 with this message)."""
 
 
-Retrieve = Callable[[int, int, list[int]], Awaitable[tuple[list[int], dict[str, int]]]]
-Rank = Callable[[int, list[int]], Awaitable[np.ndarray]]
+#: (user, k, blocked creators) -> (candidate post ids, hits removed per filter, retrieval label)
+Retrieve = Callable[[int, int, list[int]], Awaitable[tuple[list[int], dict[str, int], str]]]
+Rank = Callable[[int, list[int]], Awaitable[tuple[np.ndarray, str]]]
 Rerank = Callable[[list[int], np.ndarray, int, bool], Awaitable[Any]]
 
 
@@ -128,10 +182,14 @@ class FeedPipeline:
 
     cfg: ServiceConfig
     store: OnlineFeatureStore
-    model_version: str
     retrieve: Retrieve
     rank: Rank
     rerank: Rerank
+    metrics: FeedMetrics | None = None  # Prometheus (Serve replicas); None in plain processes
+
+    def _count(self, outcome: str) -> None:
+        if self.metrics is not None:
+            self.metrics.outcome(outcome)
 
     def popular(self, user_id: int, count: int, blocked: list[int]) -> list[FeedItem]:
         posts = self.store.popular[: count * 20]
@@ -189,19 +247,28 @@ class FeedPipeline:
         """``req``: a validated ``FeedRequest``. Raises ``RequestError`` for unusable context."""
         started = time.perf_counter()
         if not self.store.knows_user(req.user_id):
-            return self.cold_start(req)
+            try:
+                response = self.cold_start(req)
+            except RequestError:
+                self._count("invalid")
+                raise
+            self._count("cold_start")
+            return response
         t = self.cfg.timeouts
         timings: dict[str, float] = {}
         try:
             t0 = time.perf_counter()
-            candidates, filtered = await asyncio.wait_for(
+            candidates, filtered, retrieval_version = await asyncio.wait_for(
                 self.retrieve(req.user_id, self.cfg.retrieve_k, req.blocked_creator_ids),
                 t.retrieval_s,
             )
             timings["retrieval_ms"] = (time.perf_counter() - t0) * 1e3
+            retrieved = len(candidates)
             candidates = candidates[: self.cfg.rank_k]
             t0 = time.perf_counter()
-            predictions = await asyncio.wait_for(self.rank(req.user_id, candidates), t.ranking_s)
+            predictions, model_version = await asyncio.wait_for(
+                self.rank(req.user_id, candidates), t.ranking_s
+            )
             timings["ranking_ms"] = (time.perf_counter() - t0) * 1e3
             t0 = time.perf_counter()
             items, demoted = await asyncio.wait_for(
@@ -210,6 +277,7 @@ class FeedPipeline:
             timings["rerank_ms"] = (time.perf_counter() - t0) * 1e3
         except Exception as e:  # any stage failure or timeout -> flagged popularity feed
             logger.warning("feed for user %s fell back: %r", req.user_id, e)
+            self._count("fallback")
             return FeedResponse(
                 user_id=req.user_id,
                 items=self.popular(req.user_id, req.count, req.blocked_creator_ids),
@@ -218,13 +286,29 @@ class FeedPipeline:
                 debug={"error": repr(e)} if req.debug else None,
             )
         timings["total_ms"] = (time.perf_counter() - started) * 1e3
+        if self.metrics is not None:
+            self.metrics.personalised(
+                timings,
+                retrieved=retrieved,
+                ranked=len(candidates),
+                filtered=filtered,
+                predictions=predictions,
+                served_scores=[item["score"] for item in items],
+                model_version=model_version,
+            )
         return FeedResponse(
             user_id=req.user_id,
             items=[FeedItem(**item) for item in items],
-            model_version=self.model_version,
+            model_version=model_version,
             fallback=False,
             debug=(
-                {"candidates": len(candidates), "filtered": filtered, "demoted": demoted, **timings}
+                {
+                    "candidates": len(candidates),
+                    "filtered": filtered,
+                    "demoted": demoted,
+                    "retrieval_version": retrieval_version,
+                    **timings,
+                }
                 if req.debug
                 else None
             ),

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import re
 import shutil
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, Literal, TypedDict
 
@@ -40,6 +40,16 @@ _HEADER = {
     "python": 'backend: "python"',
     "onnxruntime": 'platform: "onnxruntime_onnx"',
     "pytorch": 'platform: "pytorch_libtorch"',
+}
+#: The python-backend ranker serves every version directory present: its writers keep exactly
+#: the served versions on disk (:func:`add_model_version`), so a swap adds a directory and never
+#: touches config.pbtxt, whose change would make Triton reload every version. The exported
+#: models have one version, named.
+_POLICY: dict[str, str] = {
+    "python": "# Every version dir present is served (add_model_version keeps only those).\n"
+    "version_policy: {{ all: {{}} }}",
+    "onnxruntime": "version_policy: {{ specific: {{ versions: [ {version} ] }} }}",
+    "pytorch": "version_policy: {{ specific: {{ versions: [ {version} ] }} }}",
 }
 #: Largest |export - eager| accepted on any score (probabilities and dwell seconds).
 EXPORT_TOLERANCE = 1e-4
@@ -121,8 +131,7 @@ def render_config(
 name: {_pbtxt_string(model_name)}
 {_HEADER[backend]}
 max_batch_size: {max_batch_size}
-# Serve exactly the version just written, never a stale higher-numbered one left in the dir.
-version_policy: {{ specific: {{ versions: [ {version} ] }} }}
+{_POLICY[backend].format(version=version)}
 input [
   {{ name: "{INPUT_SINGLE}" data_type: TYPE_INT64 dims: [ {num_single} ] }},
   {{ name: "{INPUT_MULTI}" data_type: TYPE_INT64 dims: [ {num_multi} ] }},
@@ -162,7 +171,7 @@ def write_model_repository(
     ``artifact_dir`` (a ``RankerPredictor`` artifact) is stored as an absolute path in the config
     because the python backend stub runs with Triton's working directory, not the caller's.
     Re-running overwrites config.pbtxt and model.py; other version dirs are left alone but not
-    served (the version_policy names ``version`` only). ``extra_parameters`` become more
+    removed (Triton serves every version directory present). ``extra_parameters`` become more
     ``parameters`` entries (string values), e.g. ``predictor_factory`` read by the template.
     """
     extra = dict(extra_parameters or {})
@@ -187,14 +196,44 @@ def write_model_repository(
         extra_parameters=extra,
     )
     model_dir = Path(repo_dir) / model_name
+    _write_version(model_dir, artifact_dir, version, keep=())
+    (model_dir / "config.pbtxt").write_text(config)
+    return model_dir
+
+
+def add_model_version(
+    repo_dir: Path,
+    artifact_dir: Path,
+    version: int,
+    *,
+    keep: Sequence[int] = (),
+    model_name: str = "ranker",
+) -> Path:
+    """Add ``<model>/<version>/`` serving ``artifact_dir`` next to the versions in ``keep``
+    (every other version directory is removed); config.pbtxt is left as it is, so a following
+    ``load_model`` loads only the new version and unloads the removed ones, while the kept
+    ones answer throughout. Returns the version dir."""
+    model_dir = Path(repo_dir) / model_name
+    if not (model_dir / "config.pbtxt").is_file():
+        raise FileNotFoundError(f"{model_dir}: no config.pbtxt (write_model_repository first)")
+    _check_sizes(model_name, version=version, **{f"keep_{v}": v for v in keep})
+    _check_artifact_dir(artifact_dir)
+    return _write_version(model_dir, Path(artifact_dir).resolve(), version, keep)
+
+
+def _write_version(model_dir: Path, artifact_dir: Path, version: int, keep: Sequence[int]) -> Path:
+    template = ranker_model_template()
     version_dir = model_dir / str(version)
     version_dir.mkdir(parents=True, exist_ok=True)
     shutil.copyfile(template, version_dir / "model.py")
     # Per version (the config is per model): what lets version 2 serve another artifact while
     # version 1 still answers during a swap.
     (version_dir / ARTIFACT_FILE).write_text(str(artifact_dir))
-    (model_dir / "config.pbtxt").write_text(config)  # last: the swap's commit point
-    return model_dir
+    served = {str(version), *(str(v) for v in keep)}
+    for stale in model_dir.iterdir():
+        if stale.is_dir() and stale.name.isdigit() and stale.name not in served:
+            shutil.rmtree(stale)
+    return version_dir
 
 
 def _check_sizes(model_name: str, **sizes: int) -> None:

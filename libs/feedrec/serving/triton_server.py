@@ -41,7 +41,7 @@ import urllib.error
 import urllib.parse
 import urllib.request
 from collections import deque
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from types import TracebackType
 from typing import IO
@@ -293,6 +293,16 @@ class TritonServer:
             # server) without touching anything else, and Ctrl-C in a terminal is not forwarded.
             start_new_session=True,
         )
+
+    def restart(self) -> None:
+        """Start again on the same ports, so clients keep their URLs (after a crash or kill).
+        Orphaned backend stubs of the dead server are killed first (``stop()``)."""
+        if self._proc is None:
+            raise RuntimeError("restart() needs a server that was started")
+        http, grpc, metrics = self._http_port, self._grpc_port, self._metrics_port
+        self.stop()
+        self.config = replace(self.config, http_port=http, grpc_port=grpc, metrics_port=metrics)
+        self.start()
 
     def wait_ready(self, timeout_s: float | None = None) -> None:
         """Block until ``GET /v2/health/ready`` returns 200.
