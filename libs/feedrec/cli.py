@@ -11,6 +11,11 @@ Every stage reads and writes one run directory (``--run-dir``, default ``runs/de
     feedrec serve up                    # Triton + Ray Serve on 127.0.0.1:8000 (background)
     feedrec feed --user-id 42           # ask the service for a feed
     feedrec serve down
+    feedrec models register --promote   # ranker + retrieval -> registry/ (gated promotion)
+    feedrec serve up --registry registry  # serve production, follow promotions / rollbacks
+    feedrec world append --drift 0.6    # the synthetic world's next day, interests drifted
+    feedrec drift                       # PSI / KS train vs test day -> drift.{json,html,prom}
+    feedrec retrain --registry registry # new days -> train -> evaluate -> register -> promote
 """
 
 from __future__ import annotations
@@ -264,6 +269,162 @@ def index(run_dir: Path) -> None:
     _stage(pipeline.index, _run(run_dir))
 
 
+DEFAULT_REGISTRY = Path("registry")
+registry_option = click.option(
+    "--registry",
+    "registry_dir",
+    type=click.Path(path_type=Path),
+    default=DEFAULT_REGISTRY,
+    envvar="FEEDREC_REGISTRY",
+    show_default=True,
+    help="Model registry root (versions + production pointers); serving can watch it.",
+)
+model_name_argument = click.argument("name", type=click.Choice(["ranker", "retrieval"]))
+
+
+def _registry_call(fn: Any, *args: Any, **kwargs: Any) -> Any:
+    """Registry and artifact errors are the user's to fix: exit 2 with the reason."""
+    from feedrec.artifacts import ArtifactError
+    from feedrec.artifacts.model_registry import RegistryError
+
+    try:
+        return fn(*args, **kwargs)
+    except (RegistryError, ArtifactError, FileNotFoundError) as e:
+        click.echo(f"Error: {e}", err=True)
+        click.get_current_context().exit(2)
+
+
+@main.group()
+def models() -> None:
+    """The model registry: register a run's models, list, promote (gated), roll back."""
+
+
+@models.command("register")
+@run_dir_option
+@registry_option
+@click.option("--promote", is_flag=True, help="Also promote both models through the gate.")
+@click.option("--force", is_flag=True, help="With --promote: promote even if the gate fails.")
+def models_register(run_dir: Path, registry_dir: Path, promote: bool, force: bool) -> None:
+    """Copy the run's ranker and retrieval artifacts (verified) in as new versions."""
+    from feedrec import pipeline
+
+    click.echo(_registry_call(pipeline.register, _run(run_dir), registry_dir, promote, force))
+
+
+@models.command("list")
+@registry_option
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+def models_list(registry_dir: Path, as_json: bool) -> None:
+    """Every registered version; * marks production."""
+    from feedrec.artifacts.model_registry import MODEL_NAMES, ModelRegistry
+
+    registry = ModelRegistry(registry_dir)
+    rows = [(e, live) for name in MODEL_NAMES for e, live in registry.list(name)]
+    if as_json:
+        click.echo(json.dumps([{**e.to_dict(), "production": live} for e, live in rows], indent=2))
+        return
+    if not rows:
+        click.echo(f"no models registered in {registry.root}")
+    for e, live in rows:
+        headline = {k: v for k, v in e.metrics.items() if k.startswith(("auc.like", "recall@100"))}
+        registered = time.strftime("%Y-%m-%d %H:%M", time.gmtime(e.registered_unix))
+        click.echo(
+            f"{'*' if live else ' '} {e.label:<14} {e.artifact_version:<24} {registered} UTC  "
+            + "  ".join(f"{k}={v:.4f}" for k, v in headline.items())
+        )
+
+
+@models.command("promote")
+@model_name_argument
+@click.argument("version", type=click.IntRange(min=1))
+@registry_option
+@click.option("--force", is_flag=True, help="Promote even if the metric gate fails.")
+@click.option(
+    "--max-relative-drop",
+    type=click.FloatRange(0, 1, max_open=True),
+    default=0.01,
+    show_default=True,
+    help="Gate: how far AUC/recall may fall (and logloss rise) relative to production.",
+)
+def models_promote(
+    name: str, version: int, registry_dir: Path, force: bool, max_relative_drop: float
+) -> None:
+    """Make VERSION production if its offline metrics do not regress beyond the gate."""
+    from feedrec.artifacts.model_registry import ModelRegistry, PromotionGate
+
+    done = _registry_call(
+        ModelRegistry(registry_dir).promote,
+        name,
+        version,
+        gate=PromotionGate(max_relative_drop=max_relative_drop),
+        force=force,
+    )
+    for line in done.gate_failures:
+        click.echo(f"gate overridden (--force): {line}", err=True)
+    click.echo(f"{name}: production v{done.previous} -> v{done.version}")
+
+
+@models.command("rollback")
+@model_name_argument
+@registry_option
+def models_rollback(name: str, registry_dir: Path) -> None:
+    """Production goes back to the previously promoted version."""
+    from feedrec.artifacts.model_registry import ModelRegistry
+
+    done = _registry_call(ModelRegistry(registry_dir).rollback, name)
+    click.echo(f"{name}: production v{done.previous} -> v{done.version} (rolled back)")
+
+
+@main.command()
+@run_dir_option
+@registry_option
+@click.option(
+    "--append-days",
+    type=click.IntRange(min=0),
+    default=0,
+    show_default=True,
+    help="First simulate this many new log days (synthetic worlds: the generator's next days).",
+)
+@click.option(
+    "--drift",
+    type=click.FloatRange(0, 1),
+    default=0.0,
+    show_default=True,
+    help="With --append-days: share of each user's interests redrawn.",
+)
+@click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True)
+@click.option("--no-promote", is_flag=True, help="Register only; promote later by hand.")
+@click.option("--force", is_flag=True, help="Promote even if the metric gate fails.")
+@ray_option
+def retrain(
+    run_dir: Path,
+    registry_dir: Path,
+    append_days: int,
+    drift: float,
+    seed: int,
+    no_promote: bool,
+    force: bool,
+    ray_address: str | None,
+) -> None:
+    """New log days -> preprocess -> train -> evaluate -> index -> register -> gated promote."""
+    from feedrec import pipeline
+
+    click.echo(
+        _registry_call(
+            pipeline.retrain,
+            _run(run_dir),
+            registry_dir,
+            append_days=append_days,
+            drift=drift,
+            seed=seed,
+            promote=not no_promote,
+            force=force,
+            ray_address=ray_address,
+            echo=click.echo,
+        )
+    )
+
+
 @main.group()
 def serve() -> None:
     """Run the feed service: Triton (ranker) + Ray Serve (ingress, retrieval, re-ranking)."""
@@ -284,17 +445,36 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
+serve_registry_option = click.option(
+    "--registry",
+    "registry_dir",
+    type=click.Path(path_type=Path, file_okay=False),
+    default=None,
+    help="Serve this model registry's production versions and follow promotions/rollbacks "
+    "(default: the run's models, fixed).",
+)
+
+
 @serve.command("run")
 @run_dir_option
 @click.option("--host", default="127.0.0.1", show_default=True)
 @click.option("--port", default=8000, show_default=True, type=click.IntRange(1, 65535))
+@serve_registry_option
 @ray_option
-def serve_run(run_dir: Path, host: str, port: int, ray_address: str | None) -> None:
+def serve_run(
+    run_dir: Path, host: str, port: int, registry_dir: Path | None, ray_address: str | None
+) -> None:
     """Run the stack in the foreground until SIGINT/SIGTERM."""
     from feedrec.serving.stack import ServingStack, StackConfig
 
     stack = ServingStack(
-        StackConfig(run_dir=run_dir, http_host=host, http_port=port, ray_address=ray_address)
+        StackConfig(
+            run_dir=run_dir,
+            http_host=host,
+            http_port=port,
+            ray_address=ray_address,
+            registry=registry_dir,
+        )
     )
     stopping = False
 
@@ -316,8 +496,16 @@ def serve_run(run_dir: Path, host: str, port: int, ray_address: str | None) -> N
 @click.option("--host", default="127.0.0.1", show_default=True)
 @click.option("--port", default=8000, show_default=True, type=click.IntRange(1, 65535))
 @click.option("--timeout", default=600.0, show_default=True, help="Seconds to wait for health.")
+@serve_registry_option
 @ray_option
-def serve_up(run_dir: Path, host: str, port: int, timeout: float, ray_address: str | None) -> None:
+def serve_up(
+    run_dir: Path,
+    host: str,
+    port: int,
+    timeout: float,
+    registry_dir: Path | None,
+    ray_address: str | None,
+) -> None:
     """Start the stack in the background (PID file in <run>/serve) and wait until healthy."""
     import httpx
 
@@ -340,6 +528,8 @@ def serve_up(run_dir: Path, host: str, port: int, timeout: float, ray_address: s
     ]
     if ray_address:
         cmd += ["--ray-address", ray_address]
+    if registry_dir:
+        cmd += ["--registry", str(registry_dir)]
     with log_file.open("wb") as log:
         proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     pid_file.write_text(str(proc.pid))
@@ -586,6 +776,160 @@ def logs_import(
     except (FileExistsError, FileNotFoundError) as e:
         raise click.UsageError(str(e)) from e
     click.echo(result.summary())
+
+
+# ---------------------------------------------------------------------------------------------
+# Operations: drifted days (`feedrec world append`) and drift detection (`feedrec drift`)
+# (library: feedrec.world.generator.append_days, feedrec.monitoring.drift)
+# ---------------------------------------------------------------------------------------------
+
+#: Exit status of `feedrec drift` when a feature crosses the alert threshold.
+DRIFT_ALERT_EXIT = 3
+
+
+@main.group()
+def world() -> None:
+    """Change a generated world in place (then re-run `feedrec preprocess`)."""
+
+
+@world.command("append")
+@run_dir_option
+@click.option("--days", default=1, show_default=True, type=click.IntRange(min=1))
+@click.option(
+    "--drift",
+    "drift_share",
+    default=0.5,
+    show_default=True,
+    type=click.FloatRange(0.0, 1.0),
+    help="Share of each user's topic interests replaced by a fresh draw (0: no drift).",
+)
+@click.option("--seed", default=0, show_default=True, type=click.IntRange(min=0))
+def world_append(run_dir: Path, days: int, drift_share: float, seed: int) -> None:
+    """Simulate more days after the world's last one, with drifted user interests."""
+    from feedrec.world.generator import append_days, load_world_config
+
+    world_dir = _run(run_dir).world
+    started = time.perf_counter()
+    try:
+        layout = append_days(world_dir, days, drift_share, seed, progress=True)
+    except FileNotFoundError as e:
+        raise click.UsageError(str(e)) from e
+    except ValueError as e:
+        raise click.ClickException(str(e)) from e
+    n_days = load_world_config(layout).n_days
+    click.echo(
+        f"world: appended days {n_days - days}..{n_days - 1} (drift {drift_share}) in "
+        f"{time.perf_counter() - started:.1f} s; now {n_days} days. "
+        f"Next: feedrec preprocess --run-dir {run_dir}"
+    )
+
+
+@main.command()
+@run_dir_option
+@click.option(
+    "--ranker-dir",
+    type=click.Path(path_type=Path),
+    default=None,
+    help="Ranker artifact whose predictions are compared too [default: RUN_DIR/models/ranker "
+    "if it exists].",
+)
+@click.option("--no-predictions", is_flag=True, help="Compare features only.")
+@click.option(
+    "--reference-run-dir",
+    type=click.Path(path_type=Path),
+    default=None,
+    help="Run whose preprocessed examples are the reference [default: RUN_DIR].",
+)
+@click.option(
+    "--reference-split",
+    type=click.Choice(["train", "valid", "test"]),
+    default="train",
+    show_default=True,
+)
+@click.option(
+    "--reference-days",
+    type=click.IntRange(min=1),
+    default=None,
+    help="The last N days of the reference split [default: its days with full feature windows].",
+)
+@click.option(
+    "--recent-split",
+    type=click.Choice(["train", "valid", "test"]),
+    default="test",
+    show_default=True,
+)
+@click.option(
+    "--recent-days",
+    type=click.IntRange(min=1),
+    default=None,
+    help="The last N days of the recent split [default: all].",
+)
+@click.option("--psi-warn", default=0.1, show_default=True, type=click.FloatRange(min=0.0))
+@click.option("--psi-alert", default=0.2, show_default=True, type=click.FloatRange(min=0.0))
+@click.option(
+    "--ks-alert",
+    type=click.FloatRange(0.0, 1.0),
+    default=None,
+    help="Also alert when the KS statistic reaches this [default: KS is reported only].",
+)
+@click.option("--max-rows", default=20_000, show_default=True, type=click.IntRange(min=100))
+@click.option(
+    "--out-dir",
+    type=click.Path(path_type=Path),
+    default=None,
+    help="Where drift.json and drift.html go [default: RUN_DIR/drift].",
+)
+def drift(
+    run_dir: Path,
+    ranker_dir: Path | None,
+    no_predictions: bool,
+    reference_run_dir: Path | None,
+    reference_split: str,
+    reference_days: int | None,
+    recent_split: str,
+    recent_days: int | None,
+    psi_warn: float,
+    psi_alert: float,
+    ks_alert: float | None,
+    max_rows: int,
+    out_dir: Path | None,
+) -> None:
+    """PSI / KS drift of features and ranker predictions, training time vs recent days.
+
+    Writes drift.json + drift.html; exit status 3 when a feature crosses the alert threshold.
+    """
+    from feedrec.monitoring.drift import DriftConfig, DriftJob, run_drift
+
+    run = _run(run_dir)
+    if ranker_dir is not None and no_predictions:
+        raise click.UsageError("--ranker-dir and --no-predictions exclude each other")
+    if ranker_dir is None and not no_predictions and run.ranker.exists():
+        ranker_dir = run.ranker
+    try:
+        job = DriftJob(
+            data_dir=run.data,
+            out_dir=out_dir or run.root / "drift",
+            ranker_dir=ranker_dir,
+            reference_data_dir=_run(reference_run_dir).data if reference_run_dir else None,
+            reference_split=reference_split,
+            recent_split=recent_split,
+            reference_days=reference_days,
+            recent_days=recent_days,
+            max_rows=max_rows,
+            stats=DriftConfig(psi_warn=psi_warn, psi_alert=psi_alert, ks_alert=ks_alert),
+        )
+    except ValueError as e:
+        raise click.UsageError(str(e)) from e
+    started = time.perf_counter()
+    try:
+        result = run_drift(job)
+    except FileNotFoundError as e:
+        raise click.UsageError(str(e)) from e
+    click.echo(result.summary())
+    click.echo(f"report: {job.out_dir / 'drift.html'} ({time.perf_counter() - started:.1f} s)")
+    if result.alerts:
+        click.echo(f"DRIFT ALERT: {', '.join(result.alerts)}", err=True)
+        click.get_current_context().exit(DRIFT_ALERT_EXIT)
 
 
 if __name__ == "__main__":

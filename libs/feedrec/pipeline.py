@@ -153,6 +153,113 @@ def index(run: RunLayout) -> str:
     return f"index: {info['posts']} posts, {info['faiss_type']}, {info['build_seconds']} s"
 
 
+def data_snapshot(run: RunLayout) -> dict[str, Any]:
+    """What a model was trained on: world config, log days and the preprocess output's meta
+    (sha256 of each file), so a registered version names its data exactly."""
+    import hashlib
+
+    def sha(path: Path) -> str | None:
+        return hashlib.sha256(path.read_bytes()).hexdigest() if path.is_file() else None
+
+    logs = run.world / "logs"
+    days = sorted(int(p.name.split("=", 1)[1]) for p in logs.glob("day=*")) if logs.is_dir() else []
+    return {
+        "run_dir": str(run.root.resolve()),
+        "world_json_sha256": sha(run.world / "world.json"),
+        "log_days": days,
+        "preprocess_meta_sha256": sha(run.data / "meta.json"),
+    }
+
+
+def register(run: RunLayout, registry_dir: Path, promote: bool = False, force: bool = False) -> str:
+    """Register the run's ranker and retrieval artifacts with their evaluation metrics; with
+    ``promote``, promote both through the gate (a refused gate raises ``RegistryError``)."""
+    from feedrec.artifacts.model_registry import ModelRegistry, flat_metrics
+
+    metrics_path = run.eval / "metrics.json"
+    if not metrics_path.is_file():
+        raise FileNotFoundError(f"no {metrics_path}: run `feedrec evaluate` before registering")
+    metrics = json.loads(metrics_path.read_text())
+    registry = ModelRegistry(registry_dir)
+    snapshot = data_snapshot(run)
+    lines = []
+    for name, artifact_dir in (("ranker", run.ranker), ("retrieval", run.retrieval)):
+        entry = registry.register(
+            name, artifact_dir, metrics=flat_metrics(name, metrics), data_snapshot=snapshot
+        )
+        line = f"registered {entry.label} ({entry.artifact_version})"
+        if promote:
+            done = registry.promote(name, entry.version, force=force)
+            line += f"; promoted (was v{done.previous})" if done.previous else "; promoted"
+        lines.append(line)
+    return "\n".join(lines)
+
+
+def retrain(
+    run: RunLayout,
+    registry_dir: Path,
+    *,
+    append_days: int = 0,
+    drift: float = 0.0,
+    seed: int = 0,
+    promote: bool = True,
+    force: bool = False,
+    ray_address: str | None = None,
+    echo: Echo = print,
+) -> str:
+    """Continual training, one round: (optionally simulate ``append_days`` new log days with
+    ``drift``) -> preprocess (the newest day becomes the test day) -> train both models from
+    scratch -> evaluate -> index -> register; then evaluate the production models on the same
+    test day and promote each new model whose metrics pass the gate against them.
+
+    Serving that watches the registry picks promoted versions up without a restart."""
+    from feedrec.artifacts.model_registry import ModelRegistry, flat_metrics
+    from feedrec.evaluation.evaluate import EvaluationConfig
+    from feedrec.evaluation.evaluate import evaluate as run_evaluation
+
+    registry = ModelRegistry(registry_dir)
+    if append_days:
+        from feedrec.world.generator import append_days as simulate_days
+
+        simulate_days(run.world, n_days=append_days, drift=drift, seed=seed)
+        echo(f"appended {append_days} log day(s), drift {drift}")
+    for label, step in (
+        ("preprocess", lambda: preprocess(run, ray_address)),
+        ("train ranker", lambda: train(run, "ranker", ray_address=ray_address)),
+        ("train two_tower", lambda: train(run, "two_tower", ray_address=ray_address)),
+        ("evaluate", lambda: evaluate(run)),
+        ("index", lambda: index(run)),
+    ):
+        echo(f"==> {label}")
+        echo(step())
+    champion = {name: registry.production(name) for name in ("ranker", "retrieval")}
+    baseline: dict[str, dict[str, float]] = {}
+    if champion["ranker"] is not None and champion["retrieval"] is not None:
+        echo("==> evaluate production on the same test day")
+        metrics = run_evaluation(
+            EvaluationConfig(
+                world_dir=run.world,
+                data_dir=run.data,
+                ranker_dir=champion["ranker"].path,
+                two_tower_dir=champion["retrieval"].path,
+                out_dir=run.root / "eval_production",
+            )
+        )
+        baseline = {name: flat_metrics(name, metrics) for name in ("ranker", "retrieval")}
+    lines = [register(run, registry_dir)]
+    if promote:
+        from feedrec.artifacts.model_registry import RegistryError
+
+        for name in ("ranker", "retrieval"):
+            version = registry.versions(name)[-1]
+            try:
+                done = registry.promote(name, version, force=force, baseline=baseline.get(name))
+                lines.append(f"{name}: production v{done.previous} -> v{done.version}")
+            except RegistryError as e:
+                lines.append(f"{name}: kept v{registry.production_version(name)}: {e}")
+    return "\n".join(lines)
+
+
 def run_demo(
     *, preset: str, run_dir: Path, port: int, n_feeds: int, echo: Echo = print
 ) -> dict[str, float]:

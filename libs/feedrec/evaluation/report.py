@@ -22,7 +22,7 @@ def systems_in(section: dict[str, Any]) -> list[str]:
     return [s for s in SYSTEMS if s in section]
 
 
-def _png(fig: Any) -> str:
+def png_base64(fig: Any) -> str:
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
     plt.close(fig)
@@ -46,7 +46,7 @@ def _auc_plot(ranking: dict[str, Any], tasks: list[str]) -> str:
     ax.set_ylabel("test AUC")
     ax.set_title("Ranker heads: model vs oracle ceiling vs popularity")
     ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0))
-    return _png(fig)
+    return png_base64(fig)
 
 
 def _recall_plot(retrieval: dict[str, Any]) -> str:
@@ -67,7 +67,7 @@ def _recall_plot(retrieval: dict[str, Any]) -> str:
         f"Retrieval over {retrieval['corpus']} eligible posts ({retrieval['users']} users)"
     )
     ax.legend()
-    return _png(fig)
+    return png_base64(fig)
 
 
 def _curves_plot(training: dict[str, list[dict[str, float]]]) -> str:
@@ -79,7 +79,7 @@ def _curves_plot(training: dict[str, list[dict[str, float]]]) -> str:
         ax.set_title(name)
         ax.set_xlabel("epoch")
         ax.legend()
-    return _png(fig)
+    return png_base64(fig)
 
 
 def _table(ranking: dict[str, Any], tasks: list[str]) -> str:

@@ -1,9 +1,16 @@
-"""Generate a synthetic feed world: entities, follow graph and day-partitioned impression logs."""
+"""Generate a synthetic feed world: entities, follow graph and day-partitioned impression logs.
+
+:func:`generate_world` writes days ``0 .. n_days-1``; :func:`append_days` simulates more days after
+the last one with the users' topic interests drifted (a distribution shift to monitor, see
+``feedrec.monitoring.drift``).
+"""
 
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
@@ -29,13 +36,20 @@ POLICY_INTEREST_WEIGHT = 1.0
 POLICY_INTEREST_NOISE = 1.0
 POLICY_POPULARITY_WEIGHT = 0.3
 POLICY_FRESHNESS_WEIGHT = 0.3
+#: Dirichlet concentration of a user's topic interests (< 1: each user likes a few topics).
+INTEREST_CONCENTRATION = 0.3
+#: Dirichlet concentration of the topic "trend" of a drift (:func:`drift_interests`); < 1: a few
+#: topics take most of the new interest, as when attention moves to a trending subject.
+TREND_CONCENTRATION = 0.5
+#: Record of the days :func:`append_days` added, next to ``world.json``.
+APPENDED_FILE = "appended.json"
 
 
 def _entities(
     cfg: WorldConfig, rng: np.random.Generator
 ) -> tuple[GroundTruth, dict[str, np.ndarray]]:
     t, u, c, p = cfg.n_topics, cfg.n_users, cfg.n_creators, cfg.n_posts
-    theta = rng.dirichlet(np.full(t, 0.3), size=u).astype(np.float32)
+    theta = rng.dirichlet(np.full(t, INTEREST_CONCENTRATION), size=u).astype(np.float32)
     z_user = rng.standard_normal((u, LATENT_DIM), dtype=np.float32)
     segment = rng.integers(0, N_SEGMENTS, size=u)
     activity = rng.lognormal(0.0, 0.8, size=u)
@@ -127,6 +141,12 @@ def write_table(
     pq.write_table(table.cast(schema) if schema is not None else table, path)
 
 
+def _eligible_posts(truth: GroundTruth, day: int, lifetime: float) -> np.ndarray:
+    """Ids of the posts the logging policy may suggest on ``day`` (created in the last
+    ``lifetime`` days)."""
+    return np.flatnonzero((truth.created_at < day) & (truth.created_at >= day - lifetime))
+
+
 def _simulate_day(
     day: int,
     cfg: WorldConfig,
@@ -140,9 +160,7 @@ def _simulate_day(
 
     The day is not a column: it is the hive partition (``logs/day=D/``) the files are written to.
     """
-    eligible = np.flatnonzero(
-        (truth.created_at < day) & (truth.created_at >= day - cfg.post_lifetime_days)
-    )
+    eligible = _eligible_posts(truth, day, cfg.post_lifetime_days)
     active = np.flatnonzero(extra["signup_day"] <= day)
     weights = extra["activity"][active]
     n_sess = cfg.sessions_per_day
@@ -252,3 +270,146 @@ def generate_world(cfg: WorldConfig, out_dir: Path, *, progress: bool = True) ->
 def load_world_config(layout: WorldLayout) -> WorldConfig:
     """The config a world was generated with."""
     return WorldConfig(**json.loads(layout.config.read_text()))
+
+
+def drift_interests(theta: np.ndarray, drift: float, rng: np.random.Generator) -> np.ndarray:
+    """Users' topic interests after a shift: float32 [U, T] -> [U, T], rows summing to 1.
+
+    Each row becomes ``(1 - drift) * theta + drift * fresh``. The fresh draws share one random
+    "trend" (which topics are in fashion): a Dirichlet over the users with the original total
+    concentration, spread over the topics by a Dirichlet(``TREND_CONCENTRATION``) weight. Without
+    the trend the fresh interests would average out over the users and the population's topic
+    mix would not move. ``drift=0`` returns ``theta`` unchanged (the same rng draws are made
+    either way).
+    """
+    if not 0.0 <= drift <= 1.0:
+        raise ValueError(f"drift must be in [0, 1], got {drift}")
+    n_users, n_topics = theta.shape
+    trend = rng.dirichlet(np.full(n_topics, TREND_CONCENTRATION))
+    # A floor on alpha: Dirichlet sampling of a near-zero concentration underflows to NaN rows.
+    alpha = np.maximum(INTEREST_CONCENTRATION * n_topics * trend, 1e-3)
+    fresh = rng.dirichlet(alpha, size=n_users)
+    if drift == 0.0:
+        return theta.astype(np.float32, copy=True)
+    mixed = (1.0 - drift) * theta.astype(np.float64) + drift * fresh
+    return (mixed / mixed.sum(axis=1, keepdims=True)).astype(np.float32)
+
+
+def latent_epoch(layout: WorldLayout, first_day: int) -> Path:
+    """Where :func:`append_days` keeps the ground truth in effect from ``first_day`` on."""
+    return layout.truth / f"latent_from_day={first_day}.npz"
+
+
+def truth_for_day(layout: WorldLayout, day: int) -> GroundTruth:
+    """The ground truth that generated ``day``'s impressions.
+
+    A world :func:`append_days` never touched has one truth (``truth/latent.npz``). After an
+    append, ``latent.npz`` holds the latest truth and ``latent_from_day=D.npz`` the one in effect
+    from day D on (D = 0 for the original days, then each append's first day).
+    """
+    epochs = sorted(
+        (int(p.stem.split("=")[1]), p) for p in layout.truth.glob("latent_from_day=*.npz")
+    )
+    if not epochs:
+        return GroundTruth.load(layout.latent)
+    path = [p for first, p in epochs if first <= day][-1]
+    return GroundTruth.load(path)
+
+
+def read_appended(layout: WorldLayout) -> dict[str, Any]:
+    """``{"base_n_days": days generate_world wrote, "appends": [{first_day, n_days, drift,
+    seed}, ...]}``; a world without appended days has an empty list."""
+    path = layout.root / APPENDED_FILE
+    if path.exists():
+        return dict(json.loads(path.read_text()))
+    return {"base_n_days": load_world_config(layout).n_days, "appends": []}
+
+
+def append_days(
+    world_dir: Path, n_days: int = 1, drift: float = 0.5, seed: int = 0, *, progress: bool = False
+) -> WorldLayout:
+    """Simulate ``n_days`` more days after the world's last day, with drifted topic interests.
+
+    Every user's interests are shifted once (:func:`drift_interests`); the new days follow the
+    shifted truth, sessions drawn by the same logging policy and engagement model as the original
+    days. The new logs and per-impression truth go to ``logs/day=D/`` and
+    ``truth/impressions/day=D/``; ``world.json``'s ``n_days`` grows, so ``preprocess`` picks them
+    up (with the default split, the last appended day becomes the test day).
+
+    Ground truth: the per-impression probabilities of every day stay exact. ``truth/latent.npz``
+    becomes the shifted truth (what evaluation of the new test day needs); the truth of each
+    period is kept as ``latent_from_day=D.npz`` (:func:`truth_for_day`). ``appended.json``
+    records the appends.
+
+    No post is created after the original days: the eligible posts of day D are those created in
+    ``[D - post_lifetime_days, D)``, so each appended day after the first sees fewer and older
+    posts (a second, age-related shift); past ``post_lifetime_days`` appended days, none.
+
+    Args:
+        world_dir: a generated world (imported logs have no ground truth to continue from).
+        n_days: days to add (>= 1).
+        drift: share of each user's interests replaced by a fresh draw, in [0, 1]; 0 keeps the
+            interests, so the new days follow the original distribution.
+        seed: with the world's seed and first new day, seeds the new days (deterministic).
+    """
+    if n_days < 1:
+        raise ValueError(f"append_days: n_days must be >= 1, got {n_days}")
+    if seed < 0:
+        raise ValueError(f"append_days: seed must be >= 0, got {seed}")
+    if not 0.0 <= drift <= 1.0:
+        raise ValueError(f"append_days: drift must be in [0, 1], got {drift}")
+    layout = WorldLayout(Path(world_dir))
+    if not layout.config.exists():
+        raise FileNotFoundError(f"no world in {layout.root} (world.json missing)")
+    if not layout.has_truth or layout.source.exists():
+        raise ValueError(f"append_days: {layout.root} has no ground truth (imported logs?)")
+    cfg = load_world_config(layout)
+    record = read_appended(layout)
+    first_day = cfg.n_days
+
+    # The activity weights were never written: regenerate the entities (a deterministic function
+    # of the original config) and check that they are the ones on disk.
+    base_cfg = cfg.with_overrides(n_days=record["base_n_days"])
+    regenerated, extra = _entities(base_cfg, np.random.default_rng(base_cfg.seed))
+    truth = GroundTruth.load(layout.latent)
+    if not (
+        np.array_equal(regenerated.topic, truth.topic)
+        and np.array_equal(regenerated.created_at, truth.created_at)
+    ):
+        raise ValueError(
+            f"append_days: the generator no longer reproduces the entities of {layout.root}"
+        )
+    follows = pq.read_table(layout.follows)
+    follow_keys = np.sort(
+        follows.column("user_id").to_numpy().astype(np.int64) * cfg.n_creators
+        + follows.column("creator_id").to_numpy()
+    )
+    followers = pq.read_table(layout.creators).column("followers").to_numpy().astype(np.float32)
+
+    days = range(first_day, first_day + n_days)
+    if len(_eligible_posts(truth, days[-1], cfg.post_lifetime_days)) == 0:
+        raise ValueError(
+            f"append_days: no post is eligible on day {days[-1]} (posts are only created during "
+            f"the first {record['base_n_days']} days and live {cfg.post_lifetime_days} days); "
+            "append fewer days"
+        )
+    rng = np.random.default_rng([cfg.seed, first_day, seed])
+    drifted = replace(truth, theta=drift_interests(truth.theta, drift, rng))
+    for day in tqdm(days, desc="append days", disable=not progress):
+        logs, truth_cols = _simulate_day(day, cfg, rng, drifted, extra, follow_keys, followers)
+        write_table(layout.log_day(day) / "part-0.parquet", logs)
+        write_table(layout.truth_impressions / f"day={day}" / "part-0.parquet", truth_cols)
+
+    if not record["appends"]:  # keep the original truth before latent.npz moves on
+        truth.save(latent_epoch(layout, 0))
+    drifted.save(latent_epoch(layout, first_day))
+    drifted.save(layout.latent)
+    record["appends"].append(
+        {"first_day": first_day, "n_days": n_days, "drift": drift, "seed": seed}
+    )
+    (layout.root / APPENDED_FILE).write_text(json.dumps(record, indent=2))
+    # Last: until world.json grows, readers of the world do not see the new days.
+    layout.config.write_text(
+        json.dumps(cfg.with_overrides(n_days=first_day + n_days).to_dict(), indent=2)
+    )
+    return layout

@@ -1,0 +1,1 @@
+"""Operations: drift of the feature and prediction distributions between training and now."""
