@@ -17,9 +17,11 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def http_port() -> int:
-    """A free loopback port for one module's Serve ingress."""
+    """The Serve ingress port of this session. One for every module: Serve's HTTP proxy
+    outlives an application (stacks delete their app, not Serve, on a cluster they did not
+    start), and a later ``serve.start`` with another port would not move it."""
     return free_port()
 
 

@@ -189,7 +189,15 @@ class ServingStack:
             }
         )
         serve.run(app, name=APP_NAME, route_prefix="/", blocking=False)
-        wait_healthy(self.url, self.config.ready_timeout_s)
+        try:
+            wait_healthy(self.url, self.config.ready_timeout_s)
+        except TimeoutError as e:
+            # The usual cause on a shared cluster: Serve was already running with other HTTP
+            # options, and serve.start() does not move its proxy.
+            raise TimeoutError(
+                f"{e}; if Serve was already running on this cluster, its proxy keeps the "
+                "host/port it was started with: use those (or `serve shutdown`)"
+            ) from e
         if self.registry is not None:
             self.ranker_watcher = ModelWatcher(
                 self.registry,
