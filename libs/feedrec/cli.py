@@ -932,5 +932,62 @@ def drift(
         click.get_current_context().exit(DRIFT_ALERT_EXIT)
 
 
+# ---------------------------------------------------------------------------------------------
+# Capacity planning: `feedrec capacity` (library: feedrec.planning.capacity_plan)
+# ---------------------------------------------------------------------------------------------
+
+
+@main.command()
+@click.option("--dau", type=click.IntRange(min=1), default=None, help="Daily active users.")
+@click.option(
+    "--set",
+    "overrides",
+    multiple=True,
+    metavar="FIELD=VALUE",
+    help="Change an assumption (the list is in the written document), e.g. --set "
+    "peak_to_average=3 --set index_posts=1e10.",
+)
+@click.option(
+    "--bench-dir",
+    type=click.Path(path_type=Path),
+    default=Path("bench/results"),
+    show_default=True,
+    help="Measured per-replica numbers: serve.json (incl. its ann section) and train.json.",
+)
+@click.option(
+    "--out", type=click.Path(path_type=Path), default=Path("docs/capacity.md"), show_default=True
+)
+def capacity(dau: int | None, overrides: tuple[str, ...], bench_dir: Path, out: Path) -> None:
+    """Capacity plan for a target DAU from the measured benchmarks and stated assumptions."""
+    from feedrec.planning.capacity_plan import (
+        BenchFileError,
+        CapacityAssumptions,
+        load_measurements,
+        plan_capacity,
+        write_capacity_doc,
+    )
+
+    values = _parse_overrides(overrides)
+    if dau is not None:
+        if "dau" in values:
+            raise click.UsageError("give the DAU once: --dau or --set dau=..., not both")
+        values["dau"] = dau
+    try:
+        assumptions = CapacityAssumptions.from_overrides(values)
+    except (TypeError, ValueError) as e:
+        raise click.BadParameter(str(e), param_hint="--set") from e
+    try:
+        plan = plan_capacity(assumptions, load_measurements(bench_dir))
+    except BenchFileError as e:
+        raise click.UsageError(str(e)) from e
+    words = ["feedrec capacity", *([f"--dau {dau}"] if dau is not None else [])]
+    words += [f"--set {o}" for o in overrides]
+    if bench_dir != Path("bench/results"):
+        words.append(f"--bench-dir {bench_dir}")
+    path = write_capacity_doc(plan, out, command=" ".join(words))
+    click.echo(plan.summary())
+    click.echo(f"wrote {path}")
+
+
 if __name__ == "__main__":
     main()

@@ -1,0 +1,1 @@
+"""Planning: capacity for a target scale, from the measured benchmarks and stated assumptions."""
