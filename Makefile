@@ -3,7 +3,7 @@ SHELL := /bin/bash
 PY := .venv/bin/python
 STAMP := .venv/.feedrec-installed
 
-.PHONY: venv demo test lint format clean-run bench-train bench-ann bench-serve bench-spike
+.PHONY: venv demo test lint format clean-run bench bench-report bench-train bench-ann bench-serve bench-spike
 
 venv: $(STAMP)
 
@@ -37,6 +37,19 @@ bench-spike: venv
 # faiss index sweep on 1M x 64 vs exact search -> the "ann" section of bench/results/serve.json.
 bench-ann: venv
 	$(PY) -m bench.ann --posts 1000000 --dim 64
+
+# Every benchmark, one after the other (never in parallel: they would share the cores they
+# measure), then bench/REPORT.md. bench-serve and bench-spike need `make demo` first.
+bench: venv
+	$(MAKE) bench-train
+	$(MAKE) bench-ann
+	$(MAKE) bench-serve
+	$(MAKE) bench-spike
+	$(PY) -m bench.report
+
+# bench/REPORT.md from the results already in bench/results (absent ones: "not run").
+bench-report: venv
+	$(PY) -m bench.report
 
 lint: venv
 	.venv/bin/ruff check libs apps jobs tests bench

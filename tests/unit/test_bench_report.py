@@ -1,0 +1,118 @@
+"""bench/report.py on synthetic results: headline, baseline, ratio, goal, "not run", errors."""
+
+from __future__ import annotations
+
+import datetime as dt
+import importlib.util
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from feedrec.runtime.ray_cluster import repo_root
+
+# bench/ holds entry points, not an installed package: load the module from its file.
+_spec = importlib.util.spec_from_file_location("bench_report", repo_root() / "bench" / "report.py")
+assert _spec is not None and _spec.loader is not None
+report = importlib.util.module_from_spec(_spec)
+sys.modules[_spec.name] = report  # dataclasses look their module up while the class is built
+_spec.loader.exec_module(report)
+
+TRAIN = {"ray_dmp_samples_per_s": 900.0, "single_samples_per_s": 1000.0, "workers": 2}
+SERVE = {"rps_at_p99_100ms": 160.0, "twin_rps": 200.0, "p50_ms": 20.0, "host": {"cpus": 4}}
+ANN = {"qps": 300.0, "exact_qps": 10.0, "recall_at_100": 0.96, "index": "IVF64,Flat"}
+SPIKE = {
+    "base_rps": 3,
+    "spike_rps": 30,
+    "p99_before_ms": 50.0,
+    "p99_during_ms": 150.0,
+    "p99_after_ms": 60.0,
+    "errors": 0,
+}
+
+
+def _write(d: Path, **files: Any) -> Path:
+    for name, doc in files.items():
+        (d / f"{name}.json").write_text(doc if isinstance(doc, str) else json.dumps(doc))
+    return d
+
+
+def test_rows_compare_with_baselines_and_goals(tmp_path: Path) -> None:
+    data = {"ray_data_rows_per_s": 70.0, "single_rows_per_s": 100.0, "ratio": 0.7}
+    serve = {**SERVE, "ann": ANN, "spike": SPIKE}
+    rows = {
+        r.name: r for r in report.collect(_write(tmp_path, train=TRAIN, data=data, serve=serve))
+    }
+    assert [r.name for r in rows.values()] == ["train", "serve", "ann", "spike", "data"]
+    assert rows["train"].ratio == pytest.approx(0.9) and rows["train"].met is True  # >= 0.9
+    assert "900 samples/s" in rows["train"].headline
+    assert "1,000 samples/s" in rows["train"].baseline
+    # 160 / 200 = 0.8 >= 0.7 and 160 >= 150 req/s
+    assert rows["serve"].ratio == pytest.approx(0.8) and rows["serve"].met is True
+    # 30x exact at recall 0.96: both ANN goals met
+    assert rows["ann"].ratio == pytest.approx(30.0) and rows["ann"].met is True
+    assert rows["spike"].ratio == pytest.approx(3.0) and rows["spike"].met is None
+    assert rows["data"].ratio == pytest.approx(0.7) and rows["data"].met is False  # < 0.8
+    assert "`ray_data_rows_per_s` 70" in rows["data"].headline
+
+
+def test_goals_not_met(tmp_path: Path) -> None:
+    serve = {**SERVE, "rps_at_p99_100ms": 140.0, "twin_rps": 150.0, "ann": {**ANN, "qps": 150}}
+    train = {**TRAIN, "single_samples_per_s": 1001.0}
+    rows = {r.name: r for r in report.collect(_write(tmp_path, train=train, serve=serve))}
+    assert rows["train"].met is False  # 900 / 1001 < 0.9
+    assert rows["serve"].met is False  # ratio 0.93 but 140 < 150 req/s
+    assert rows["ann"].met is False  # 15x < 20x
+
+
+def test_missing_benchmarks_are_not_run(tmp_path: Path) -> None:
+    rows = report.collect(_write(tmp_path, serve={"ann": ANN}))  # only bench-ann has run
+    status = {r.name: r.headline for r in rows}
+    assert status == {
+        "train": "not run",
+        "serve": "not run",
+        "ann": status["ann"],
+        "spike": "not run",
+        "data": "not run",
+    }
+    assert status["ann"].startswith("IVF64,Flat")
+    text = report.render(rows, "2 CPUs", dt.date(2026, 1, 2), tmp_path)
+    assert "on 2026-01-02" in text and "Machine: 2 CPUs." in text
+    assert "| data | not run |  |  | ratio >= 0.8 | not run | `data.json` |" in text
+
+
+@pytest.mark.parametrize(
+    ("files", "match"),
+    [
+        ({"train": {"ray_dmp_samples_per_s": 1.0}}, r"train\.json: key 'single_samples_per_s'"),
+        ({"train": "{oops"}, r"train\.json: not valid JSON"),
+        ({"serve": {**SERVE, "twin_rps": "fast"}}, r"'twin_rps' must be a number, got 'fast'"),
+        ({"serve": {"ann": 3}}, r"serve\.json: ann: expected a JSON object"),
+    ],
+)
+def test_ill_formed_files_name_file_and_key(
+    tmp_path: Path, files: dict[str, Any], match: str
+) -> None:
+    with pytest.raises(report.ReportError, match=match):
+        report.collect(_write(tmp_path, **files))
+
+
+def test_machine_from_proc(tmp_path: Path) -> None:
+    (tmp_path / "cpuinfo").write_text("processor\t: 0\nmodel name\t: Test CPU 9000\n")
+    (tmp_path / "meminfo").write_text("MemTotal:       25165824 kB\nMemFree: 1 kB\n")
+    assert "(Test CPU 9000), 24.0 GiB RAM" in report.machine_description(tmp_path)
+    assert "unknown model" in report.machine_description(tmp_path / "missing")
+
+
+def test_main_writes_the_report_and_refuses_bad_input(tmp_path: Path) -> None:
+    out = tmp_path / "REPORT.md"
+    report.main(["--results", str(_write(tmp_path, train=TRAIN)), "--out", str(out)])
+    assert "| train | Ray Train DMP x2: 900 samples/s |" in out.read_text()
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    _write(bad, train={"ray_dmp_samples_per_s": 1.0})
+    with pytest.raises(SystemExit) as exc:
+        report.main(["--results", str(bad), "--out", str(bad / "REPORT.md")])
+    assert exc.value.code == 2 and not (bad / "REPORT.md").exists()
