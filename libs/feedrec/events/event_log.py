@@ -1,0 +1,282 @@
+"""The embedded event bus: an append-only, crash-safe local log of JSON records.
+
+Layout of ``root``::
+
+    LOCK                          writers serialise on flock(LOCK)
+    segment-000000000000.log      records with seq 0 ..
+    segment-000000052113.log      records from seq 52113 (named after its first record)
+
+A record on disk is ``MAGIC | length u32 | crc32 u32 | seq u64 | payload`` (little endian), the
+payload a compact JSON object. ``append`` returns only after ``fsync``: an acknowledged record
+survives a crash of the process (and, with ``fsync``, of the machine). A writer killed in the
+middle of a write leaves a torn record at the end of the active segment; readers stop before it
+(short or bad CRC) and the next writer truncates it under the lock before appending, so a torn
+record was never acknowledged and is never read.
+
+Idempotency: a record may carry a key (``KEY_FIELD``). ``append`` skips a record whose key is
+already in the log (or earlier in the same call) and reports it as a duplicate, so a client that
+retries after a lost acknowledgement does not write an event twice. Every writer keeps the key
+index of the retained segments in memory and catches up with other writers' records (other
+processes, e.g. other Serve replicas) under the lock before it checks; :meth:`EventLog.retain`
+drops whole segments the sink has consumed, which bounds both the disk and the index.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import itertools
+import json
+import os
+import struct
+import zlib
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+MAGIC = b"\xfe\xed"
+_HEADER = struct.Struct("<2sIIQ")  # magic, payload length, crc32(seq bytes + payload), seq
+#: The payload field holding a record's idempotency key (records without it are never deduped).
+KEY_FIELD = "idempotency_key"
+#: Largest payload accepted: a record is one event or one served feed, far below this.
+MAX_PAYLOAD = 1 << 20
+SEGMENT_BYTES = 64 << 20
+
+
+class EventLogError(RuntimeError):
+    """The log cannot be written or read as asked (bad record, corrupt middle segment)."""
+
+
+@dataclass(frozen=True)
+class LogRecord:
+    """One record: its sequence number (0, 1, ... over the log's life) and its JSON payload."""
+
+    seq: int
+    payload: dict[str, Any]
+
+
+@dataclass(frozen=True)
+class AppendResult:
+    """Per record given to :meth:`EventLog.append`: its seq (the earlier one for a duplicate)
+    and whether it was a duplicate that was not written again."""
+
+    seqs: tuple[int, ...]
+    duplicates: tuple[bool, ...]
+
+    @property
+    def written(self) -> int:
+        return self.duplicates.count(False)
+
+
+def _segment_name(first_seq: int) -> str:
+    return f"segment-{first_seq:012d}.log"
+
+
+def _encode(seq: int, payload: Mapping[str, Any]) -> bytes:
+    body = json.dumps(payload, separators=(",", ":"), allow_nan=False).encode()
+    if len(body) > MAX_PAYLOAD:
+        raise EventLogError(f"record of {len(body)} bytes is over the {MAX_PAYLOAD}-byte limit")
+    seq_bytes = struct.pack("<Q", seq)
+    return _HEADER.pack(MAGIC, len(body), zlib.crc32(seq_bytes + body), seq) + body
+
+
+def _scan(data: bytes, start: int = 0) -> Iterator[tuple[int, LogRecord]]:
+    """Complete, valid records of a segment's bytes from offset ``start``: (end offset, record).
+    Stops at the first short or damaged record (a torn tail, or bytes being written)."""
+    pos = start
+    while pos + _HEADER.size <= len(data):
+        magic, length, crc, seq = _HEADER.unpack_from(data, pos)
+        end = pos + _HEADER.size + length
+        if magic != MAGIC or length > MAX_PAYLOAD or end > len(data):
+            return
+        body = data[pos + _HEADER.size : end]
+        if zlib.crc32(struct.pack("<Q", seq) + body) != crc:
+            return
+        yield end, LogRecord(seq, json.loads(body))
+        pos = end
+
+
+class EventLog:
+    """An append-only log of JSON records under ``root`` (created if missing).
+
+    Safe for several writer processes on one host (flock) and for readers that never lock.
+    """
+
+    def __init__(self, root: Path, *, segment_bytes: int = SEGMENT_BYTES, fsync: bool = True):
+        if segment_bytes < 1024:
+            raise ValueError(f"segment_bytes must be >= 1024, got {segment_bytes}")
+        self.root = Path(root)
+        self.root.mkdir(parents=True, exist_ok=True)
+        self.segment_bytes = segment_bytes
+        self.fsync = fsync
+        self._keys: dict[str, int] = {}
+        self._segment: Path | None = None  # the last segment this writer has read to _offset
+        self._offset = 0
+        self._next_seq = 0
+        self._segments_seen: set[str] = set()
+
+    # -- reading -----------------------------------------------------------------------------
+
+    def segments(self) -> list[tuple[int, Path]]:
+        """(first seq, path) of every segment, oldest first."""
+        out = []
+        for path in self.root.glob("segment-*.log"):
+            try:
+                out.append((int(path.stem.split("-", 1)[1]), path))
+            except ValueError:
+                continue  # not ours (e.g. an editor's backup file)
+        return sorted(out)
+
+    def records(self, start_seq: int = 0) -> Iterator[LogRecord]:
+        """Every complete record with ``seq >= start_seq``, in order (no lock: what is fully
+        written now). Raises EventLogError if an older segment is damaged in the middle, and
+        if ``start_seq`` was already dropped by :meth:`retain`."""
+        segments = self.segments()
+        if segments and start_seq < segments[0][0]:
+            raise EventLogError(
+                f"records before seq {segments[0][0]} were dropped by retention; "
+                f"asked for seq {start_seq}"
+            )
+        for i, (first, path) in enumerate(segments):
+            following = segments[i + 1][0] if i + 1 < len(segments) else None
+            if following is not None and following <= start_seq:
+                continue
+            data = path.read_bytes()
+            last = first - 1
+            end = 0
+            for record_end, record in _scan(data):
+                end, last = record_end, record.seq
+                if record.seq >= start_seq:
+                    yield record
+            if following is not None and (last != following - 1 or end != len(data)):
+                raise EventLogError(
+                    f"{path.name} is damaged at byte {end} (records end at seq {last}, the "
+                    f"next segment starts at {following})"
+                )
+
+    def end_seq(self) -> int:
+        """The seq the next appended record gets (records fully written so far)."""
+        last = -1
+        segments = self.segments()
+        if segments:
+            first, path = segments[-1]
+            last = first - 1
+            for _, record in _scan(path.read_bytes()):
+                last = record.seq
+        return last + 1
+
+    # -- writing -----------------------------------------------------------------------------
+
+    @contextmanager
+    def _locked(self) -> Iterator[None]:
+        with open(self.root / "LOCK", "a+b") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(lock, fcntl.LOCK_UN)
+
+    def _catch_up(self) -> None:
+        """Under the lock: read what other writers appended since this one last looked, index
+        their keys, and cut a torn tail off the active segment."""
+        segments = self.segments()
+        names = {path.name for _, path in segments}
+        if self._segments_seen - names:  # retention dropped segments: rebuild the key index
+            self._keys.clear()
+            self._segment, self._offset = None, 0
+        self._segments_seen = names
+        for _, path in segments:
+            if self._segment is not None and path.name < self._segment.name:
+                continue
+            start = self._offset if self._segment == path else 0
+            data = path.read_bytes()
+            end = start
+            for record_end, record in _scan(data, start):
+                end = record_end
+                key = record.payload.get(KEY_FIELD)
+                if isinstance(key, str):
+                    self._keys[key] = record.seq
+                self._next_seq = record.seq + 1
+            if end != len(data):
+                if path != segments[-1][1]:
+                    raise EventLogError(f"{path.name} is damaged at byte {end}")
+                # A writer died mid-record: it was never acknowledged. Cut it off.
+                with open(path, "r+b") as f:
+                    f.truncate(end)
+                    os.fsync(f.fileno())
+            self._segment, self._offset = path, end
+        if self._segment is None:  # empty log, or every record dropped by retention
+            self._next_seq = max(self._next_seq, segments[-1][0] if segments else 0)
+
+    def append(self, payloads: Sequence[Mapping[str, Any]]) -> AppendResult:
+        """Write the records not already in the log (by ``KEY_FIELD``) and fsync; returns once
+        they are durable. Raises EventLogError (nothing written) for an unencodable record."""
+        with self._locked():
+            self._catch_up()
+            seqs: list[int] = []
+            duplicates: list[bool] = []
+            chunks: list[bytes] = []
+            seq = self._next_seq
+            new_keys: dict[str, int] = {}
+            for payload in payloads:
+                key = payload.get(KEY_FIELD)
+                if isinstance(key, str) and (key in self._keys or key in new_keys):
+                    seqs.append(self._keys.get(key, new_keys.get(key, -1)))
+                    duplicates.append(True)
+                    continue
+                chunks.append(_encode(seq, payload))  # raises before anything is written
+                if isinstance(key, str):
+                    new_keys[key] = seq
+                seqs.append(seq)
+                duplicates.append(False)
+                seq += 1
+            if chunks:
+                self._write(b"".join(chunks), self._next_seq)
+                self._keys.update(new_keys)
+                self._next_seq = seq
+            return AppendResult(tuple(seqs), tuple(duplicates))
+
+    def _write(self, data: bytes, first_seq: int) -> None:
+        path = self._segment
+        if path is None or self._offset >= self.segment_bytes:
+            path = self.root / _segment_name(first_seq)
+            self._offset = 0
+            self._segments_seen.add(path.name)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+        try:
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view) :]
+            if self.fsync:
+                os.fsync(fd)
+        finally:
+            os.close(fd)
+        if path != self._segment:
+            self._fsync_dir()
+        self._segment, self._offset = path, self._offset + len(data)
+
+    def _fsync_dir(self) -> None:
+        """A new segment's directory entry must be durable too, or a crash loses the file."""
+        if not self.fsync:
+            return
+        fd = os.open(self.root, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+    def retain(self, min_seq: int) -> int:
+        """Delete segments whose records all have ``seq < min_seq`` (never the active one);
+        returns how many. Their keys leave the idempotency window."""
+        dropped = 0
+        with self._locked():
+            segments = self.segments()
+            for (_, path), (following, _) in itertools.pairwise(segments):
+                if following > min_seq:
+                    break
+                path.unlink()
+                dropped += 1
+            if dropped:
+                self._catch_up()
+        return dropped
