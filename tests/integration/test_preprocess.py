@@ -84,3 +84,21 @@ def test_seen_and_hidden_pairs_match_the_logs(debug_run: Path) -> None:
     hidden = np.unique(users[hid] * n_creators + attrs.post_creator[posts[hid]])
     assert len(hidden) > 0
     np.testing.assert_array_equal(np.load(data.hidden), hidden)
+
+
+def test_days_the_world_does_not_count_yet_are_left_out(debug_run: Path, tmp_path: Path) -> None:
+    """The event sink writes live traffic of the serving day (day n_days) into ``logs/``; it
+    is an open day, not part of the 6-day world, until ``world.json`` counts it."""
+    import shutil
+
+    from feedrec.data import PreprocessConfig, run_preprocess
+
+    world = tmp_path / "world"
+    shutil.copytree(RunLayout(debug_run).world, world)
+    day5 = next((world / "logs" / "day=5").glob("*.parquet"))
+    (world / "logs" / "day=6").mkdir()
+    shutil.copy(day5, world / "logs" / "day=6" / "live-000000000000-000000000010.parquet")
+    out = run_preprocess(PreprocessConfig(world, tmp_path / "data", progress=False))
+    assert (
+        out.read_meta()["rows"] == PreprocessLayout(RunLayout(debug_run).data).read_meta()["rows"]
+    )

@@ -145,12 +145,20 @@ def is_positive() -> Expr:
     return functools.reduce(operator.or_, [col(label) > 0 for label in POSITIVE_LABELS])
 
 
-def read_logs(world: WorldLayout) -> ray.data.Dataset:
-    """The sharded impression logs as a Ray Dataset (``day`` from the hive partition)."""
+def read_logs(world: WorldLayout, n_days: int) -> ray.data.Dataset:
+    """The sharded impression logs of days ``0 .. n_days-1`` as a Ray Dataset (``day`` from
+    the hive partition). Later partitions are days still open: the event sink writes live
+    traffic of the serving day there, and they join the logs once ``world.json`` counts them."""
+    partitioning = ray.data.datasource.Partitioning(
+        ray.data.datasource.PartitionStyle.HIVE, field_types={"day": int}
+    )
     return ray.data.read_parquet(
         str(world.logs),
-        partitioning=ray.data.datasource.Partitioning(
-            ray.data.datasource.PartitionStyle.HIVE, field_types={"day": int}
+        partitioning=partitioning,
+        partition_filter=ray.data.datasource.PathPartitionFilter.of(
+            lambda partition: int(partition["day"]) < n_days,
+            style=ray.data.datasource.PartitionStyle.HIVE,
+            base_dir=str(world.logs),
         ),
     )
 
@@ -384,7 +392,7 @@ def run_preprocess(cfg: PreprocessConfig) -> PreprocessLayout:
         raise ValueError(f"preprocess: {n_days} days leave no training day")
 
     attrs = load_entity_attributes(world)
-    logs = read_logs(world)
+    logs = read_logs(world, n_days)
     sums = daily_sums(logs, attrs, n_days, world_cfg.n_topics)
     tables = FeatureTables.from_daily(
         attrs,

@@ -1,0 +1,124 @@
+"""What a client reports about a feed it showed (``POST /v1/events``), and what the service
+records about each feed it served. Both go to the event bus; the sink joins them into logs.
+
+A client event names the feed response (``request_id``) and the slot (``position``) that showed
+the post, so an engagement is attributed to exactly the impression that caused it; the served
+record holds what the service knew then (user, post, scores, model version, feature snapshot,
+propensity), so training rows are rebuilt from what was served, not from today's features.
+"""
+
+from __future__ import annotations
+
+import uuid
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from feedrec.events.event_log import KEY_FIELD
+from feedrec.serving.api import MAX_COUNT, Id, Integer
+
+#: What a client reports per shown post. ``impression``: the post was on screen; ``view``: the
+#: user looked at it (the world's ``view`` label); ``dwell``: seconds spent on it.
+EVENT_TYPES = ("impression", "view", "like", "comment", "share", "hide", "dwell")
+EventType = Literal["impression", "view", "like", "comment", "share", "hide", "dwell"]
+#: A batch stays under the ingress body limit (64 KiB): ~250 bytes an event.
+MAX_EVENTS = 200
+#: A day of dwell is not a plausible single view: larger values are client bugs.
+MAX_DWELL_S = 86_400.0
+REQUEST_ID_PATTERN = r"^[0-9a-f]{32}$"
+VARIANT_PATTERN = r"^[a-z0-9][a-z0-9_-]{0,31}$"
+#: Record kinds on the bus.
+SERVED, EVENT = "served", "event"
+
+
+def new_request_id() -> str:
+    """A feed response's id: 32 lowercase hex digits (uuid4)."""
+    return uuid.uuid4().hex
+
+
+class FeedEvent(BaseModel):
+    """One thing a user did with one post of one served feed."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    type: EventType
+    request_id: str = Field(pattern=REQUEST_ID_PATTERN, description="the feed response's id")
+    position: Integer = Field(ge=0, lt=MAX_COUNT, description="0-based slot in that response")
+    post_id: Id
+    user_id: Id
+    variant: str = Field(pattern=VARIANT_PATTERN, description="the response's variant")
+    idempotency_key: str = Field(
+        min_length=8,
+        max_length=128,
+        pattern=r"^[A-Za-z0-9_.:-]+$",
+        description="unique per event: a retried event with the same key is counted once",
+    )
+    dwell_s: float | None = Field(
+        default=None, ge=0, le=MAX_DWELL_S, description="seconds; required for type dwell only"
+    )
+
+    @model_validator(mode="after")
+    def _dwell_only_for_dwell(self) -> FeedEvent:
+        if (self.type == "dwell") != (self.dwell_s is not None):
+            raise ValueError("dwell_s is required for type 'dwell' and not allowed otherwise")
+        return self
+
+
+class EventBatch(BaseModel):
+    """``POST /v1/events`` body."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    events: list[FeedEvent] = Field(min_length=1, max_length=MAX_EVENTS)
+
+
+class EventsAck(BaseModel):
+    """``POST /v1/events`` response: sent only after the events are durable."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    accepted: int = Field(description="events written now")
+    duplicates: int = Field(description="events whose idempotency key was already written")
+
+
+def event_record(event: FeedEvent, received_at: float) -> dict[str, Any]:
+    """The bus record of a client event (``received_at``: unix seconds at the ingress)."""
+    record = event.model_dump()
+    # Namespaced, so no client key can collide with (and so suppress) a served record's key.
+    record[KEY_FIELD] = f"event:{event.idempotency_key}"
+    record["kind"] = EVENT
+    record["received_at"] = received_at
+    return record
+
+
+def served_record(
+    *,
+    request_id: str,
+    user_id: int,
+    ts: float,
+    received_at: float,
+    variant: str,
+    model_version: str,
+    snapshot: str,
+    fallback: bool,
+    cold_start: bool,
+    latency_ms: float,
+    items: list[dict[str, Any]],
+) -> dict[str, Any]:
+    """The bus record of a served feed. ``ts``: world-clock days (the log's time axis);
+    ``items``: ``{"post_id", "position", "score", "scores", "propensity"}`` per slot."""
+    return {
+        "kind": SERVED,
+        KEY_FIELD: f"served:{request_id}",
+        "request_id": request_id,
+        "user_id": user_id,
+        "ts": ts,
+        "received_at": received_at,
+        "variant": variant,
+        "model_version": model_version,
+        "snapshot": snapshot,
+        "fallback": fallback,
+        "cold_start": cold_start,
+        "latency_ms": latency_ms,
+        "items": items,
+    }

@@ -1,0 +1,76 @@
+"""What the feed service writes to the event bus: every served feed, and clients' events.
+
+Writes are blocking (flock + fsync, ~0.3 ms here), so the async callers run them in a thread.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from pathlib import Path
+from typing import Any
+
+from feedrec.events.event_log import EventLog
+from feedrec.events.feed_event import EventBatch, EventsAck, event_record, served_record
+from feedrec.serving.api import FeedResponse
+
+SECONDS_PER_DAY = 86_400.0
+#: Every policy the service runs ranks deterministically: a served post had probability 1 of
+#: being in its slot. (An exploring policy would log its randomisation probability here.)
+DETERMINISTIC_PROPENSITY = 1.0
+
+
+def world_ts(serving_day: int, unix_s: float) -> float:
+    """Live traffic on the world clock: the serving day plus the fraction of the UTC day, so
+    live rows land in that day's log partition with a realistic time of day."""
+    return serving_day + (unix_s % SECONDS_PER_DAY) / SECONDS_PER_DAY
+
+
+class FeedRecorder:
+    """Records served feeds and client events on the bus under ``events_dir``."""
+
+    def __init__(self, events_dir: Path, *, serving_day: int, snapshot: str) -> None:
+        self.log = EventLog(events_dir)
+        self.serving_day = serving_day
+        self.snapshot = snapshot
+
+    def served_payload(
+        self, response: FeedResponse, latency_ms: float, unix_s: float
+    ) -> dict[str, Any]:
+        return served_record(
+            request_id=response.request_id,
+            user_id=response.user_id,
+            ts=world_ts(self.serving_day, unix_s),
+            received_at=unix_s,
+            variant=response.variant,
+            model_version=response.model_version,
+            snapshot=self.snapshot,
+            fallback=response.fallback,
+            cold_start=response.cold_start,
+            latency_ms=latency_ms,
+            items=[
+                {
+                    "post_id": item.post_id,
+                    "position": position,
+                    "score": item.score,
+                    "scores": item.scores,
+                    "propensity": DETERMINISTIC_PROPENSITY,
+                }
+                for position, item in enumerate(response.items)
+            ],
+        )
+
+    async def served(self, response: FeedResponse, latency_ms: float) -> None:
+        payload = self.served_payload(response, latency_ms, time.time())
+        await asyncio.to_thread(self.log.append, [payload])
+
+    async def events(self, batch: EventBatch) -> tuple[EventsAck, tuple[bool, ...]]:
+        """Write a batch durably (fsync); returns the acknowledgement and, per event, whether
+        it was a duplicate. Raises on a failed write (nothing acknowledged: the client
+        retries, and the idempotency keys make that safe)."""
+        now = time.time()
+        result = await asyncio.to_thread(
+            self.log.append, [event_record(e, now) for e in batch.events]
+        )
+        ack = EventsAck(accepted=result.written, duplicates=len(result.duplicates) - result.written)
+        return ack, result.duplicates
