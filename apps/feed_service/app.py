@@ -8,6 +8,8 @@ while a deployment hop cost 10-25 ms on the 2-core box (measured with debug timi
 Deploy with ``feedrec serve up`` or ``serve deploy apps/feed_service/serve_config.yaml``.
 """
 
+import logging
+import time
 from dataclasses import asdict
 from typing import Any, Literal
 
@@ -18,6 +20,9 @@ from ray.serve.handle import DeploymentHandle
 
 from feedrec.artifacts import ArtifactError
 from feedrec.artifacts.model_registry import MODEL_NAMES, ModelRegistry, RegistryError
+from feedrec.events.event_log import EventLogError
+from feedrec.events.feed_event import EventBatch, EventsAck
+from feedrec.events.feed_recorder import FeedRecorder
 from feedrec.serving.admin_auth import AdminAuth, AdminAuthError
 from feedrec.serving.api import FeedRequest, FeedResponse, PromoteRequest
 from feedrec.serving.config import ServiceConfig
@@ -30,6 +35,7 @@ from feedrec.serving.stages import FeedPipeline, RequestError, Reranker, Scorer,
 # Serve YAML (serve_config.yaml) overrides these and adds autoscaling.
 _SMALL = {"num_cpus": 0.25}
 ModelName = Literal["ranker", "retrieval"]
+logger = logging.getLogger("feedrec.serve")
 
 
 def _store(cfg: ServiceConfig) -> OnlineFeatureStore:
@@ -103,13 +109,19 @@ class Ingress:
         async def select(post_ids: list[int], predictions: Any, count: int, debug: bool) -> Any:
             return reranker.select(post_ids, predictions, count, debug)
 
+        self.metrics = FeedMetrics()
         self.pipeline = FeedPipeline(
             cfg,
             store,
             retrieve=retrieve,
             rank=rank,
             rerank=select,
-            metrics=FeedMetrics(),
+            metrics=self.metrics,
+        )
+        self.recorder = (
+            FeedRecorder(cfg.events_dir, serving_day=store.day, snapshot=store.snapshot)
+            if cfg.events_dir is not None
+            else None
         )
         self.admin = AdminAuth.from_file(cfg.admin_token_file)
         self.registry = ModelRegistry(cfg.registry_dir) if cfg.registry_dir else None
@@ -163,10 +175,37 @@ class Ingress:
 
     @api.post("/v1/feed", response_model=FeedResponse)
     async def feed(self, request: FeedRequest) -> FeedResponse:  # type: ignore[valid-type]
+        started = time.perf_counter()
         try:
-            return await self.pipeline.feed(request)
+            response = await self.pipeline.feed(request)
         except RequestError as e:
             raise HTTPException(status_code=422, detail=str(e)) from e
+        if self.recorder is not None:
+            try:  # the feed still goes out: an unrecorded feed costs training rows, not users
+                await self.recorder.served(response, (time.perf_counter() - started) * 1e3)
+            except (OSError, EventLogError) as e:
+                self.metrics.event_log_errors.inc(tags={"kind": "served"})
+                logger.error("served feed %s not recorded: %r", response.request_id, e)
+        return response
+
+    @api.post("/v1/events", response_model=EventsAck)
+    async def events(self, batch: EventBatch) -> EventsAck:
+        """Client events about served feeds, acknowledged once durable (retry on 503: the
+        idempotency keys make a retried batch count once)."""
+        if self.recorder is None:
+            raise HTTPException(status_code=404, detail="this service records no events")
+        try:
+            ack, duplicates = await self.recorder.events(batch)
+        except (OSError, EventLogError) as e:
+            self.metrics.event_log_errors.inc(tags={"kind": "event"})
+            logger.error("event batch not written: %r", e)
+            raise HTTPException(
+                status_code=503, detail="events not written; retry the same batch"
+            ) from e
+        for event, duplicate in zip(batch.events, duplicates, strict=True):
+            outcome = "duplicate" if duplicate else "accepted"
+            self.metrics.events.inc(tags={"type": event.type, "outcome": outcome})
+        return ack
 
 
 def build_app(args: dict[str, Any]) -> serve.Application:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import socket
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -29,3 +29,21 @@ def http_port() -> int:
 def stack(trained_run: Path, http_port: int) -> Iterator[ServingStack]:
     with ServingStack(StackConfig(run_dir=trained_run, http_port=http_port)) as s:
         yield s
+
+
+def _replica_pid(deployment: str) -> int:
+    import ray
+    from ray.util.state import list_actors
+
+    actors = list_actors(
+        address=ray.get_runtime_context().gcs_address,  # this session's cluster, not another
+        filters=[("class_name", "=", f"ServeReplica:feed:{deployment}"), ("state", "=", "ALIVE")],
+    )
+    assert len(actors) == 1, actors
+    return int(actors[0].pid)
+
+
+@pytest.fixture
+def replica_pid() -> Callable[[str], int]:
+    """``replica_pid(deployment)`` -> the pid of that deployment's one live replica."""
+    return _replica_pid

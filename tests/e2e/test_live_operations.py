@@ -241,26 +241,16 @@ def test_killed_triton_is_restarted_and_full_quality_returns(
     assert during[-1]["fallback"] is False
 
 
-def _replica_pid(deployment: str) -> int:
-    import ray
-    from ray.util.state import list_actors
-
-    actors = list_actors(
-        address=ray.get_runtime_context().gcs_address,  # this session's cluster, not another
-        filters=[("class_name", "=", f"ServeReplica:feed:{deployment}"), ("state", "=", "ALIVE")],
-    )
-    assert len(actors) == 1, actors
-    return int(actors[0].pid)
-
-
 @pytest.mark.parametrize("deployment", ["Ranking", "Ingress"])
-def test_killed_serve_replica_is_replaced(registry_stack: ServingStack, deployment: str) -> None:
+def test_killed_serve_replica_is_replaced(
+    registry_stack: ServingStack, deployment: str, replica_pid: Callable[[str], int]
+) -> None:
     """SIGKILL a replica process mid-traffic: Serve replaces it. Ranking: requests get the
     flagged fallback meanwhile; Ingress: only the requests inside the killed replica can fail."""
     traffic = Traffic(registry_stack.url)
     try:
         traffic.wait_for(lambda a: a["fallback"] is False, 30, then=20)
-        pid = _replica_pid(deployment)
+        pid = replica_pid(deployment)
         killed_at = time.monotonic()
         os.kill(pid, signal.SIGKILL)
         deadline = killed_at + 120
@@ -282,7 +272,7 @@ def test_killed_serve_replica_is_replaced(registry_stack: ServingStack, deployme
         f"{len(degraded) - len(failed)} fallback; last degraded answer {recovered_s:.1f} s "
         "after the kill"
     )
-    assert _replica_pid(deployment) != pid
+    assert replica_pid(deployment) != pid
     if deployment == "Ingress":
         # The proxy has no replica to retry on for the requests the killed replica was
         # serving (one per client); every later request waits for the replacement.

@@ -8,7 +8,8 @@ from pathlib import Path
 
 @dataclass(frozen=True)
 class RunLayout:
-    """``<root>/world``, ``data``, ``models/{ranker,two_tower,retrieval}``, ``eval``, ``serve``."""
+    """``<root>/world``, ``data``, ``models/{ranker,two_tower,retrieval}``, ``eval``, ``serve``,
+    ``events``."""
 
     root: Path
 
@@ -42,6 +43,11 @@ class RunLayout:
     @property
     def eval(self) -> Path:
         return self.root / "eval"
+
+    @property
+    def events(self) -> Path:
+        """The embedded event bus of the run's feed service (served feeds, client events)."""
+        return self.root / "events"
 
     @property
     def serve(self) -> Path:

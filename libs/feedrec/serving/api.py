@@ -100,6 +100,10 @@ class FeedResponse(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
+    request_id: str = Field(
+        description="32 hex digits naming this response: events about its posts carry it"
+    )
+    variant: str = Field(description="the experiment variant that served it ('control' if none)")
     user_id: int
     items: list[FeedItem]
     model_version: str

@@ -9,6 +9,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from feedrec.runtime.run_layout import RunLayout
+from feedrec.serving.experiment import Experiment
 from feedrec.serving.rerank import RerankConfig
 
 
@@ -43,6 +44,14 @@ class ServiceConfig(BaseModel):
         default=None,
         description="a chmod-600 file with the bearer token of the admin endpoints (promote, "
         "rollback); None (default) disables them. $FEEDREC_ADMIN_TOKEN_FILE also works",
+    )
+    events_dir: Path | None = Field(
+        default=None,
+        description="the embedded event bus (an append-only log directory): served feeds are "
+        "recorded there and POST /v1/events writes to it; None disables both",
+    )
+    experiment: Experiment | None = Field(
+        default=None, description="an online experiment: users are split between its variants"
     )
     retrieve_k: int = Field(default=300, ge=1, le=10_000)
     rank_k: int = Field(default=150, ge=1, le=5_000)
@@ -79,6 +88,7 @@ class ServiceConfig(BaseModel):
             "data_dir": run.data,
             "ranker_dir": run.ranker,
             "retrieval_dir": run.retrieval,
+            "events_dir": run.events,
         }
         return cls(**{**fields, **overrides})  # type: ignore[arg-type]
 

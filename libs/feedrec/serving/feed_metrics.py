@@ -23,8 +23,10 @@ METRIC_NAMES = (
     "feedrec_prediction_mean",
     "feedrec_served_score",
     "feedrec_model_info",
+    "feedrec_events",
+    "feedrec_event_log_errors",
 )
-OUTCOMES = ("ok", "fallback", "cold_start", "invalid")
+OUTCOMES = ("ok", "fallback", "cold_start", "invalid", "popularity")
 STAGES = ("retrieval", "ranking", "rerank", "total")
 _LATENCY_MS: list[float] = [1, 2, 5, 10, 20, 35, 50, 75, 100, 150, 200, 300, 500, 1000, 2000, 5000]
 _COUNTS: list[float] = [1, 5, 10, 25, 50, 100, 150, 300, 500, 1000, 2000]
@@ -41,7 +43,8 @@ class FeedMetrics:
 
         self.requests = Counter(
             "feedrec_feed_requests",
-            description="Feed requests by outcome: ok, fallback (popularity), cold_start, invalid.",
+            description="Feed requests by outcome: ok, fallback (popularity after a failure), "
+            "cold_start, invalid, popularity (an experiment's popularity arm).",
             tag_keys=("outcome",),
         )
         self.latency = Histogram(
@@ -77,6 +80,17 @@ class FeedMetrics:
             "feedrec_model_info",
             description="1 for the ranker version a replica last answered with.",
             tag_keys=("model_version",),
+        )
+        self.events = Counter(
+            "feedrec_events",
+            description="Client events written to the event bus, by type and outcome "
+            "(accepted, duplicate: a retried idempotency key).",
+            tag_keys=("type", "outcome"),
+        )
+        self.event_log_errors = Counter(
+            "feedrec_event_log_errors",
+            description="Writes to the event bus that failed, by record kind (served, event).",
+            tag_keys=("kind",),
         )
         self._last_version = ""
 

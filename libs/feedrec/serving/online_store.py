@@ -6,6 +6,7 @@ It holds exactly what the offline join used for that day (``FeatureTables.as_of`
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -43,6 +44,8 @@ class OnlineFeatureStore:
             ones re-ranking guarantees a share of exposure).
         segment_topic_rate: float [S + 1, T] smoothed like rate per impression by user segment
             and post topic over the feature window; row S is all users (unknown segment).
+        snapshot: names the feature snapshot served (serving day + preprocess run), recorded
+            with every served feed so training rows are rebuilt from the same features.
     """
 
     tables: FeatureTables
@@ -57,6 +60,7 @@ class OnlineFeatureStore:
     hidden: np.ndarray
     small_creators: np.ndarray
     segment_topic_rate: np.ndarray
+    snapshot: str = ""
 
     @classmethod
     def load(
@@ -104,6 +108,7 @@ class OnlineFeatureStore:
             h_cols,
             small,
             rate,
+            f"day{day}-{hashlib.sha256(data.meta.read_bytes()).hexdigest()[:12]}",
         )
 
     @property

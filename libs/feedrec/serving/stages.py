@@ -19,12 +19,14 @@ import numpy as np
 
 from feedrec.artifacts import load_artifact
 from feedrec.artifacts.model_registry import ModelRegistry, RegistryEntry
+from feedrec.events.feed_event import new_request_id
 from feedrec.features.transform import FeatureTransform
 from feedrec.models.predictor import TowerEncoder
 from feedrec.retrieval.build import load_post_index
 from feedrec.schema.registry import TASKS
 from feedrec.serving.api import FeedItem, FeedResponse
 from feedrec.serving.config import ServiceConfig
+from feedrec.serving.experiment import NO_EXPERIMENT, Variant
 from feedrec.serving.feed_metrics import FeedMetrics
 from feedrec.serving.model_watcher import ModelWatcher, NotReady
 from feedrec.serving.online_store import OnlineFeatureStore
@@ -203,7 +205,12 @@ class FeedPipeline:
             for p, s in zip(posts[:count], likes, strict=True)
         ]
 
-    def cold_start(self, req: Any) -> FeedResponse:
+    def variant(self, user_id: int) -> Variant:
+        """The experiment variant of a viewer (``control``, policy ``model``, if none runs)."""
+        experiment = self.cfg.experiment
+        return experiment.assign(user_id) if experiment is not None else NO_EXPERIMENT
+
+    def cold_start(self, req: Any, request_id: str, variant: str) -> FeedResponse:
         """A viewer the models have never seen: trending posts weighted by the like rate of
         their topic in the viewer's segment and by the viewer's picked interests, then the
         same re-ranking rules (creator cap, topic window, small-creator share)."""
@@ -236,6 +243,8 @@ class FeedPipeline:
                 )
             )
         return FeedResponse(
+            request_id=request_id,
+            variant=variant,
             user_id=req.user_id,
             items=items,
             model_version="cold-start",
@@ -246,14 +255,26 @@ class FeedPipeline:
     async def feed(self, req: Any) -> FeedResponse:
         """``req``: a validated ``FeedRequest``. Raises ``RequestError`` for unusable context."""
         started = time.perf_counter()
+        request_id = new_request_id()
+        variant = self.variant(req.user_id)
         if not self.store.knows_user(req.user_id):
             try:
-                response = self.cold_start(req)
+                response = self.cold_start(req, request_id, variant.name)
             except RequestError:
                 self._count("invalid")
                 raise
             self._count("cold_start")
             return response
+        if variant.policy == "popularity":  # an experiment's baseline arm, not a failure
+            self._count("popularity")
+            return FeedResponse(
+                request_id=request_id,
+                variant=variant.name,
+                user_id=req.user_id,
+                items=self.popular(req.user_id, req.count, req.blocked_creator_ids),
+                model_version="popularity",
+                fallback=False,
+            )
         t = self.cfg.timeouts
         timings: dict[str, float] = {}
         try:
@@ -279,6 +300,8 @@ class FeedPipeline:
             logger.warning("feed for user %s fell back: %r", req.user_id, e)
             self._count("fallback")
             return FeedResponse(
+                request_id=request_id,
+                variant=variant.name,
                 user_id=req.user_id,
                 items=self.popular(req.user_id, req.count, req.blocked_creator_ids),
                 model_version="popularity",
@@ -297,6 +320,8 @@ class FeedPipeline:
                 model_version=model_version,
             )
         return FeedResponse(
+            request_id=request_id,
+            variant=variant.name,
             user_id=req.user_id,
             items=[FeedItem(**item) for item in items],
             model_version=model_version,
