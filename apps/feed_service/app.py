@@ -118,9 +118,10 @@ class Ingress:
             rerank=select,
             metrics=self.metrics,
         )
+        bus = cfg.event_bus_location()  # events_bus (e.g. redis://...) or events_dir
         self.recorder = (
-            FeedRecorder(cfg.events_dir, serving_day=store.day, snapshot=store.snapshot)
-            if cfg.events_dir is not None
+            FeedRecorder(bus, serving_day=store.day, snapshot=store.snapshot)
+            if bus is not None
             else None
         )
         self.admin = AdminAuth.from_file(cfg.admin_token_file)

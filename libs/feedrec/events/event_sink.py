@@ -39,7 +39,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from feedrec.data.log_import import LOG_SCHEMA
-from feedrec.events.event_log import EventLog
+from feedrec.events.event_bus import EventBus
 from feedrec.events.feed_event import EVENT, SERVED
 from feedrec.schema.registry import LABELS, TASKS
 from feedrec.serving.api import MAX_COUNT
@@ -158,7 +158,7 @@ class EventSink:
     * ``live/sink_state.json``: the committed bus position and the open attribution windows.
     """
 
-    def __init__(self, log: EventLog, world_dir: Path, cfg: SinkConfig | None = None) -> None:
+    def __init__(self, log: EventBus, world_dir: Path, cfg: SinkConfig | None = None) -> None:
         self.log = log
         self.world = WorldLayout(Path(world_dir))
         self.cfg = cfg or SinkConfig()

@@ -1,6 +1,7 @@
 """What the feed service writes to the event bus: every served feed, and clients' events.
 
-Writes are blocking (flock + fsync, ~0.3 ms here), so the async callers run them in a thread.
+Writes are blocking (flock + fsync, ~0.3 ms here; or a Redis round trip), so the async callers
+run them in a thread.
 """
 
 from __future__ import annotations
@@ -10,7 +11,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from feedrec.events.event_log import EventLog
+from feedrec.events.event_bus import EventBus, open_event_bus
 from feedrec.events.feed_event import EventBatch, EventsAck, event_record, served_record
 from feedrec.serving.api import FeedResponse
 
@@ -27,10 +28,11 @@ def world_ts(serving_day: int, unix_s: float) -> float:
 
 
 class FeedRecorder:
-    """Records served feeds and client events on the bus under ``events_dir``."""
+    """Records served feeds and client events on the bus at ``bus`` (a directory or a
+    ``redis://`` URL: :func:`~feedrec.events.event_bus.open_event_bus`)."""
 
-    def __init__(self, events_dir: Path, *, serving_day: int, snapshot: str) -> None:
-        self.log = EventLog(events_dir)
+    def __init__(self, bus: str | Path, *, serving_day: int, snapshot: str) -> None:
+        self.log: EventBus = open_event_bus(bus)
         self.serving_day = serving_day
         self.snapshot = snapshot
 

@@ -6,8 +6,9 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from feedrec.events.event_bus import bus_location
 from feedrec.runtime.run_layout import RunLayout
 from feedrec.serving.experiment import Experiment
 from feedrec.serving.rerank import RerankConfig
@@ -50,6 +51,12 @@ class ServiceConfig(BaseModel):
         description="the embedded event bus (an append-only log directory): served feeds are "
         "recorded there and POST /v1/events writes to it; None disables both",
     )
+    events_bus: str | None = Field(
+        default=None,
+        description="another event bus, replacing events_dir when set: "
+        "redis://host:port/db?stream=NAME (Redis Streams; the server must run appendonly yes "
+        "and appendfsync always) or a directory (the embedded log)",
+    )
     experiment: Experiment | None = Field(
         default=None, description="an online experiment: users are split between its variants"
     )
@@ -64,6 +71,18 @@ class ServiceConfig(BaseModel):
     small_creator_quantile: float = Field(
         default=0.25, gt=0, lt=1, description="creators at or below it (followers) are small"
     )
+
+    @field_validator("events_bus")
+    @classmethod
+    def _bus_location_parses(cls, value: str | None) -> str | None:
+        if value is not None:
+            bus_location(value)  # a malformed redis:// URL fails here, naming its bad part
+        return value
+
+    def event_bus_location(self) -> str | Path | None:
+        """Where served feeds and client events are recorded: ``events_bus`` if set, else
+        ``events_dir``; None: not recorded."""
+        return self.events_bus if self.events_bus is not None else self.events_dir
 
     @model_validator(mode="after")
     def _rules_are_consistent(self) -> ServiceConfig:
