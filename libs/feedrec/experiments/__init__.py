@@ -1,0 +1,1 @@
+"""Online experiments: simulated users of the live service and the per-variant report."""
