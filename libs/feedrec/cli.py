@@ -16,6 +16,9 @@ Every stage reads and writes one run directory (``--run-dir``, default ``runs/de
     feedrec world append --drift 0.6    # the synthetic world's next day, interests drifted
     feedrec drift                       # PSI / KS train vs test day -> drift.{json,html,prom}
     feedrec retrain --registry registry # new days -> train -> evaluate -> register -> promote
+    feedrec simulate --duration-s 120   # simulated users use the live service, send events
+    feedrec events sink --flush         # event bus -> logs/day=D/ + live/exposures (exactly once)
+    feedrec experiments report          # per-variant metrics, lifts with CIs, ground truth
 """
 
 from __future__ import annotations
@@ -986,6 +989,200 @@ def capacity(dau: int | None, overrides: tuple[str, ...], bench_dir: Path, out: 
         words.append(f"--bench-dir {bench_dir}")
     path = write_capacity_doc(plan, out, command=" ".join(words))
     click.echo(plan.summary())
+    click.echo(f"wrote {path}")
+
+
+@main.group()
+def events() -> None:
+    """The event bus of the feed service: served feeds and client events."""
+
+
+@events.command("sink")
+@run_dir_option
+@click.option(
+    "--bus",
+    default=None,
+    help="The bus to compact: a directory or redis://host:port/db?stream=NAME "
+    "[default: RUN_DIR/events, where `feedrec serve` records].",
+)
+@click.option(
+    "--world-dir",
+    type=click.Path(path_type=Path),
+    default=None,
+    help="Where logs/ and live/ are written [default: RUN_DIR/world].",
+)
+@click.option(
+    "--window-s",
+    type=click.FloatRange(min=0.0, min_open=True),
+    default=1800.0,
+    show_default=True,
+    help="Attribution window: events later than this after their feed are rejected as late.",
+)
+@click.option(
+    "--flush", is_flag=True, help="Close every open window now (end of day, end of a test)."
+)
+def events_sink(
+    run_dir: Path, bus: str | None, world_dir: Path | None, window_s: float, flush: bool
+) -> None:
+    """Compact the bus into day-partitioned logs (exactly once; safe to re-run any time)."""
+    from feedrec.events.event_bus import open_event_bus
+    from feedrec.events.event_log import EventLogError
+    from feedrec.events.event_sink import EventSink, SinkConfig
+
+    run = _run(run_dir)
+    location = bus if bus is not None else str(run.events)
+    if "://" not in location and not Path(location).is_dir():
+        raise click.BadParameter(f"{location} is not an event bus directory", param_hint="--bus")
+    try:
+        sink = EventSink(
+            open_event_bus(location),
+            world_dir or run.world,
+            SinkConfig(attribution_window_s=window_s),
+        )
+        click.echo(sink.run(flush=flush).summary())
+    except ValueError as e:
+        raise click.BadParameter(str(e), param_hint="--bus") from e
+    except EventLogError as e:
+        raise click.UsageError(str(e)) from e
+
+
+@main.command()
+@run_dir_option
+@click.option("--url", default="http://127.0.0.1:8000", show_default=True)
+@click.option(
+    "--duration-s", type=click.FloatRange(min=0.0, min_open=True), default=60.0, show_default=True
+)
+@click.option(
+    "--rate",
+    "rate_rps",
+    type=click.FloatRange(min=0.0, min_open=True),
+    default=8.0,
+    show_default=True,
+    help="Feed requests per second, all clients together.",
+)
+@click.option("--clients", type=click.IntRange(min=1), default=4, show_default=True)
+@click.option(
+    "--users",
+    type=click.IntRange(min=0),
+    default=0,
+    show_default=True,
+    help="Panel size (world users drawn at random); 0 = every user.",
+)
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option(
+    "--set",
+    "overrides",
+    multiple=True,
+    metavar="FIELD=VALUE",
+    help="Any other SimulationConfig field, e.g. --set fatigue=0.7 --set max_pages=5.",
+)
+@click.option(
+    "--out-dir",
+    type=click.Path(path_type=Path),
+    default=None,
+    help="Where truth.parquet goes [default: RUN_DIR/simulation].",
+)
+def simulate(
+    run_dir: Path,
+    url: str,
+    duration_s: float,
+    rate_rps: float,
+    clients: int,
+    users: int,
+    seed: int,
+    overrides: tuple[str, ...],
+    out_dir: Path | None,
+) -> None:  # fmt: skip
+    """Simulated users (the world's ground truth) use the live service and send events."""
+    from feedrec.data import PreprocessLayout
+    from feedrec.experiments.user_simulator import SimulationConfig, UserSimulator
+
+    run = _run(run_dir)
+    values = {"duration_s": duration_s, "rate_rps": rate_rps, "clients": clients,
+              "users": users, "seed": seed, **_parse_overrides(overrides)}  # fmt: skip
+    try:
+        cfg = SimulationConfig(**values)
+    except (TypeError, ValueError) as e:
+        raise click.BadParameter(str(e), param_hint="--set") from e
+    if not PreprocessLayout(run.data).meta.exists():
+        raise click.UsageError(f"--run-dir: {run.root} has no preprocessed data (serving day)")
+    serving_day = int(PreprocessLayout(run.data).read_meta()["serving_day"])
+    simulator = UserSimulator(url, run.world, serving_day, cfg)
+    result = simulator.run(out_dir or run.root / "simulation")
+    click.echo(result.summary())
+    click.echo(f"truth of every impression: {result.truth_path}")
+
+
+@main.group()
+def experiments() -> None:
+    """Online experiments: per-variant results of live (or simulated) traffic."""
+
+
+@experiments.command("report")
+@run_dir_option
+@click.option(
+    "--world-dir",
+    type=click.Path(path_type=Path),
+    default=None,
+    help="Where the sink wrote live/exposures [default: RUN_DIR/world].",
+)
+@click.option("--baseline", default=None, help="Variant to compare with [default: popularity].")
+@click.option(
+    "--session-gap-s",
+    type=click.FloatRange(min=0.0, min_open=True),
+    default=1800.0,
+    show_default=True,
+    help="A gap between a user's feeds longer than this starts a new session (simulations: "
+    "a little under `feedrec simulate --set min_return_s`).",
+)
+@click.option(
+    "--truth",
+    type=click.Path(path_type=Path),
+    default=None,
+    help="A simulation's truth.parquet [default: RUN_DIR/simulation/truth.parquet if present].",
+)
+@click.option(
+    "--out-dir",
+    type=click.Path(path_type=Path),
+    default=None,
+    help="Where report.{md,json,png} go [default: RUN_DIR/experiment].",
+)
+def experiments_report(
+    run_dir: Path,
+    world_dir: Path | None,
+    baseline: str | None,
+    session_gap_s: float,
+    truth: Path | None,
+    out_dir: Path | None,
+) -> None:
+    """Metrics per variant with 95% CIs, lifts with p-values, guardrails, plots."""
+    import pyarrow.parquet as pq
+
+    from feedrec.experiments.experiment_report import analyse, read_exposures, write_report
+
+    run = _run(run_dir)
+    default_truth = run.root / "simulation" / "truth.parquet"
+    truth_path = truth or (default_truth if default_truth.exists() else None)
+    try:
+        exposures = read_exposures(world_dir or run.world)
+        report = analyse(
+            exposures,
+            baseline=baseline,
+            session_gap_s=session_gap_s,
+            truth=pq.read_table(truth_path).to_pandas() if truth_path else None,
+        )
+    except FileNotFoundError as e:
+        raise click.UsageError(str(e)) from e
+    except ValueError as e:
+        raise click.BadParameter(str(e), param_hint="--baseline") from e
+    path = write_report(report, out_dir or run.root / "experiment")
+    for lift in report.lifts:
+        low, high = lift.ci
+        truth_note = "" if lift.truth is None else f"  truth {lift.truth:+.4f}"
+        click.echo(
+            f"{lift.variant} vs {lift.baseline} {lift.metric}: {lift.diff:+.4f} "
+            f"[{low:+.4f}, {high:+.4f}] p={lift.p_value:.2g}{truth_note}"
+        )
     click.echo(f"wrote {path}")
 
 

@@ -26,3 +26,40 @@ def test_bad_override_names_the_field(tmp_path: Path) -> None:
 def test_stage_out_of_order_is_a_usage_error(tmp_path: Path) -> None:
     res = CliRunner().invoke(main, ["preprocess", "--run-dir", str(tmp_path)])
     assert res.exit_code == 2 and "feedrec generate" in res.output
+
+
+def test_events_sink_compacts_a_bus_and_names_a_bad_one(tmp_path: Path) -> None:
+    from feedrec.events.event_log import EventLog
+    from feedrec.events.feed_event import served_record
+
+    res = CliRunner().invoke(main, ["events", "sink", "--run-dir", str(tmp_path)])
+    assert res.exit_code == 2 and "--bus" in res.output and "not an event bus" in res.output
+    res = CliRunner().invoke(main, ["events", "sink", "--bus", "redis://h:notaport/0"])
+    assert res.exit_code == 2 and "--bus" in res.output and "port" in res.output
+    served = served_record(
+        request_id="f" * 32,
+        user_id=1,
+        ts=6.5,
+        received_at=100.0,
+        variant="control",
+        model_version="1",
+        snapshot="day6-x",
+        fallback=False,
+        cold_start=False,
+        latency_ms=10.0,
+        items=[{"post_id": 3, "position": 0, "score": 0.5, "scores": {}, "propensity": 1.0}],
+    )
+    EventLog(tmp_path / "events").append([served])
+    res = CliRunner().invoke(main, ["events", "sink", "--run-dir", str(tmp_path), "--flush"])
+    assert res.exit_code == 0, res.output
+    assert "1 feeds" in res.output and "1 exposure rows" in res.output
+    assert (tmp_path / "world" / "live" / "exposures" / "day=6").is_dir()
+
+
+def test_experiment_commands_name_what_is_missing_or_bad(tmp_path: Path) -> None:
+    res = CliRunner().invoke(main, ["experiments", "report", "--run-dir", str(tmp_path)])
+    assert res.exit_code == 2 and "feedrec events sink" in res.output
+    res = CliRunner().invoke(main, ["simulate", "--run-dir", str(tmp_path), "--set", "fatigue=2"])
+    assert res.exit_code == 2 and "fatigue" in res.output
+    res = CliRunner().invoke(main, ["simulate", "--run-dir", str(tmp_path)])
+    assert res.exit_code == 2 and "preprocessed" in res.output
