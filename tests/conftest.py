@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -79,3 +80,69 @@ def trained_run(debug_run: Path) -> Path:
     pipeline.train(run, "two_tower", "debug")
     pipeline.index(run)
     return debug_run
+
+
+class BusRecords:
+    """Event-bus records for tests: a served feed, and a client event about one of its slots."""
+
+    @staticmethod
+    def served(
+        rid: str, user: int, posts: list[int], at: float, variant: str = "control"
+    ) -> dict[str, Any]:
+        """A feed served at bus time ``at`` (world time day 30.25), one slot per post."""
+        from feedrec.events.feed_event import served_record
+
+        return served_record(
+            request_id=rid,
+            user_id=user,
+            ts=30.25,
+            received_at=at,
+            variant=variant,
+            model_version="3",
+            snapshot="day30-abc",
+            fallback=False,
+            cold_start=False,
+            latency_ms=42.0,
+            items=[
+                {
+                    "post_id": p,
+                    "position": i,
+                    "score": 1.0 / (i + 1),
+                    "scores": {"like": 0.1, "comment": 0.01, "share": 0.02, "hide": 0.03},
+                    "propensity": 1.0,
+                }
+                for i, p in enumerate(posts)
+            ],
+        )
+
+    @staticmethod
+    def event(
+        rid: str,
+        kind: str,
+        position: int,
+        post: int,
+        user: int,
+        at: float,
+        key: str,
+        variant: str = "control",
+        dwell_s: float | None = None,
+    ) -> dict[str, Any]:
+        """A validated client event received at bus time ``at`` (key: ``key-<key>``)."""
+        from feedrec.events.feed_event import FeedEvent, event_record
+
+        event = FeedEvent(
+            type=kind,  # type: ignore[arg-type]
+            request_id=rid,
+            position=position,
+            post_id=post,
+            user_id=user,
+            variant=variant,
+            idempotency_key=f"key-{key}",
+            dwell_s=dwell_s,
+        )
+        return event_record(event, at)
+
+
+@pytest.fixture
+def bus_records() -> BusRecords:
+    return BusRecords()

@@ -628,11 +628,26 @@ def feed(user_id: int, count: int, url: str, debug: bool) -> None:
 )
 @click.option("--port", default=8000, show_default=True, type=click.IntRange(1, 65535))
 @click.option("--users", default=3, show_default=True, help="How many sample feeds to fetch.")
-def demo(preset: str, run_dir: Path, port: int, users: int) -> None:
-    """Every stage (generate .. serve) on a preset, then sample feeds over HTTP."""
+@click.option(
+    "--experiment-s",
+    default=60.0,
+    show_default=True,
+    type=click.FloatRange(min=0.0, min_open=True),
+    help="Seconds of simulated users in the online A/B (trained ranker vs popularity).",
+)
+def demo(preset: str, run_dir: Path, port: int, users: int, experiment_s: float) -> None:
+    """Every stage (generate .. serve) on a preset, sample feeds over HTTP, then an online
+    A/B with simulated users whose events flow back through the event bus."""
     from feedrec.pipeline import run_demo
 
-    run_demo(preset=preset, run_dir=run_dir, port=port, n_feeds=users, echo=click.echo)
+    run_demo(
+        preset=preset,
+        run_dir=run_dir,
+        port=port,
+        n_feeds=users,
+        experiment_s=experiment_s,
+        echo=click.echo,
+    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1139,7 +1154,8 @@ def experiments() -> None:
     "--truth",
     type=click.Path(path_type=Path),
     default=None,
-    help="A simulation's truth.parquet [default: RUN_DIR/simulation/truth.parquet if present].",
+    help="A simulation's truth.parquet: report on its feeds only, with the ground truth's "
+    "lift [default: RUN_DIR/simulation/truth.parquet if present].",
 )
 @click.option(
     "--out-dir",
@@ -1158,18 +1174,24 @@ def experiments_report(
     """Metrics per variant with 95% CIs, lifts with p-values, guardrails, plots."""
     import pyarrow.parquet as pq
 
-    from feedrec.experiments.experiment_report import analyse, read_exposures, write_report
+    from feedrec.experiments.experiment_report import (
+        analyse,
+        read_exposures,
+        simulated_only,
+        write_report,
+    )
 
     run = _run(run_dir)
     default_truth = run.root / "simulation" / "truth.parquet"
     truth_path = truth or (default_truth if default_truth.exists() else None)
     try:
         exposures = read_exposures(world_dir or run.world)
+        truth_table = pq.read_table(truth_path).to_pandas() if truth_path else None
+        if truth_table is not None:
+            exposures = simulated_only(exposures, truth_table)
+            click.echo(f"feeds of the simulation in {truth_path} only")
         report = analyse(
-            exposures,
-            baseline=baseline,
-            session_gap_s=session_gap_s,
-            truth=pq.read_table(truth_path).to_pandas() if truth_path else None,
+            exposures, baseline=baseline, session_gap_s=session_gap_s, truth=truth_table
         )
     except FileNotFoundError as e:
         raise click.UsageError(str(e)) from e

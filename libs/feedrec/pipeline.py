@@ -260,10 +260,64 @@ def retrain(
     return "\n".join(lines)
 
 
+#: The demo's online experiment: the trained chain against a popularity ranker, 50/50.
+DEMO_EXPERIMENT = {
+    "name": "demo-ranker-vs-popularity",
+    "variants": [
+        {"name": "control", "weight": 1.0, "policy": "model"},
+        {"name": "popularity", "weight": 1.0, "policy": "popularity"},
+    ],
+}
+
+
+def online_experiment(run: RunLayout, url: str, duration_s: float, users: int = 0) -> str:
+    """Simulated users on the live service at ``url`` for ``duration_s``, their events
+    compacted by the sink, then the experiment report (``run/experiment/report.md``)."""
+    import pyarrow.parquet as pq
+
+    from feedrec.data import PreprocessLayout
+    from feedrec.events.event_log import EventLog
+    from feedrec.events.event_sink import EventSink
+    from feedrec.experiments.experiment_report import (
+        analyse,
+        read_exposures,
+        simulated_only,
+        write_report,
+    )
+    from feedrec.experiments.user_simulator import SimulationConfig, UserSimulator
+
+    serving_day = int(PreprocessLayout(run.data).read_meta()["serving_day"])
+    cfg = SimulationConfig(duration_s=duration_s, users=users, min_return_s=5.0)
+    result = UserSimulator(url, run.world, serving_day, cfg).run(run.root / "simulation")
+    sink = EventSink(EventLog(run.events), run.world).run(flush=True)
+    truth = pq.read_table(result.truth_path).to_pandas()
+    report = analyse(
+        simulated_only(read_exposures(run.world), truth), session_gap_s=2.5, truth=truth
+    )
+    path = write_report(report, run.root / "experiment")
+    lines = [result.summary(), sink.summary()]
+    for lift in report.lifts:
+        if lift.metric in ("engagement_rate", "like_rate", "hide_rate"):
+            low, high = lift.ci
+            lines.append(
+                f"{lift.variant} vs {lift.baseline} {lift.metric}: {lift.diff:+.4f} "
+                f"[{low:+.4f}, {high:+.4f}] p={lift.p_value:.2g}, ground truth {lift.truth:+.4f}"
+            )
+    lines.append(f"report: {path}")
+    return "\n".join(lines)
+
+
 def run_demo(
-    *, preset: str, run_dir: Path, port: int, n_feeds: int, echo: Echo = print
+    *,
+    preset: str,
+    run_dir: Path,
+    port: int,
+    n_feeds: int,
+    experiment_s: float = 60.0,
+    echo: Echo = print,
 ) -> dict[str, float]:
-    """Every stage on ``preset``, then a few feeds over HTTP; stops what it started.
+    """Every stage on ``preset``, then a few feeds over HTTP and ``experiment_s`` of simulated
+    users in an A/B of the trained ranker against popularity; stops what it started.
 
     Returns wall seconds per stage.
     """
@@ -292,7 +346,9 @@ def run_demo(
     stage("index", lambda: index(run))
     echo("==> serve (Triton + Ray Serve)")
     started = time.perf_counter()
-    with ServingStack(StackConfig(run_dir=run.root, http_port=port)) as stack:
+    overrides = {"experiment": DEMO_EXPERIMENT}
+    config = StackConfig(run_dir=run.root, http_port=port, service_overrides=overrides)
+    with ServingStack(config) as stack:
         seconds["serve start"] = round(time.perf_counter() - started, 1)
         world = json.loads((run.root / "run.json").read_text())["world"]
         rng = np.random.default_rng(0)
@@ -303,6 +359,10 @@ def run_demo(
             resp = httpx.post(f"{stack.url}/v1/feed", json=body, timeout=30)
             resp.raise_for_status()
             echo(format_feed(resp.json()))
+        stage(
+            "online A/B: simulated users, trained ranker vs popularity",
+            lambda: online_experiment(run, stack.url, duration_s=experiment_s),
+        )
     ray.shutdown()
     seconds["total"] = round(sum(seconds.values()), 1)
     echo(f"stage wall seconds: {seconds}")

@@ -236,7 +236,12 @@ def test_simulated_ab_trained_ranker_beats_popularity_and_agrees_with_ground_tru
     import pyarrow.parquet as pq
 
     from feedrec.data import PreprocessLayout
-    from feedrec.experiments.experiment_report import analyse, read_exposures, write_report
+    from feedrec.experiments.experiment_report import (
+        analyse,
+        read_exposures,
+        simulated_only,
+        write_report,
+    )
     from feedrec.experiments.user_simulator import SimulationConfig, UserSimulator
     from feedrec.runtime import RunLayout
 
@@ -248,8 +253,7 @@ def test_simulated_ab_trained_ranker_beats_popularity_and_agrees_with_ground_tru
     world = tmp_path / "world"
     EventSink(EventLog(events_dir), world).run(flush=True)
     truth = pq.read_table(result.truth_path).to_pandas()
-    exposures = read_exposures(world)
-    exposures = exposures[exposures["request_id"].isin(set(truth["request_id"]))]
+    exposures = simulated_only(read_exposures(world), truth)
     assert exposures["request_id"].nunique() == result.feeds  # every simulated feed, once
     report = analyse(exposures, session_gap_s=2.5, truth=truth)
     write_report(report, tmp_path / "report")

@@ -21,7 +21,7 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pyarrow.parquet as pq
 import pytest
@@ -30,12 +30,15 @@ import redis
 from feedrec.events.event_bus import EventBus, open_event_bus
 from feedrec.events.event_log import EventLog, EventLogError
 from feedrec.events.event_sink import EventSink, SinkConfig
-from feedrec.events.feed_event import EventBatch, FeedEvent, event_record, served_record
+from feedrec.events.feed_event import EventBatch, FeedEvent
 from feedrec.events.feed_recorder import FeedRecorder
 from feedrec.events.redis_event_log import EventBusUnavailable, RedisEventLog
 
 REDIS_SERVER = shutil.which("redis-server")
 INSTALL = "redis-server is not installed: apt-get install -y redis-server (CI's .ci/run does)"
+
+if TYPE_CHECKING:
+    from conftest import BusRecords  # the shared fixture's type (tests/conftest.py)
 
 
 def _free_port() -> int:
@@ -344,46 +347,6 @@ def test_records_page_through_long_streams_and_reject_foreign_entries(
 RID_A, RID_B, RID_C = "a" * 32, "b" * 32, "c" * 32
 
 
-def _served(rid: str, user: int, posts: list[int], at: float) -> dict[str, Any]:
-    return served_record(
-        request_id=rid,
-        user_id=user,
-        ts=30.25,
-        received_at=at,
-        variant="control",
-        model_version="3",
-        snapshot="day30",
-        fallback=False,
-        cold_start=False,
-        latency_ms=42.0,
-        items=[
-            {
-                "post_id": p,
-                "position": i,
-                "score": 1.0 / (i + 1),
-                "scores": {"like": 0.1, "comment": 0.01, "share": 0.02, "hide": 0.03, "dwell": 1.5},
-                "propensity": 1.0,
-            }
-            for i, p in enumerate(posts)
-        ],
-    )
-
-
-def _event(rid: str, kind: str, position: int, post: int, user: int, at: float, key: str,
-           dwell_s: float | None = None) -> dict[str, Any]:  # fmt: skip
-    event = FeedEvent(
-        type=kind,  # type: ignore[arg-type]
-        request_id=rid,
-        position=position,
-        post_id=post,
-        user_id=user,
-        variant="control",
-        idempotency_key=f"key-{key}",
-        dwell_s=dwell_s,
-    )
-    return event_record(event, at)
-
-
 def _world_files(world: Path) -> dict[str, Any]:
     """Every file the sink wrote, by relative path: Parquet rows, or JSONL lines."""
     out: dict[str, Any] = {}
@@ -397,25 +360,25 @@ def _world_files(world: Path) -> dict[str, Any]:
 
 
 def test_the_sink_writes_the_same_logs_from_redis_as_from_the_embedded_log(
-    redis_server: RedisServer, tmp_path: Path
+    redis_server: RedisServer, tmp_path: Path, bus_records: BusRecords
 ) -> None:
     batches = [
-        [_event(RID_A, "like", 1, 101, 7, 999.0, "early")],  # before its feed's record
-        [_served(RID_A, 7, [100, 101, 102], at=1000.0)],
+        [bus_records.event(RID_A, "like", 1, 101, 7, 999.0, "early")],  # before its feed's record
+        [bus_records.served(RID_A, 7, [100, 101, 102], at=1000.0)],
         [
-            _event(RID_A, "impression", 0, 100, 7, 1001.0, "imp-a-0"),
-            _event(RID_A, "impression", 1, 101, 7, 1001.0, "imp-a-1"),
-            _event(RID_A, "dwell", 0, 100, 7, 1002.0, "dwell-a-0", dwell_s=6.5),
+            bus_records.event(RID_A, "impression", 0, 100, 7, 1001.0, "imp-a-0"),
+            bus_records.event(RID_A, "impression", 1, 101, 7, 1001.0, "imp-a-1"),
+            bus_records.event(RID_A, "dwell", 0, 100, 7, 1002.0, "dwell-a-0", dwell_s=6.5),
         ],
-        [_served(RID_B, 8, [200, 201], at=1003.0)],
+        [bus_records.served(RID_B, 8, [200, 201], at=1003.0)],
         [
-            _event(RID_B, "impression", 0, 200, 8, 1004.0, "imp-b-0"),
-            _event(RID_B, "hide", 0, 200, 8, 1004.5, "hide-b-0"),
-            _event(RID_B, "like", 0, 555, 8, 1005.0, "wrong-post"),
-            _event(RID_A, "like", 0, 100, 7, 1005.0, "like-a-0"),
-            _event(RID_A, "like", 0, 100, 7, 1005.0, "like-a-0"),  # a retry: deduped
+            bus_records.event(RID_B, "impression", 0, 200, 8, 1004.0, "imp-b-0"),
+            bus_records.event(RID_B, "hide", 0, 200, 8, 1004.5, "hide-b-0"),
+            bus_records.event(RID_B, "like", 0, 555, 8, 1005.0, "wrong-post"),
+            bus_records.event(RID_A, "like", 0, 100, 7, 1005.0, "like-a-0"),
+            bus_records.event(RID_A, "like", 0, 100, 7, 1005.0, "like-a-0"),  # a retry: deduped
         ],
-        [_event(RID_C, "like", 0, 1, 2, 1006.0, "unknown")],
+        [bus_records.event(RID_C, "like", 0, 1, 2, 1006.0, "unknown")],
     ]
     buses: dict[str, EventBus] = {
         "embedded": EventLog(tmp_path / "log"),
@@ -429,7 +392,7 @@ def test_the_sink_writes_the_same_logs_from_redis_as_from_the_embedded_log(
         world = tmp_path / f"world-{name}"
         sink = EventSink(log, world, SinkConfig(max_records=3))  # several ranges
         first = sink.run()
-        log.append([_served(RID_C, 9, [300], at=1007.0)])
+        log.append([bus_records.served(RID_C, 9, [300], at=1007.0)])
         second = EventSink(log, world, SinkConfig(max_records=3)).run(flush=True)
         assert (first.records + second.records, second.next_seq) == (12, 12)
         worlds[name] = _world_files(world)

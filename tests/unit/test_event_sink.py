@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pyarrow.parquet as pq
 import pytest
@@ -12,50 +12,13 @@ import pytest
 from feedrec.data.log_import import LOG_SCHEMA
 from feedrec.events.event_log import EventLog
 from feedrec.events.event_sink import LIVE_ID_BASE, EventSink, SinkConfig
-from feedrec.events.feed_event import FeedEvent, event_record, served_record
+from feedrec.events.feed_event import FeedEvent
 
 RID_A, RID_B = "a" * 32, "b" * 32
 DAY = 30
 
-
-def _served(rid: str, user: int, posts: list[int], at: float, variant: str = "control") -> dict:
-    return served_record(
-        request_id=rid,
-        user_id=user,
-        ts=DAY + 0.25,
-        received_at=at,
-        variant=variant,
-        model_version="3",
-        snapshot="day30-abc",
-        fallback=False,
-        cold_start=False,
-        latency_ms=42.0,
-        items=[
-            {
-                "post_id": p,
-                "position": i,
-                "score": 1.0 / (i + 1),
-                "scores": {"like": 0.1, "comment": 0.01, "share": 0.02, "hide": 0.03, "dwell": 1.5},
-                "propensity": 1.0,
-            }
-            for i, p in enumerate(posts)
-        ],
-    )
-
-
-def _event(rid: str, kind: str, position: int, post: int, user: int, at: float, key: str,
-           **extra: Any) -> dict:  # fmt: skip
-    event = FeedEvent(
-        type=kind,
-        request_id=rid,
-        position=position,
-        post_id=post,
-        user_id=user,
-        variant=extra.pop("variant", "control"),
-        idempotency_key=f"key-{key}",
-        **extra,
-    )
-    return event_record(event, at)
+if TYPE_CHECKING:
+    from conftest import BusRecords  # the shared fixture's type (tests/conftest.py)
 
 
 def _logs(world: Path) -> dict[int, dict[str, Any]]:
@@ -74,19 +37,21 @@ def _bus(tmp_path: Path) -> tuple[EventLog, Path]:
     return EventLog(tmp_path / "bus"), tmp_path / "world"
 
 
-def test_events_join_their_impressions_into_log_rows(tmp_path: Path) -> None:
+def test_events_join_their_impressions_into_log_rows(
+    tmp_path: Path, bus_records: BusRecords
+) -> None:
     log, world = _bus(tmp_path)
-    log.append([_served(RID_A, 7, [100, 101, 102], at=1000.0)])
+    log.append([bus_records.served(RID_A, 7, [100, 101, 102], at=1000.0)])
     log.append(
         [
-            _event(RID_A, "impression", 0, 100, 7, 1001.0, "imp-a-0"),
-            _event(RID_A, "impression", 1, 101, 7, 1001.0, "imp-a-1"),
-            _event(RID_A, "view", 0, 100, 7, 1002.0, "view-a-0"),
-            _event(RID_A, "like", 0, 100, 7, 1003.0, "like-a-0"),
-            _event(RID_A, "like", 0, 100, 7, 1003.5, "like-a-0-again"),  # a double tap
-            _event(RID_A, "dwell", 0, 100, 7, 1004.0, "dwell-a-0", dwell_s=6.5),
-            _event(RID_A, "dwell", 0, 100, 7, 1005.0, "dwell-a-0-b", dwell_s=3.0),
-            _event(RID_A, "hide", 1, 101, 7, 1006.0, "hide-a-1"),
+            bus_records.event(RID_A, "impression", 0, 100, 7, 1001.0, "imp-a-0"),
+            bus_records.event(RID_A, "impression", 1, 101, 7, 1001.0, "imp-a-1"),
+            bus_records.event(RID_A, "view", 0, 100, 7, 1002.0, "view-a-0"),
+            bus_records.event(RID_A, "like", 0, 100, 7, 1003.0, "like-a-0"),
+            bus_records.event(RID_A, "like", 0, 100, 7, 1003.5, "like-a-0-again"),  # a double tap
+            bus_records.event(RID_A, "dwell", 0, 100, 7, 1004.0, "dwell-a-0", dwell_s=6.5),
+            bus_records.event(RID_A, "dwell", 0, 100, 7, 1005.0, "dwell-a-0-b", dwell_s=3.0),
+            bus_records.event(RID_A, "hide", 1, 101, 7, 1006.0, "hide-a-1"),
         ]
     )
     report = EventSink(log, world).run(flush=True)
@@ -105,20 +70,20 @@ def test_events_join_their_impressions_into_log_rows(tmp_path: Path) -> None:
 
 
 def test_a_feed_waits_for_its_window_and_late_events_are_kept_as_rejected(
-    tmp_path: Path,
+    tmp_path: Path, bus_records: BusRecords
 ) -> None:
     log, world = _bus(tmp_path)
     sink = EventSink(log, world, SinkConfig(attribution_window_s=60.0))
-    log.append([_served(RID_A, 7, [100, 101], at=1000.0)])
-    log.append([_event(RID_A, "impression", 0, 100, 7, 1010.0, "imp-a-0")])
+    log.append([bus_records.served(RID_A, 7, [100, 101], at=1000.0)])
+    log.append([bus_records.event(RID_A, "impression", 0, 100, 7, 1010.0, "imp-a-0")])
     first = sink.run()
     assert first.feeds_written == 0 and first.pending_feeds == 1 and _logs(world) == {}
     # Traffic moves the watermark past the window: feed A is written with what it had.
-    log.append([_served(RID_B, 8, [200], at=1070.0)])
+    log.append([bus_records.served(RID_B, 8, [200], at=1070.0)])
     second = sink.run()
     assert second.feeds_written == 1 and len(_logs(world)) == 1
     # A like for A arrives after its window closed: rejected as late, not lost, not counted.
-    log.append([_event(RID_A, "like", 0, 100, 7, 1080.0, "like-a-late")])
+    log.append([bus_records.event(RID_A, "like", 0, 100, 7, 1080.0, "like-a-late")])
     third = sink.run()
     assert third.rejected == {"late": 1}
     assert _logs(world)[LIVE_ID_BASE]["like"] == 0
@@ -130,18 +95,22 @@ def test_a_feed_waits_for_its_window_and_late_events_are_kept_as_rejected(
     assert [(r["type"], r["reason"].split(":")[0]) for r in rejected] == [("like", "late")]
 
 
-def test_events_before_their_feed_unknown_feeds_and_mismatches(tmp_path: Path) -> None:
+def test_events_before_their_feed_unknown_feeds_and_mismatches(
+    tmp_path: Path, bus_records: BusRecords
+) -> None:
     log, world = _bus(tmp_path)
     # An event may reach the bus before its feed's record (another replica wrote it later).
-    log.append([_event(RID_A, "like", 1, 101, 7, 999.0, "like-early")])
-    log.append([_served(RID_A, 7, [100, 101], at=1000.0)])
+    log.append([bus_records.event(RID_A, "like", 1, 101, 7, 999.0, "like-early")])
+    log.append([bus_records.served(RID_A, 7, [100, 101], at=1000.0)])
     log.append(
         [
-            _event("c" * 32, "like", 0, 1, 2, 1001.0, "like-unknown"),
-            _event(RID_A, "like", 0, 555, 7, 1001.0, "like-wrong-post"),
-            _event(RID_A, "like", 0, 100, 8, 1001.0, "like-wrong-user"),
-            _event(RID_A, "like", 0, 100, 7, 1001.0, "like-wrong-variant", variant="treatment"),
-            _event(RID_A, "like", 5, 100, 7, 1001.0, "like-no-slot"),
+            bus_records.event("c" * 32, "like", 0, 1, 2, 1001.0, "like-unknown"),
+            bus_records.event(RID_A, "like", 0, 555, 7, 1001.0, "like-wrong-post"),
+            bus_records.event(RID_A, "like", 0, 100, 8, 1001.0, "like-wrong-user"),
+            bus_records.event(
+                RID_A, "like", 0, 100, 7, 1001.0, "like-wrong-variant", variant="treatment"
+            ),
+            bus_records.event(RID_A, "like", 5, 100, 7, 1001.0, "like-no-slot"),
         ]
     )
     report = EventSink(log, world).run(flush=True)
@@ -151,17 +120,21 @@ def test_events_before_their_feed_unknown_feeds_and_mismatches(tmp_path: Path) -
     assert report.rejected == {"mismatch": 4, "unknown request_id": 1}
 
 
-def test_a_crash_before_commit_redoes_the_same_range_exactly_once(tmp_path: Path) -> None:
+def test_a_crash_before_commit_redoes_the_same_range_exactly_once(
+    tmp_path: Path, bus_records: BusRecords
+) -> None:
     log, world = _bus(tmp_path)
-    log.append([_served(RID_A, 7, [100, 101], at=1000.0)])
-    log.append([_event(RID_A, "impression", p, 100 + p, 7, 1001.0, f"imp-{p}") for p in (0, 1)])
+    log.append([bus_records.served(RID_A, 7, [100, 101], at=1000.0)])
+    log.append(
+        [bus_records.event(RID_A, "impression", p, 100 + p, 7, 1001.0, f"imp-{p}") for p in (0, 1)]
+    )
     sink = EventSink(log, world)
     crashed = sink.run(flush=True, crash_after_files=True)
     assert crashed.log_rows == 2
     files = sorted(p.name for p in world.rglob("*.parquet"))
     # More traffic arrives before the restart: it must not be folded into the redone range.
-    log.append([_served(RID_B, 8, [200], at=1002.0)])
-    log.append([_event(RID_B, "impression", 0, 200, 8, 1003.0, "imp-b")])
+    log.append([bus_records.served(RID_B, 8, [200], at=1002.0)])
+    log.append([bus_records.event(RID_B, "impression", 0, 200, 8, 1003.0, "imp-b")])
     redo = EventSink(log, world).run(flush=True)
     assert redo.next_seq == log.end_seq()
     rows = _logs(world)

@@ -287,7 +287,14 @@ def _load_truth(
     )
     truth_cols = columns_from_arrow(truth_table)
     order = np.argsort(truth_cols["impression_id"])
-    pos = order[np.searchsorted(truth_cols["impression_id"], test["impression_id"], sorter=order)]
+    ids = truth_cols["impression_id"]
+    at = np.searchsorted(ids, test["impression_id"], sorter=order)
+    pos = order[np.minimum(at, max(len(ids) - 1, 0))] if len(ids) else at
+    missing = int((ids[pos] != test["impression_id"]).sum()) if len(ids) else len(pos)
+    if missing:  # e.g. live traffic compacted into a test day: it has no simulated truth
+        raise ValueError(
+            f"{missing} of {len(pos)} test rows have no ground truth in {world.truth_impressions}"
+        )
     return {k: v[pos] for k, v in truth_cols.items()}
 
 

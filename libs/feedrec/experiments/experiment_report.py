@@ -116,6 +116,12 @@ def read_exposures(world_dir: Path) -> pd.DataFrame:
     return table.to_pandas()
 
 
+def simulated_only(exposures: pd.DataFrame, truth: pd.DataFrame) -> pd.DataFrame:
+    """The exposures of a simulation's feeds (its ``truth.parquet`` names them): a bus also
+    holds feeds other clients asked for, whose users the simulation did not play."""
+    return exposures[exposures["request_id"].isin(set(truth["request_id"]))]
+
+
 def user_sums(exposures: pd.DataFrame, session_gap_s: float) -> pd.DataFrame:
     """Per (variant, user): impressions, engagements, like, hide, dwell (impressed slots),
     feeds and sessions (all served feeds), and ``one`` (1, for per-user means)."""

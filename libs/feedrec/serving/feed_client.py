@@ -23,6 +23,8 @@ def wait_healthy(url: str, timeout_s: float) -> None:
 
 def format_feed(response: dict[str, Any]) -> str:
     flags = [f"model {response['model_version']}"]
+    if response.get("variant"):
+        flags.append(f"variant {response['variant']}")
     if response.get("fallback"):
         flags.append("FALLBACK")
     if response.get("cold_start"):

@@ -205,6 +205,21 @@ class FeedPipeline:
             for p, s in zip(posts[:count], likes, strict=True)
         ]
 
+    def popularity_response(
+        self, req: Any, request_id: str, variant: str, failure: Exception | None = None
+    ) -> FeedResponse:
+        """The popularity feed: an experiment's baseline arm, or (``failure`` given) the
+        flagged fallback after a stage failed."""
+        return FeedResponse(
+            request_id=request_id,
+            variant=variant,
+            user_id=req.user_id,
+            items=self.popular(req.user_id, req.count, req.blocked_creator_ids),
+            model_version="popularity",
+            fallback=failure is not None,
+            debug={"error": repr(failure)} if req.debug and failure is not None else None,
+        )
+
     def variant(self, user_id: int) -> Variant:
         """The experiment variant of a viewer (``control``, policy ``model``, if none runs)."""
         experiment = self.cfg.experiment
@@ -267,14 +282,7 @@ class FeedPipeline:
             return response
         if variant.policy == "popularity":  # an experiment's baseline arm, not a failure
             self._count("popularity")
-            return FeedResponse(
-                request_id=request_id,
-                variant=variant.name,
-                user_id=req.user_id,
-                items=self.popular(req.user_id, req.count, req.blocked_creator_ids),
-                model_version="popularity",
-                fallback=False,
-            )
+            return self.popularity_response(req, request_id, variant.name)
         t = self.cfg.timeouts
         timings: dict[str, float] = {}
         try:
@@ -299,15 +307,7 @@ class FeedPipeline:
         except Exception as e:  # any stage failure or timeout -> flagged popularity feed
             logger.warning("feed for user %s fell back: %r", req.user_id, e)
             self._count("fallback")
-            return FeedResponse(
-                request_id=request_id,
-                variant=variant.name,
-                user_id=req.user_id,
-                items=self.popular(req.user_id, req.count, req.blocked_creator_ids),
-                model_version="popularity",
-                fallback=True,
-                debug={"error": repr(e)} if req.debug else None,
-            )
+            return self.popularity_response(req, request_id, variant.name, failure=e)
         timings["total_ms"] = (time.perf_counter() - started) * 1e3
         if self.metrics is not None:
             self.metrics.personalised(
