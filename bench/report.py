@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 HERE = Path(__file__).resolve().parent
-TRAIN_RATIO_GOAL = 0.9  # Ray Train DMP x2 vs one TorchRec process
+TRAIN_RATIO_GOAL = 1.3  # Ray Train DMP x2 vs one TorchRec process (issue 3: >= 1.3x on 2 cores)
 SERVE_RATIO_GOAL = 0.7  # Serve chain vs its one-process twin (bench/serve.py)
 SERVE_RPS_GOAL = 150.0  # Serve chain, req/s at p99 <= 100 ms (bench/serve.py)
 ANN_RECALL_GOAL = 0.95  # recall@100 the sweep must reach (bench/ann.py --target-recall)

@@ -33,8 +33,10 @@ def twin_app(cfg: ServiceConfig) -> FastAPI:
         hits = retriever.search([user_id])[0]
         return (*retriever.allowed(user_id, hits, k, blocked), retriever.label)
 
-    async def select(post_ids: list[int], predictions: np.ndarray, count: int, debug: bool) -> Any:
-        return reranker.select(post_ids, predictions, count, debug)
+    async def select(
+        post_ids: list[int], predictions: np.ndarray, count: int, debug: bool, interest: Any
+    ) -> Any:
+        return reranker.select(post_ids, predictions, count, debug, interest)
 
     pipeline = FeedPipeline(
         cfg,

@@ -128,17 +128,18 @@ class BusRecords:
         dwell_s: float | None = None,
     ) -> dict[str, Any]:
         """A validated client event received at bus time ``at`` (key: ``key-<key>``)."""
-        from feedrec.events.feed_event import FeedEvent, event_record
+        from feedrec.events.feed_event import event_record, feed_event
 
-        event = FeedEvent(
-            type=kind,  # type: ignore[arg-type]
+        extra = {} if dwell_s is None else {"dwell_s": dwell_s}
+        event = feed_event(
+            type=kind,
             request_id=rid,
             position=position,
             post_id=post,
             user_id=user,
             variant=variant,
             idempotency_key=f"key-{key}",
-            dwell_s=dwell_s,
+            **extra,
         )
         return event_record(event, at)
 

@@ -28,6 +28,7 @@ from feedrec.serving.api import FeedRequest, FeedResponse, PromoteRequest
 from feedrec.serving.config import ServiceConfig
 from feedrec.serving.feed_metrics import FeedMetrics
 from feedrec.serving.online_store import OnlineFeatureStore
+from feedrec.serving.realtime_signals import RealtimeSignals
 from feedrec.serving.request_limits import install_request_limits
 from feedrec.serving.stages import FeedPipeline, RequestError, Reranker, Scorer, retrievers
 
@@ -106,8 +107,10 @@ class Ingress:
         async def rank(user_id: int, post_ids: list[int]) -> Any:
             return await ranking.score.remote(user_id, post_ids)
 
-        async def select(post_ids: list[int], predictions: Any, count: int, debug: bool) -> Any:
-            return reranker.select(post_ids, predictions, count, debug)
+        async def select(
+            post_ids: list[int], predictions: Any, count: int, debug: bool, interest: Any
+        ) -> Any:
+            return reranker.select(post_ids, predictions, count, debug, interest)
 
         self.metrics = FeedMetrics()
         self.pipeline = FeedPipeline(
@@ -124,6 +127,13 @@ class Ingress:
             if bus is not None
             else None
         )
+        if self.recorder is not None and cfg.realtime:
+            # This replica follows the bus it writes to: hot topics and velocities within ~1 s.
+            signals = RealtimeSignals(
+                store.tables.attrs.post_topic, store.tables.attrs.user_segment
+            )
+            signals.follow(self.recorder.log)
+            self.pipeline.realtime = signals
         self.admin = AdminAuth.from_file(cfg.admin_token_file)
         self.registry = ModelRegistry(cfg.registry_dir) if cfg.registry_dir else None
 

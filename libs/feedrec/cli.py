@@ -1036,8 +1036,18 @@ def events() -> None:
 @click.option(
     "--flush", is_flag=True, help="Close every open window now (end of day, end of a test)."
 )
+@click.option(
+    "--close-day",
+    is_flag=True,
+    help="Then count the live day as a day of the world (preprocess and retrain read it).",
+)
 def events_sink(
-    run_dir: Path, bus: str | None, world_dir: Path | None, window_s: float, flush: bool
+    run_dir: Path,
+    bus: str | None,
+    world_dir: Path | None,
+    window_s: float,
+    flush: bool,
+    close_day: bool,
 ) -> None:
     """Compact the bus into day-partitioned logs (exactly once; safe to re-run any time)."""
     from feedrec.events.event_bus import open_event_bus
@@ -1059,6 +1069,11 @@ def events_sink(
         raise click.BadParameter(str(e), param_hint="--bus") from e
     except EventLogError as e:
         raise click.UsageError(str(e)) from e
+    if close_day:
+        try:
+            click.echo(f"day {sink.close_day()} is now a day of the world in {sink.world.root}")
+        except (FileNotFoundError, ValueError) as e:
+            raise click.BadParameter(str(e), param_hint="--close-day") from e
 
 
 @main.command()
@@ -1107,14 +1122,20 @@ def simulate(
     seed: int,
     overrides: tuple[str, ...],
     out_dir: Path | None,
-) -> None:  # fmt: skip
+) -> None:
     """Simulated users (the world's ground truth) use the live service and send events."""
     from feedrec.data import PreprocessLayout
     from feedrec.experiments.user_simulator import SimulationConfig, UserSimulator
 
     run = _run(run_dir)
-    values = {"duration_s": duration_s, "rate_rps": rate_rps, "clients": clients,
-              "users": users, "seed": seed, **_parse_overrides(overrides)}  # fmt: skip
+    values = {
+        "duration_s": duration_s,
+        "rate_rps": rate_rps,
+        "clients": clients,
+        "users": users,
+        "seed": seed,
+        **_parse_overrides(overrides),
+    }
     try:
         cfg = SimulationConfig(**values)
     except (TypeError, ValueError) as e:

@@ -225,6 +225,44 @@ def test_killed_ingress_loses_no_acknowledged_event_and_counts_none_twice(
     print(f"\nkilled Ingress mid-stream: {len(acked)} events acknowledged, {report.summary()}")
 
 
+def test_liking_a_topic_changes_the_feed_within_seconds_without_retraining(
+    loop_stack: ServingStack, trained_run: Path
+) -> None:
+    """A viewer likes the posts of one topic that sat low in their feed; within seconds (the
+    Ingress follows the bus) their next feed has more posts of that topic, none of the liked
+    ones again, and the same model version answered."""
+    from feedrec.runtime import RunLayout
+    from feedrec.serving.experiment import Experiment
+    from feedrec.world.layout import WorldLayout
+
+    topic_of = pq.read_table(WorldLayout(RunLayout(trained_run).world).posts).column("topic")
+    topic_of = topic_of.to_numpy()
+    experiment = Experiment.model_validate(EXPERIMENT)
+    user = next(u for u in range(100, 200) if experiment.assign(u).name == "control")
+    wide = _feed(loop_stack.url, user, count=60)
+    topics = [int(topic_of[i["post_id"]]) for i in wide["items"]]
+    top10 = Counter(topics[:10])
+    # The topic with the most posts in the wide feed among those with the fewest in the top 10.
+    target = max(set(topics), key=lambda t: (-top10[t], topics.count(t)))
+    liked = [i for i, t in zip(wide["items"], topics, strict=True) if t == target]
+    assert len(liked) >= 2, (target, topics)
+    events = [e for e in _events(wide, "like", "rt") if topic_of[e["post_id"]] == target]
+    with httpx.Client(timeout=30) as client:
+        assert send_events(client, loop_stack.url, events)["accepted"] == len(events)
+    before = top10[target]
+    deadline = time.monotonic() + 20
+    while True:
+        after = _feed(loop_stack.url, user, count=10)
+        now = Counter(int(topic_of[i["post_id"]]) for i in after["items"])[target]
+        if now > before or time.monotonic() > deadline:
+            break
+        time.sleep(0.5)
+    print(f"\nreal-time: topic {target} in the top 10: {before} -> {now} after {len(events)} likes")
+    assert now > before, (before, now)
+    assert not {i["post_id"] for i in liked} & {i["post_id"] for i in after["items"]}
+    assert after["model_version"] == wide["model_version"]
+
+
 def test_simulated_ab_trained_ranker_beats_popularity_and_agrees_with_ground_truth(
     loop_stack: ServingStack, trained_run: Path, events_dir: Path, tmp_path: Path
 ) -> None:

@@ -30,7 +30,7 @@ import redis
 from feedrec.events.event_bus import EventBus, open_event_bus
 from feedrec.events.event_log import EventLog, EventLogError
 from feedrec.events.event_sink import EventSink, SinkConfig
-from feedrec.events.feed_event import EventBatch, FeedEvent
+from feedrec.events.feed_event import EventBatch, feed_event
 from feedrec.events.feed_recorder import FeedRecorder
 from feedrec.events.redis_event_log import EventBusUnavailable, RedisEventLog
 
@@ -406,7 +406,7 @@ def test_the_feed_recorder_writes_to_the_bus_its_location_names(
 ) -> None:
     recorder = FeedRecorder(redis_server.url(), serving_day=30, snapshot="day30")
     assert isinstance(recorder.log, RedisEventLog)
-    event = FeedEvent(
+    event = feed_event(
         type="like",
         request_id=RID_A,
         position=0,

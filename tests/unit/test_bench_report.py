@@ -20,7 +20,7 @@ report = importlib.util.module_from_spec(_spec)
 sys.modules[_spec.name] = report  # dataclasses look their module up while the class is built
 _spec.loader.exec_module(report)
 
-TRAIN = {"ray_dmp_samples_per_s": 900.0, "single_samples_per_s": 1000.0, "workers": 2}
+TRAIN = {"ray_dmp_samples_per_s": 1300.0, "single_samples_per_s": 1000.0, "workers": 2}
 SERVE = {"rps_at_p99_100ms": 160.0, "twin_rps": 200.0, "p50_ms": 20.0, "host": {"cpus": 4}}
 ANN = {"qps": 300.0, "exact_qps": 10.0, "recall_at_100": 0.96, "index": "IVF64,Flat"}
 SPIKE = {
@@ -46,8 +46,8 @@ def test_rows_compare_with_baselines_and_goals(tmp_path: Path) -> None:
         r.name: r for r in report.collect(_write(tmp_path, train=TRAIN, data=data, serve=serve))
     }
     assert [r.name for r in rows.values()] == ["train", "serve", "ann", "spike", "data"]
-    assert rows["train"].ratio == pytest.approx(0.9) and rows["train"].met is True  # >= 0.9
-    assert "900 samples/s" in rows["train"].headline
+    assert rows["train"].ratio == pytest.approx(1.3) and rows["train"].met is True  # >= 1.3
+    assert "1,300 samples/s" in rows["train"].headline
     assert "1,000 samples/s" in rows["train"].baseline
     # 160 / 200 = 0.8 >= 0.7 and 160 >= 150 req/s
     assert rows["serve"].ratio == pytest.approx(0.8) and rows["serve"].met is True
@@ -62,7 +62,7 @@ def test_goals_not_met(tmp_path: Path) -> None:
     serve = {**SERVE, "rps_at_p99_100ms": 140.0, "twin_rps": 150.0, "ann": {**ANN, "qps": 150}}
     train = {**TRAIN, "single_samples_per_s": 1001.0}
     rows = {r.name: r for r in report.collect(_write(tmp_path, train=train, serve=serve))}
-    assert rows["train"].met is False  # 900 / 1001 < 0.9
+    assert rows["train"].met is False  # 1300 / 1001 < 1.3
     assert rows["serve"].met is False  # ratio 0.93 but 140 < 150 req/s
     assert rows["ann"].met is False  # 15x < 20x
 
@@ -109,7 +109,7 @@ def test_machine_from_proc(tmp_path: Path) -> None:
 def test_main_writes_the_report_and_refuses_bad_input(tmp_path: Path) -> None:
     out = tmp_path / "REPORT.md"
     report.main(["--results", str(_write(tmp_path, train=TRAIN)), "--out", str(out)])
-    assert "| train | Ray Train DMP x2: 900 samples/s |" in out.read_text()
+    assert "| train | Ray Train DMP x2: 1,300 samples/s |" in out.read_text()
     bad = tmp_path / "bad"
     bad.mkdir()
     _write(bad, train={"ray_dmp_samples_per_s": 1.0})

@@ -12,7 +12,7 @@ import pytest
 from feedrec.data.log_import import LOG_SCHEMA
 from feedrec.events.event_log import EventLog
 from feedrec.events.event_sink import LIVE_ID_BASE, EventSink, SinkConfig
-from feedrec.events.feed_event import FeedEvent
+from feedrec.events.feed_event import feed_event
 
 RID_A, RID_B = "a" * 32, "b" * 32
 DAY = 30
@@ -162,14 +162,41 @@ def test_event_validation_names_the_problem() -> None:
         variant="control",
         idempotency_key="key-00001",
     )
-    FeedEvent(**base)
+    feed_event(**base)
     with pytest.raises(ValueError, match="dwell_s"):
-        FeedEvent(**{**base, "type": "dwell"})
+        feed_event(**{**base, "type": "dwell"})
     with pytest.raises(ValueError, match="dwell_s"):
-        FeedEvent(**{**base, "dwell_s": 3.0})
+        feed_event(**{**base, "dwell_s": 3.0})
     with pytest.raises(ValueError, match="request_id"):
-        FeedEvent(**{**base, "request_id": "not-a-request"})
+        feed_event(**{**base, "request_id": "not-a-request"})
     with pytest.raises(ValueError, match="position"):
-        FeedEvent(**{**base, "position": 100})
+        feed_event(**{**base, "position": 100})
     with pytest.raises(ValueError, match="type"):
-        FeedEvent(**{**base, "type": "purchase"})
+        feed_event(**{**base, "type": "purchase"})
+
+
+def test_closing_the_live_day_makes_it_a_day_of_the_world(
+    tmp_path: Path, bus_records: BusRecords
+) -> None:
+    from feedrec.world import PRESETS
+    from feedrec.world.generator import append_days, read_appended
+    from feedrec.world.layout import WorldLayout
+
+    log, world = _bus(tmp_path)
+    layout = WorldLayout(world)
+    world.mkdir()
+    layout.config.write_text(json.dumps(PRESETS["debug"].with_overrides(n_days=30).to_dict()))
+    sink = EventSink(log, world)
+    with pytest.raises(ValueError, match="no live rows"):
+        sink.close_day()
+    log.append([bus_records.served(RID_A, 7, [100], at=1000.0)])
+    log.append([bus_records.event(RID_A, "impression", 0, 100, 7, 1001.0, "imp-a-0")])
+    sink.run()
+    with pytest.raises(ValueError, match="attribution window"):
+        sink.close_day()
+    sink.run(flush=True)
+    with pytest.raises(ValueError, match="close that day first"):
+        append_days(world)  # day 30 has live rows: the generator must not mix its own in
+    assert sink.close_day() == DAY
+    assert json.loads(layout.config.read_text())["n_days"] == DAY + 1
+    assert read_appended(layout)["appends"][-1] == {"first_day": DAY, "n_days": 1, "source": "live"}

@@ -7,6 +7,7 @@ oracle number is left out and ``metrics["oracle"]`` says why.
 from __future__ import annotations
 
 import json
+import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -49,6 +50,8 @@ _POPULARITY_COLUMN = {
     "share": "p_shares",
     "hide": "p_hides",
 }
+
+logger = logging.getLogger("feedrec.evaluate")
 
 
 @dataclass(frozen=True)
@@ -291,10 +294,14 @@ def _load_truth(
     at = np.searchsorted(ids, test["impression_id"], sorter=order)
     pos = order[np.minimum(at, max(len(ids) - 1, 0))] if len(ids) else at
     missing = int((ids[pos] != test["impression_id"]).sum()) if len(ids) else len(pos)
-    if missing:  # e.g. live traffic compacted into a test day: it has no simulated truth
-        raise ValueError(
-            f"{missing} of {len(pos)} test rows have no ground truth in {world.truth_impressions}"
+    if missing:  # e.g. live traffic in a test day: no simulated truth, so no oracle metrics
+        logger.warning(
+            "%d of %d test rows have no ground truth in %s: oracle metrics are left out",
+            missing,
+            len(pos),
+            world.truth_impressions,
         )
+        return None
     return {k: v[pos] for k, v in truth_cols.items()}
 
 

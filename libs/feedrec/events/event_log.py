@@ -115,6 +115,9 @@ class EventLog:
         self._offset = 0
         self._next_seq = 0
         self._segments_seen: set[str] = set()
+        # Where the last read stopped: (next seq, segment name, byte offset, last seq read), so
+        # a reader that polls for new records (records(next seq)) reads only what is new.
+        self._cursor: tuple[int, str, int, int] | None = None
 
     # -- reading -----------------------------------------------------------------------------
 
@@ -142,12 +145,18 @@ class EventLog:
             following = segments[i + 1][0] if i + 1 < len(segments) else None
             if following is not None and following <= start_seq:
                 continue
-            data = path.read_bytes()
-            last = first - 1
+            base, last = 0, first - 1
+            cursor = self._cursor
+            if cursor is not None and cursor[0] == start_seq and cursor[1] == path.name:
+                base, last = cursor[2], cursor[3]  # a follower's next read: only the new bytes
+            with open(path, "rb") as f:
+                f.seek(base)
+                data = f.read()
             end = 0
             for record_end, record in _scan(data):
                 end, last = record_end, record.seq
                 if record.seq >= start_seq:
+                    self._cursor = (record.seq + 1, path.name, base + record_end, record.seq)
                     yield record
             if following is not None and (last != following - 1 or end != len(data)):
                 raise EventLogError(

@@ -165,6 +165,34 @@ class EventSink:
         self.live = self.world.root / "live"
         self.state_path = self.live / "sink_state.json"
 
+    def close_day(self) -> int:
+        """Count the world's first open day, whose live rows the sink wrote, as a day of the
+        world (``world.json`` ``n_days`` + 1, recorded in ``appended.json``), so preprocess
+        and retraining read it. Refused while any feed is still in its attribution window
+        (run with ``flush`` first) or when the day has no live rows. Returns the day."""
+        from feedrec.world.generator import APPENDED_FILE, load_world_config, read_appended
+
+        cfg = load_world_config(self.world)
+        day = cfg.n_days
+        state = self.state()
+        if state["pending"] or state["waiting"] or state["inflight"]:
+            raise ValueError(
+                f"day {day}: {len(state['pending'])} feeds are still in their attribution "
+                "window; run the sink with flush first"
+            )
+        if not any(self.world.log_day(day).glob("live-*.parquet")):
+            raise ValueError(f"day {day} has no live rows in {self.world.log_day(day)}")
+        record = read_appended(self.world)
+        record["appends"].append({"first_day": day, "n_days": 1, "source": "live"})
+        _atomic_write(
+            self.world.root / APPENDED_FILE,
+            lambda tmp: tmp.write_text(json.dumps(record, indent=2)),
+        )
+        # Last: until world.json grows, readers of the world do not see the new day.
+        grown = json.dumps(cfg.with_overrides(n_days=day + 1).to_dict(), indent=2)
+        _atomic_write(self.world.config, lambda tmp: tmp.write_text(grown))
+        return day
+
     def state(self) -> dict[str, Any]:
         if not self.state_path.exists():
             return _empty_state()

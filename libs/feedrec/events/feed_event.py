@@ -10,9 +10,9 @@ propensity), so training rows are rebuilt from what was served, not from today's
 from __future__ import annotations
 
 import uuid
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter
 
 from feedrec.events.event_log import KEY_FIELD
 from feedrec.serving.api import MAX_COUNT, Id, Integer
@@ -20,7 +20,6 @@ from feedrec.serving.api import MAX_COUNT, Id, Integer
 #: What a client reports per shown post. ``impression``: the post was on screen; ``view``: the
 #: user looked at it (the world's ``view`` label); ``dwell``: seconds spent on it.
 EVENT_TYPES = ("impression", "view", "like", "comment", "share", "hide", "dwell")
-EventType = Literal["impression", "view", "like", "comment", "share", "hide", "dwell"]
 #: A batch stays under the ingress body limit (64 KiB): ~250 bytes an event.
 MAX_EVENTS = 200
 #: A day of dwell is not a plausible single view: larger values are client bugs.
@@ -36,12 +35,11 @@ def new_request_id() -> str:
     return uuid.uuid4().hex
 
 
-class FeedEvent(BaseModel):
-    """One thing a user did with one post of one served feed."""
+class _Event(BaseModel):
+    """Fields every event has."""
 
     model_config = ConfigDict(extra="forbid", strict=True)
 
-    type: EventType
     request_id: str = Field(pattern=REQUEST_ID_PATTERN, description="the feed response's id")
     position: Integer = Field(ge=0, lt=MAX_COUNT, description="0-based slot in that response")
     post_id: Id
@@ -53,15 +51,30 @@ class FeedEvent(BaseModel):
         pattern=r"^[A-Za-z0-9_.:-]+$",
         description="unique per event: a retried event with the same key is counted once",
     )
-    dwell_s: float | None = Field(
-        default=None, ge=0, le=MAX_DWELL_S, description="seconds; required for type dwell only"
-    )
 
-    @model_validator(mode="after")
-    def _dwell_only_for_dwell(self) -> FeedEvent:
-        if (self.type == "dwell") != (self.dwell_s is not None):
-            raise ValueError("dwell_s is required for type 'dwell' and not allowed otherwise")
-        return self
+
+class InteractionEvent(_Event):
+    """A post was shown, looked at, liked, commented on, shared or hidden."""
+
+    type: Literal["impression", "view", "like", "comment", "share", "hide"]
+
+
+class DwellEvent(_Event):
+    """Seconds the user spent on a post."""
+
+    type: Literal["dwell"]
+    dwell_s: float = Field(ge=0, le=MAX_DWELL_S, description="seconds on the post")
+
+
+#: One thing a user did with one post of one served feed. A union tagged by ``type``, so the
+#: OpenAPI schema itself says that ``dwell_s`` belongs to (and only to) ``dwell`` events.
+FeedEvent = Annotated[InteractionEvent | DwellEvent, Field(discriminator="type")]
+_FEED_EVENT: TypeAdapter[InteractionEvent | DwellEvent] = TypeAdapter(FeedEvent)
+
+
+def feed_event(**fields: Any) -> InteractionEvent | DwellEvent:
+    """Validate one event (ValueError naming the field when it is not one)."""
+    return _FEED_EVENT.validate_python(fields)
 
 
 class EventBatch(BaseModel):
@@ -81,7 +94,7 @@ class EventsAck(BaseModel):
     duplicates: int = Field(description="events whose idempotency key was already written")
 
 
-def event_record(event: FeedEvent, received_at: float) -> dict[str, Any]:
+def event_record(event: InteractionEvent | DwellEvent, received_at: float) -> dict[str, Any]:
     """The bus record of a client event (``received_at``: unix seconds at the ingress)."""
     record = event.model_dump()
     # Namespaced, so no client key can collide with (and so suppress) a served record's key.

@@ -166,9 +166,14 @@ class UserSimulator:
     # -- one user's behaviour ----------------------------------------------------------------
 
     def react(
-        self, user: int, posts: np.ndarray, first_slot: int, page: int, ts: float,
+        self,
+        user: int,
+        posts: np.ndarray,
+        first_slot: int,
+        page: int,
+        ts: float,
         rng: np.random.Generator,
-    ) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:  # fmt: skip
+    ) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
         """Outcomes of ``posts`` shown at session slots ``first_slot ..`` on page ``page``
         (0-based), and their true expectations. Returns (outcomes, expected): ``view``,
         ``like``.. as bool arrays [N] and ``dwell`` float seconds; ``expected``: ``view``,

@@ -60,6 +60,17 @@ class ServiceConfig(BaseModel):
     experiment: Experiment | None = Field(
         default=None, description="an online experiment: users are split between its variants"
     )
+    realtime: bool = Field(
+        default=True,
+        description="follow the event bus for real-time signals (hot topics, engagement "
+        "velocity) used in candidate generation and re-ranking; needs an event bus",
+    )
+    realtime_candidates: int = Field(
+        default=30, ge=0, le=1000, description="posts of the viewer's hot topics added to ranking"
+    )
+    realtime_interest_weight: float = Field(
+        default=1.0, ge=0, description="re-ranking boost per unit of real-time topic interest"
+    )
     retrieve_k: int = Field(default=300, ge=1, le=10_000)
     rank_k: int = Field(default=150, ge=1, le=5_000)
     timeouts: StageTimeouts = StageTimeouts()
@@ -97,6 +108,7 @@ class ServiceConfig(BaseModel):
             topic_window=self.topic_window,
             max_per_topic=self.max_per_topic,
             fair_share=self.fair_share,
+            interest_weight=self.realtime_interest_weight,
         )
 
     @classmethod

@@ -43,6 +43,9 @@ class RerankConfig:
     topic_window, max_per_topic: at most ``max_per_topic`` posts of one topic in any
         ``topic_window`` consecutive slots.
     fair_share: guaranteed share of slots for small creators' posts (0 disables).
+    interest_weight: positive values are multiplied by ``1 + interest_weight * interest`` where
+        candidates carry a real-time interest (the viewer's share of recent engagement in the
+        post's topic, 0..1).
     """
 
     weights: dict[str, float] = field(default_factory=_default_weights)
@@ -52,6 +55,7 @@ class RerankConfig:
     topic_window: int = 4
     max_per_topic: int = 2
     fair_share: float = 0.2
+    interest_weight: float = 1.0
 
     def __post_init__(self) -> None:
         unknown = set(self.weights) - set(TASKS)
@@ -64,13 +68,14 @@ class RerankConfig:
             "topic_window": self.topic_window >= 1,
             "max_per_topic": 1 <= self.max_per_topic <= self.topic_window,
             "fair_share": 0.0 <= self.fair_share <= 1.0,
+            "interest_weight": self.interest_weight >= 0,
         }
         bad = [name for name, ok in checks.items() if not ok]
         if bad:
             raise ValueError(
                 f"rerank config: invalid {', '.join(bad)} (max_per_creator >= 1, "
                 "freshness_days > 0, freshness_weight >= 0, 1 <= max_per_topic <= "
-                "topic_window, 0 <= fair_share <= 1)"
+                "topic_window, 0 <= fair_share <= 1, interest_weight >= 0)"
             )
 
 
@@ -79,7 +84,8 @@ class Candidates:
     """Ranked candidates of one request, all arrays [N].
 
     predictions: [N, len(TASKS)] head outputs; creators, topics: ids; ages_days: post age;
-    small_creator: bool, the creator is small (fairness applies).
+    small_creator: bool, the creator is small (fairness applies); interest: the viewer's
+    real-time interest in each post's topic (0..1), or None.
     """
 
     post_ids: np.ndarray
@@ -88,9 +94,12 @@ class Candidates:
     topics: np.ndarray
     ages_days: np.ndarray
     small_creator: np.ndarray
+    interest: np.ndarray | None = None
 
     def __post_init__(self) -> None:
         n = len(self.post_ids)
+        if self.interest is not None and len(self.interest) != n:
+            raise ValueError(f"candidates: interest has {len(self.interest)} rows, not {n}")
         for name in ("predictions", "creators", "topics", "ages_days", "small_creator"):
             if len(getattr(self, name)) != n:
                 raise ValueError(f"candidates: {name} has {len(getattr(self, name))} rows, not {n}")
@@ -115,11 +124,14 @@ def value_scores(predictions: np.ndarray, weights: dict[str, float]) -> np.ndarr
 
 
 def final_scores(c: Candidates, cfg: RerankConfig) -> tuple[np.ndarray, np.ndarray]:
-    """(final score [N], freshness multiplier [N]): value, boosted when positive."""
+    """(final score [N], multiplier [N]): value, boosted by freshness and real-time interest
+    when positive."""
     value = value_scores(c.predictions, cfg.weights)
     boost = 1.0 + cfg.freshness_weight * np.exp(
         -np.maximum(np.asarray(c.ages_days, np.float64), 0.0) / cfg.freshness_days
     )
+    if c.interest is not None:
+        boost = boost * (1.0 + cfg.interest_weight * np.asarray(c.interest, np.float64))
     # A negative value must not be made "better" by the boost: scale only the positive part.
     return np.where(value > 0, value * boost, value), np.where(value > 0, boost, 1.0)
 

@@ -31,15 +31,20 @@ from feedrec.serving.feed_metrics import FeedMetrics
 from feedrec.serving.model_watcher import ModelWatcher, NotReady
 from feedrec.serving.online_store import OnlineFeatureStore
 from feedrec.serving.ranker_client import TritonRankerClient
+from feedrec.serving.realtime_signals import RealtimeSignals
 from feedrec.serving.rerank import Candidates, rerank
 
 logger = logging.getLogger("feedrec.serve")
 
 
 def _candidates(
-    store: OnlineFeatureStore, post_ids: np.ndarray, predictions: np.ndarray
+    store: OnlineFeatureStore,
+    post_ids: np.ndarray,
+    predictions: np.ndarray,
+    interest: np.ndarray | None = None,
 ) -> Candidates:
-    """What re-ranking needs of ``post_ids`` [N] with their predictions [N, len(TASKS)]."""
+    """What re-ranking needs of ``post_ids`` [N] with their predictions [N, len(TASKS)] and
+    the viewer's real-time topic interest [N] (or None)."""
     return Candidates(
         post_ids=post_ids,
         predictions=predictions,
@@ -47,6 +52,7 @@ def _candidates(
         topics=store.post_topic(post_ids),
         ages_days=store.post_age_days(post_ids),
         small_creator=store.small_creator(post_ids),
+        interest=interest,
     )
 
 
@@ -150,11 +156,17 @@ class Reranker:
         self.rules = cfg.rerank_config()
 
     def select(
-        self, post_ids: list[int], predictions: np.ndarray, count: int, debug: bool
+        self,
+        post_ids: list[int],
+        predictions: np.ndarray,
+        count: int,
+        debug: bool,
+        interest: np.ndarray | None = None,
     ) -> tuple[list[dict[str, Any]], dict[str, int]]:
-        """Feed items (with reasons when ``debug``) and rule -> candidates demoted by it."""
+        """Feed items (with reasons when ``debug``) and rule -> candidates demoted by it;
+        ``interest`` [N]: real-time topic interest of the viewer per candidate."""
         ids = np.asarray(post_ids, dtype=np.int64)
-        sel = rerank(_candidates(self.store, ids, predictions), count, self.rules)
+        sel = rerank(_candidates(self.store, ids, predictions, interest), count, self.rules)
         items = [
             {
                 "post_id": int(ids[i]),
@@ -174,7 +186,8 @@ class RequestError(ValueError):
 #: (user, k, blocked creators) -> (candidate post ids, hits removed per filter, retrieval label)
 Retrieve = Callable[[int, int, list[int]], Awaitable[tuple[list[int], dict[str, int], str]]]
 Rank = Callable[[int, list[int]], Awaitable[tuple[np.ndarray, str]]]
-Rerank = Callable[[list[int], np.ndarray, int, bool], Awaitable[Any]]
+#: (candidates, predictions, count, debug, real-time interest [N] or None) -> (items, demoted)
+Rerank = Callable[[list[int], np.ndarray, int, bool, np.ndarray | None], Awaitable[Any]]
 
 
 @dataclass
@@ -188,6 +201,27 @@ class FeedPipeline:
     rank: Rank
     rerank: Rerank
     metrics: FeedMetrics | None = None  # Prometheus (Serve replicas); None in plain processes
+    realtime: RealtimeSignals | None = None  # followed from the event bus; None: not used
+
+    def with_realtime(self, user_id: int, candidates: list[int], blocked: list[int]) -> list[int]:
+        """Retrieved candidates minus posts the viewer just engaged with or hid, plus up to
+        ``realtime_candidates`` posts of their hot topics (by engagement velocity, then
+        likes), at most ``rank_k`` in all."""
+        assert self.realtime is not None
+        engaged = self.realtime.engaged_posts(user_id)
+        kept = [p for p in candidates if p not in engaged]
+        topics = self.realtime.hot_topics(user_id)
+        n_extra = self.cfg.realtime_candidates
+        if not topics or n_extra == 0:
+            return kept[: self.cfg.rank_k]
+        popular = self.store.popular
+        pool = popular[np.isin(self.store.post_topic(popular), topics)]
+        pool = pool[self.store.allowed(user_id, pool, np.asarray(blocked, np.int64))]
+        present = set(kept) | engaged
+        pool = np.asarray([p for p in pool.tolist() if p not in present], np.int64)
+        order = np.argsort(-self.realtime.velocity(pool), kind="stable")  # ties: likes order
+        extra = pool[order][:n_extra].tolist()
+        return kept[: max(self.cfg.rank_k - len(extra), 0)] + extra
 
     def _count(self, outcome: str) -> None:
         if self.metrics is not None:
@@ -293,6 +327,11 @@ class FeedPipeline:
             )
             timings["retrieval_ms"] = (time.perf_counter() - t0) * 1e3
             retrieved = len(candidates)
+            interest = None
+            if self.realtime is not None:
+                candidates = self.with_realtime(req.user_id, candidates, req.blocked_creator_ids)
+                topics = self.store.post_topic(np.asarray(candidates, np.int64))
+                interest = self.realtime.topic_share(req.user_id, topics)
             candidates = candidates[: self.cfg.rank_k]
             t0 = time.perf_counter()
             predictions, model_version = await asyncio.wait_for(
@@ -301,7 +340,7 @@ class FeedPipeline:
             timings["ranking_ms"] = (time.perf_counter() - t0) * 1e3
             t0 = time.perf_counter()
             items, demoted = await asyncio.wait_for(
-                self.rerank(candidates, predictions, req.count, req.debug), t.rerank_s
+                self.rerank(candidates, predictions, req.count, req.debug, interest), t.rerank_s
             )
             timings["rerank_ms"] = (time.perf_counter() - t0) * 1e3
         except Exception as e:  # any stage failure or timeout -> flagged popularity feed

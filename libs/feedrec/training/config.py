@@ -8,6 +8,9 @@ from typing import Any, Literal
 ModelKind = Literal["ranker", "two_tower"]
 
 
+PLACEMENT_STRATEGIES = ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD")
+
+
 @dataclass(frozen=True)
 class TrainConfig:
     """How to train one model.
@@ -20,6 +23,8 @@ class TrainConfig:
         sparse_lr: row-wise Adagrad learning rate fused into the embedding backward.
         num_workers: Ray Train workers (ranks).
         cpus_per_worker: logical CPUs reserved per worker.
+        placement_strategy: how Ray places the workers' bundles: PACK (fewest nodes: fastest
+            collectives on one host), SPREAD, STRICT_PACK, STRICT_SPREAD (one worker a node).
         use_gpu: None = use GPUs when the cluster has one per worker (NCCL), else CPU (gloo).
         sharding_overrides: table name -> sharding type, forced over the planner's choice.
         seed: initialisation seed (same on every rank).
@@ -38,6 +43,7 @@ class TrainConfig:
     sparse_lr: float = 0.05
     num_workers: int = 2
     cpus_per_worker: float = 1.0
+    placement_strategy: str = "PACK"
     use_gpu: bool | None = None
     sharding_overrides: dict[str, str] = field(default_factory=dict)
     seed: int = 0
@@ -55,6 +61,11 @@ class TrainConfig:
             raise ValueError("train config: checkpoint_every_steps and max_failures must be >= 0")
         if self.fault_drill_step is not None and self.fault_drill_step < 1:
             raise ValueError("train config: fault_drill_step must be >= 1 (or None)")
+        if self.placement_strategy not in PLACEMENT_STRATEGIES:
+            raise ValueError(
+                f"train config: placement_strategy must be one of {PLACEMENT_STRATEGIES}, "
+                f"not {self.placement_strategy!r}"
+            )
         for name in ("dense_lr", "sparse_lr", "cpus_per_worker"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"train config: {name} must be > 0")

@@ -168,6 +168,7 @@ def build_trainer(
             num_workers=cfg.num_workers,
             use_gpu=use_gpu,
             resources_per_worker={"CPU": cfg.cpus_per_worker},
+            placement_strategy=cfg.placement_strategy,
         ),
         torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
         datasets=training_datasets(cfg, data, transform),

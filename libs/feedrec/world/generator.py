@@ -361,6 +361,12 @@ def append_days(
     layout = WorldLayout(Path(world_dir))
     if not layout.config.exists():
         raise FileNotFoundError(f"no world in {layout.root} (world.json missing)")
+    open_day = load_world_config(layout).n_days
+    if any(layout.log_day(open_day).glob("*.parquet")):
+        raise ValueError(
+            f"append_days: day {open_day} already has logs (live traffic the event sink "
+            "wrote?); close that day first (`feedrec events sink --close-day`)"
+        )
     if not layout.has_truth or layout.source.exists():
         raise ValueError(f"append_days: {layout.root} has no ground truth (imported logs?)")
     cfg = load_world_config(layout)
@@ -400,7 +406,7 @@ def append_days(
         write_table(layout.log_day(day) / "part-0.parquet", logs)
         write_table(layout.truth_impressions / f"day={day}" / "part-0.parquet", truth_cols)
 
-    if not record["appends"]:  # keep the original truth before latent.npz moves on
+    if not latent_epoch(layout, 0).exists():  # keep the original truth before latent.npz moves on
         truth.save(latent_epoch(layout, 0))
     drifted.save(latent_epoch(layout, first_day))
     drifted.save(layout.latent)

@@ -1,0 +1,153 @@
+"""Real-time features: one definition, the same values offline and streamed; bounded state;
+the serving signals count only events about served slots and shape candidates and scores."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from feedrec.features.realtime_features import (
+    FEATURES_BY_NAME,
+    KEY_COLUMNS,
+    REALTIME_FEATURES,
+    DecayedCount,
+    RealtimeState,
+    offline_values,
+)
+from feedrec.serving.realtime_signals import RealtimeSignals
+from feedrec.serving.rerank import Candidates, RerankConfig, final_scores
+
+
+def _stream(rng: np.random.Generator, n: int = 3000) -> dict[str, np.ndarray]:
+    """Random events over 3 hours: 30 users, 50 posts, 5 topics, 2 segments, mixed types."""
+    posts = rng.integers(0, 50, n)
+    users = rng.integers(0, 30, n)
+    return {
+        "ts": np.sort(rng.uniform(0, 3 * 3600, n)),
+        "type": rng.choice(["impression", "view", "like", "comment", "share", "hide"], n),
+        "user_id": users,
+        "post_id": posts,
+        "topic": posts % 5,
+        "user_segment": users % 2,
+    }
+
+
+def test_streamed_values_equal_the_offline_point_in_time_values() -> None:
+    """Replay the stream; at 200 random moments every feature of random keys equals what
+    ``offline_values`` computes from the whole table with only earlier events."""
+    rng = np.random.default_rng(0)
+    events = _stream(rng)
+    queries = np.sort(rng.uniform(0, 3 * 3600, 200))
+    state = RealtimeState()
+    i = 0
+    checked = 0
+    for t in queries:
+        while i < len(events["ts"]) and events["ts"][i] < t:
+            entity = {c: int(events[c][i]) for c in ("user_id", "post_id", "topic", "user_segment")}
+            state.apply(str(events["type"][i]), entity, float(events["ts"][i]))
+            i += 1
+        for feature in REALTIME_FEATURES:
+            keys = {
+                "user_id": rng.integers(0, 30, 3),
+                "post_id": rng.integers(0, 50, 3),
+                "topic": rng.integers(0, 5, 3),
+                "user_segment": rng.integers(0, 2, 3),
+            }
+            offline = offline_values(feature, events, keys, np.full(3, t))
+            cols = KEY_COLUMNS
+            online = [
+                state.value(feature.name, tuple(int(keys[c][j]) for c in cols[feature.key]), t)
+                for j in range(3)
+            ]
+            assert online == pytest.approx(offline, rel=1e-9, abs=1e-12), feature.name
+            checked += int(np.count_nonzero(offline))
+    assert checked > 500  # most checks compare non-zero values, not two zeros
+
+
+def test_decay_halves_per_half_life_and_only_earlier_events_count() -> None:
+    f = DecayedCount("x", "post", ("like",), half_life_s=60.0)
+    events = {
+        "ts": np.array([0.0, 60.0]),
+        "type": np.array(["like", "like"]),
+        "post_id": np.array([7, 7]),
+    }
+    at = offline_values(
+        f, events, {"post_id": np.array([7, 7, 7, 8])}, np.array([60.0, 60.1, 120.0, 120.0])
+    )
+    assert at[0] == pytest.approx(0.5)  # the event at t itself does not count
+    assert at[2] == pytest.approx(0.25 + 0.5)  # ages 120 s and 60 s
+    assert at[3] == 0.0
+    with pytest.raises(ValueError, match="half_life_s"):
+        DecayedCount("bad", "post", ("like",), half_life_s=0.0)
+    with pytest.raises(ValueError, match="key"):
+        DecayedCount("bad", "planet", ("like",), half_life_s=1.0)
+
+
+def test_state_memory_is_bounded_by_dropping_the_weakest_keys() -> None:
+    state = RealtimeState([FEATURES_BY_NAME["post_engagement_velocity"]], max_keys=1000)
+    entity = {"user_id": 0, "topic": 0, "user_segment": 0}
+    for post in range(5000):  # 5000 posts liked once, one second apart
+        state.apply("like", {**entity, "post_id": post}, float(post))
+    assert state.keys("post_engagement_velocity") <= 1000
+    assert state.evicted >= 4000
+    now = 5000.0
+    assert state.value("post_engagement_velocity", (4999,), now) > 0.99  # recent: kept
+    assert state.value("post_engagement_velocity", (0,), now) == 0.0  # oldest: dropped
+
+
+def _served(rid: str, user: int, posts: list[int]) -> dict:
+    return {
+        "kind": "served",
+        "request_id": rid,
+        "user_id": user,
+        "items": [{"post_id": p} for p in posts],
+    }
+
+
+def _event(rid: str, kind: str, position: int, post: int, user: int, at: float) -> dict:
+    return {
+        "kind": "event",
+        "type": kind,
+        "request_id": rid,
+        "position": position,
+        "post_id": post,
+        "user_id": user,
+        "received_at": at,
+    }
+
+
+def test_signals_count_only_events_about_served_slots() -> None:
+    topic = np.arange(20) % 4  # post p has topic p % 4
+    signals = RealtimeSignals(topic, np.zeros(10, np.int64))
+    signals.apply(_served("a" * 32, 3, [1, 5, 9, 2]))  # topics 1, 1, 1, 2
+    now = 1000.0
+    for position, post in enumerate([1, 5, 9]):
+        signals.apply(_event("a" * 32, "like", position, post, 3, now))
+    signals.apply(_event("a" * 32, "like", 3, 7, 3, now))  # not the post served there
+    signals.apply(_event("b" * 32, "like", 0, 3, 3, now))  # a feed never served
+    signals.apply(_event("a" * 32, "like", 0, 1, 4, now))  # not the viewer
+    assert (signals.applied, signals.ignored) == (3, 3)
+    assert signals.hot_topics(3, now=now) == [1]
+    share = signals.topic_share(3, np.array([1, 2, 3]), now=now)
+    assert share == pytest.approx([3 / 4, 0.0, 0.0])  # 3 engagements, +1 smoothing
+    assert signals.engaged_posts(3) == {1, 5, 9}
+    assert signals.velocity(np.array([5, 2]), now=now) == pytest.approx([1.0, 0.0])
+    assert signals.hot_topics(3, now=now + 3 * 3600) == []  # decayed: no longer hot
+
+
+def test_interest_boosts_only_positive_values() -> None:
+    c = Candidates(
+        post_ids=np.arange(3),
+        predictions=np.array([[0.1, 0, 0, 0, 0], [0.1, 0, 0, 0, 0], [0.0, 0, 0, 0.5, 0]]),
+        creators=np.arange(3),
+        topics=np.arange(3),
+        ages_days=np.full(3, 100.0),  # no freshness bonus left
+        small_creator=np.zeros(3, bool),
+        interest=np.array([0.0, 0.5, 0.5]),
+    )
+    cfg = RerankConfig(weights={"like": 1.0, "hide": -1.0}, interest_weight=2.0)
+    final, _ = final_scores(c, cfg)
+    assert final[1] == pytest.approx(2.0 * final[0])  # 1 + 2 * 0.5
+    assert final[2] == pytest.approx(-0.5)  # a negative value is not made better
+    with pytest.raises(ValueError, match="interest_weight"):
+        RerankConfig(interest_weight=-1.0)
