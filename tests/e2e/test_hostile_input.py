@@ -81,6 +81,10 @@ class FuzzStats:
     statuses: Counter[int] = field(default_factory=Counter)
     by_mode: dict[str, Counter[int]] = field(default_factory=dict)
     failures: list[str] = field(default_factory=list)
+    #: Generated "negative" cases whose body the API's own schema accepts (a generator quirk
+    #: with tagged unions, seen on /v1/events): not negative data, so not held to rejection.
+    conforming_negatives: int = 0
+    body_schemas: dict[str, Any] = field(default_factory=dict)  # "POST /path" -> validator
 
     def record(self, key: str, mode: str, status: int) -> None:
         self.sent[key] += 1
@@ -102,6 +106,8 @@ class FuzzStats:
                 f"  {mode} status codes: {dict(sorted(c.items()))}"
                 for mode, c in sorted(self.by_mode.items())
             ),
+            f"  'negative' cases the schema accepts (not held to rejection): "
+            f"{self.conforming_negatives}",
         ]
         return "\n".join(lines)
 
@@ -115,7 +121,12 @@ def _check(case: Any, response: Any, mode: GenerationMode, stats: FuzzStats) -> 
         response_schema_conformance,
     ]
     if mode is GenerationMode.NEGATIVE:
-        checks.append(negative_data_rejection)
+        validator = stats.body_schemas.get(f"{case.method.upper()} {case.path}")
+        body = getattr(case, "body", None)
+        if validator is not None and isinstance(body, dict) and validator.is_valid(body):
+            stats.conforming_negatives += 1
+        else:
+            checks.append(negative_data_rejection)
     try:
         case.validate_response(response, checks=checks)
     except Exception as e:  # schemathesis raises a group of failed checks
@@ -170,7 +181,7 @@ def test_fuzz_ingress_from_its_openapi_schema(stack: ServingStack) -> None:
     schema = schemathesis.openapi.from_url(f"{stack.url}/openapi.json")
     operations = {f"{op.method.upper()} {op.path}": op for op in _operations(schema)}
     assert {"GET /healthz", "POST /v1/feed"} <= set(operations), operations
-    stats = FuzzStats()
+    stats = FuzzStats(body_schemas=_body_schemas(httpx.get(f"{stack.url}/openapi.json").json()))
     feed = operations.pop("POST /v1/feed")
     _fuzz(feed, GenerationMode.POSITIVE, N_POSITIVE, stack.url, stats)
     _fuzz(feed, GenerationMode.NEGATIVE, N_NEGATIVE, stack.url, stats)
@@ -185,6 +196,21 @@ def test_fuzz_ingress_from_its_openapi_schema(stack: ServingStack) -> None:
     # Valid feeds, not only refusals (random segment/topic ids are mostly unknown: 422).
     assert stats.by_mode["positive"][200] >= N_POSITIVE // 5
     _serves_a_valid_feed(stack)
+
+
+def _body_schemas(spec: dict[str, Any]) -> dict[str, Any]:
+    """ "POST /path" -> a JSON Schema 2020-12 validator of its JSON body (OpenAPI 3.1 schemas
+    are JSON Schema; the components travel along for the $refs)."""
+    from jsonschema import Draft202012Validator
+
+    out = {}
+    for path, methods in spec["paths"].items():
+        for method, operation in methods.items():
+            body = operation.get("requestBody", {}).get("content", {}).get("application/json")
+            if body is not None:
+                schema = {**body["schema"], "components": spec.get("components", {})}
+                out[f"{method.upper()} {path}"] = Draft202012Validator(schema)
+    return out
 
 
 def _operations(schema: Any) -> Iterator[Any]:
