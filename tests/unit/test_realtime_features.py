@@ -100,6 +100,7 @@ def _served(rid: str, user: int, posts: list[int]) -> dict:
         "kind": "served",
         "request_id": rid,
         "user_id": user,
+        "variant": "control",
         "items": [{"post_id": p} for p in posts],
     }
 
@@ -112,6 +113,7 @@ def _event(rid: str, kind: str, position: int, post: int, user: int, at: float) 
         "position": position,
         "post_id": post,
         "user_id": user,
+        "variant": "control",
         "received_at": at,
     }
 

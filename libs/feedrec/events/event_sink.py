@@ -40,7 +40,7 @@ import pyarrow.parquet as pq
 
 from feedrec.data.log_import import LOG_SCHEMA
 from feedrec.events.event_bus import EventBus
-from feedrec.events.feed_event import EVENT, SERVED
+from feedrec.events.feed_event import EVENT, FEEDBACK_TYPES, SERVED, attribution_problem
 from feedrec.schema.registry import LABELS, TASKS
 from feedrec.serving.api import MAX_COUNT
 from feedrec.world.layout import WorldLayout
@@ -48,7 +48,6 @@ from feedrec.world.layout import WorldLayout
 #: Live impression ids: far above any generated or imported id (those count from 0), and
 #: derived from the served record's bus seq, so a rewritten range gets the same ids.
 LIVE_ID_BASE = 1 << 62
-ENGAGEMENTS = ("like", "comment", "share", "hide")
 STATE_VERSION = 1
 
 EXPOSURE_SCHEMA = pa.schema(
@@ -319,20 +318,12 @@ class EventSink:
     def _attribute(
         served: dict[str, Any], event: dict[str, Any], rejected: list[dict[str, Any]]
     ) -> None:
-        items = served["items"]
-        position = int(event["position"])
-        problem = None
-        if position >= len(items):
-            problem = f"position {position} >= the {len(items)} posts served"
-        elif int(items[position]["post_id"]) != int(event["post_id"]):
-            problem = f"post {event['post_id']} is not the one served at position {position}"
-        elif int(served["user_id"]) != int(event["user_id"]):
-            problem = f"user {event['user_id']} was not the viewer"
-        elif served["variant"] != event["variant"]:
-            problem = f"variant {event['variant']!r} is not the served {served['variant']!r}"
+        posts = [int(item["post_id"]) for item in served["items"]]
+        problem = attribution_problem(served["user_id"], posts, served["variant"], event)
         if problem is not None:
             rejected.append({**event, "reason": f"mismatch: {problem}"})
             return
+        position = int(event["position"])
         slot = served["slots"].setdefault(str(position), {"types": [], "dwell": 0.0})
         if event["type"] not in slot["types"]:
             slot["types"].append(event["type"])
@@ -383,7 +374,7 @@ def _exposure_rows(feeds: list[dict[str, Any]]) -> dict[str, list[Any]]:
             position = int(item["position"])
             slot = served["slots"].get(str(position))
             types = set(slot["types"]) if slot else set()
-            engaged = {e for e in ENGAGEMENTS if e in types}
+            engaged = {e for e in FEEDBACK_TYPES if e in types}
             viewed = bool(engaged) or "view" in types or (slot is not None and slot["dwell"] > 0)
             rows["request_id"].append(served["request_id"])
             rows["impression_id"].append(LIVE_ID_BASE + served["seq"] * MAX_COUNT + position)
@@ -400,7 +391,7 @@ def _exposure_rows(feeds: list[dict[str, Any]]) -> dict[str, list[Any]]:
             rows["propensity"].append(float(item["propensity"]))
             rows["impressed"].append(int(slot is not None))
             rows["view"].append(int(viewed))
-            for e in ENGAGEMENTS:
+            for e in FEEDBACK_TYPES:
                 rows[e].append(int(e in engaged))
             rows["dwell"].append(float(slot["dwell"]) if slot and viewed else 0.0)
     return rows

@@ -28,6 +28,27 @@ REQUEST_ID_PATTERN = r"^[0-9a-f]{32}$"
 VARIANT_PATTERN = r"^[a-z0-9][a-z0-9_-]{0,31}$"
 #: Record kinds on the bus.
 SERVED, EVENT = "served", "event"
+#: Event types that are explicit feedback on a post (labels of the logs; the real-time
+#: signals remember the posts they were about).
+FEEDBACK_TYPES = ("like", "comment", "share", "hide")
+
+
+def attribution_problem(
+    user_id: int, post_ids: list[int], variant: str, event: dict[str, Any]
+) -> str | None:
+    """Why a client event does not belong to the feed served to ``user_id`` (posts by slot,
+    ``variant``), or None when it does. The sink and the real-time signals both count an
+    event only when it names a slot that really showed its post to its user."""
+    position = int(event["position"])
+    if position >= len(post_ids):
+        return f"position {position} >= the {len(post_ids)} posts served"
+    if int(post_ids[position]) != int(event["post_id"]):
+        return f"post {event['post_id']} is not the one served at position {position}"
+    if int(user_id) != int(event["user_id"]):
+        return f"user {event['user_id']} was not the viewer"
+    if variant != event["variant"]:
+        return f"variant {event['variant']!r} is not the served {variant!r}"
+    return None
 
 
 def new_request_id() -> str:

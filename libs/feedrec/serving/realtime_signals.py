@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 
 from feedrec.events.event_bus import EventBus
-from feedrec.events.feed_event import EVENT, SERVED
+from feedrec.events.feed_event import EVENT, FEEDBACK_TYPES, SERVED, attribution_problem
 from feedrec.features.realtime_features import REALTIME_FEATURES, RealtimeState
 
 logger = logging.getLogger("feedrec.serve")
@@ -46,7 +46,7 @@ class RealtimeSignals:
         self.state = RealtimeState(REALTIME_FEATURES, max_keys=max_keys)
         self.post_topic = post_topic
         self.user_segment = user_segment
-        self._served: OrderedDict[str, tuple[int, list[int]]] = OrderedDict()
+        self._served: OrderedDict[str, tuple[int, list[int], str]] = OrderedDict()
         self._recent: dict[int, deque[int]] = {}
         self._topic_keys: dict[int, set[int]] = {}  # user -> topics with engagement state
         self._lock = threading.Lock()
@@ -60,8 +60,9 @@ class RealtimeSignals:
         """One bus record (served feed or client event), in bus order."""
         if record.get("kind") == SERVED:
             posts = [int(item["post_id"]) for item in record["items"]]
+            entry = (int(record["user_id"]), posts, str(record["variant"]))
             with self._lock:
-                self._served[record["request_id"]] = (int(record["user_id"]), posts)
+                self._served[record["request_id"]] = entry
                 while len(self._served) > MAX_SERVED:
                     self._served.popitem(last=False)
             return
@@ -69,16 +70,10 @@ class RealtimeSignals:
             return
         with self._lock:
             served = self._served.get(record["request_id"])
-        position, post, user = (
-            int(record["position"]),
-            int(record["post_id"]),
-            int(record["user_id"]),
-        )
+        post, user = int(record["post_id"]), int(record["user_id"])
         valid = (
             served is not None
-            and served[0] == user
-            and position < len(served[1])
-            and served[1][position] == post
+            and attribution_problem(*served, record) is None
             and 0 <= post < len(self.post_topic)
             and 0 <= user < len(self.user_segment)
         )
@@ -93,7 +88,7 @@ class RealtimeSignals:
             "user_segment": int(self.user_segment[user]),
         }
         self.state.apply(record["type"], entity, float(record["received_at"]))
-        if record["type"] in ("like", "comment", "share", "hide"):
+        if record["type"] in FEEDBACK_TYPES:
             with self._lock:
                 recent = self._recent.setdefault(user, deque(maxlen=MAX_RECENT_PER_USER))
                 recent.append(post)
