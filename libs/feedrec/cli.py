@@ -19,6 +19,7 @@ Every stage reads and writes one run directory (``--run-dir``, default ``runs/de
     feedrec simulate --duration-s 120   # simulated users use the live service, send events
     feedrec events sink --flush         # event bus -> logs/day=D/ + live/exposures (exactly once)
     feedrec experiments report          # per-variant metrics, lifts with CIs, ground truth
+    feedrec experiments ope             # off-policy value of candidate rankers (IPS/SNIPS)
 """
 
 from __future__ import annotations
@@ -1225,6 +1226,96 @@ def experiments_report(
         click.echo(
             f"{lift.variant} vs {lift.baseline} {lift.metric}: {lift.diff:+.4f} "
             f"[{low:+.4f}, {high:+.4f}] p={lift.p_value:.2g}{truth_note}"
+        )
+    click.echo(f"wrote {path}")
+
+
+def _candidate(text: str) -> tuple[str, Path]:
+    name, sep, path = text.partition("=")
+    return (name, Path(path)) if sep else (Path(text).name, Path(text))
+
+
+@experiments.command("ope")
+@run_dir_option
+@click.option(
+    "--world-dir",
+    type=click.Path(path_type=Path),
+    default=None,
+    help="Where the sink wrote live/exposures [default: RUN_DIR/world].",
+)
+@click.option(
+    "--variant",
+    default=None,
+    help="The exploring variant whose feeds to use [default: every explored feed].",
+)
+@click.option(
+    "--candidate",
+    "candidates",
+    multiple=True,
+    help="A ranker artifact directory to evaluate, as PATH or NAME=PATH (repeatable) "
+    "[default: RUN_DIR/models/ranker].",
+)
+@click.option(
+    "--simulation-dir",
+    type=click.Path(path_type=Path),
+    default=None,
+    help="A simulation's output (truth.parquet, simulation.json): its feeds only, with the "
+    "ground truth of every policy [default: RUN_DIR/simulation if present].",
+)
+@click.option(
+    "--out-dir",
+    type=click.Path(path_type=Path),
+    default=None,
+    help="Where ope.{md,json,png} go [default: RUN_DIR/experiment/ope].",
+)
+def experiments_ope(
+    run_dir: Path,
+    world_dir: Path | None,
+    variant: str | None,
+    candidates: tuple[str, ...],
+    simulation_dir: Path | None,
+    out_dir: Path | None,
+) -> None:
+    """Off-policy evaluation: IPS/SNIPS of candidate rankers from an exploring variant's log."""
+    from feedrec.experiments.experiment_report import read_exposures
+    from feedrec.experiments.off_policy import evaluate_exposures, write_report
+    from feedrec.serving.config import ServiceConfig
+
+    run = _run(run_dir)
+    named = dict(_candidate(c) for c in candidates) or {"ranker": run.ranker}
+    for name, path in named.items():
+        if not (path / "manifest.json").exists():
+            raise click.BadParameter(
+                f"{name}: {path} is not a model artifact", param_hint="--candidate"
+            )
+    default_sim = run.root / "simulation"
+    sim = simulation_dir or (default_sim if (default_sim / "simulation.json").exists() else None)
+    try:
+        report = evaluate_exposures(
+            read_exposures(world_dir or run.world),
+            world_dir=run.world,
+            data_dir=run.data,
+            candidates=named,
+            rules=ServiceConfig.from_run(run.root).rerank_config(),
+            variant=variant,
+            simulation_dir=sim,
+        )
+    except FileNotFoundError as e:
+        raise click.UsageError(str(e)) from e
+    except ValueError as e:
+        raise click.BadParameter(str(e), param_hint="--variant") from e
+    path = write_report(report, out_dir or run.root / "experiment" / "ope")
+    low, high = report.logging.ci
+    click.echo(
+        f"{report.feeds} feeds of {report.users} users ({report.explored:.0%} explored); "
+        f"logging {report.logging.value:.4f} [{low:.4f}, {high:.4f}]"
+    )
+    for p in report.policies:
+        low, high = p.ips.ci
+        truth_note = "" if p.truth is None else f"  truth {p.truth:.4f}"
+        click.echo(
+            f"{p.name}: IPS {p.ips.value:.4f} [{low:.4f}, {high:.4f}] SNIPS "
+            f"{p.snips.value:.4f} matched {p.match_rate:.0%} ESS {p.ess:.0f}{truth_note}"
         )
     click.echo(f"wrote {path}")
 

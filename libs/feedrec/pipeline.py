@@ -260,19 +260,29 @@ def retrain(
     return "\n".join(lines)
 
 
-#: The demo's online experiment: the trained chain against a popularity ranker, 50/50.
+#: The demo's online experiment, a third of the users each: the trained chain, a popularity
+#: ranker, and the trained chain exploring (30 % of its feeds drawn at random from the top 20,
+#: with logged propensities: what off-policy evaluation of the next ranker needs).
 DEMO_EXPERIMENT = {
     "name": "demo-ranker-vs-popularity",
     "variants": [
         {"name": "control", "weight": 1.0, "policy": "model"},
         {"name": "popularity", "weight": 1.0, "policy": "popularity"},
+        {
+            "name": "explore",
+            "weight": 1.0,
+            "policy": "model",
+            "exploration": {"epsilon": 0.3, "pool_size": 20},
+        },
     ],
 }
 
 
 def online_experiment(run: RunLayout, url: str, duration_s: float, users: int = 0) -> str:
     """Simulated users on the live service at ``url`` for ``duration_s``, their events
-    compacted by the sink, then the experiment report (``run/experiment/report.md``)."""
+    compacted by the sink, then the experiment report (``run/experiment/report.md``) and the
+    off-policy evaluation of the trained ranker from the exploring arm
+    (``run/experiment/ope/ope.md``)."""
     import pyarrow.parquet as pq
 
     from feedrec.data import PreprocessLayout
@@ -284,7 +294,10 @@ def online_experiment(run: RunLayout, url: str, duration_s: float, users: int = 
         simulated_only,
         write_report,
     )
+    from feedrec.experiments.off_policy import evaluate_exposures
+    from feedrec.experiments.off_policy import write_report as write_off_policy_report
     from feedrec.experiments.user_simulator import SimulationConfig, UserSimulator
+    from feedrec.serving.config import ServiceConfig
 
     serving_day = int(PreprocessLayout(run.data).read_meta()["serving_day"])
     cfg = SimulationConfig(duration_s=duration_s, users=users, min_return_s=5.0)
@@ -295,6 +308,16 @@ def online_experiment(run: RunLayout, url: str, duration_s: float, users: int = 
         simulated_only(read_exposures(run.world), truth), session_gap_s=2.5, truth=truth
     )
     path = write_report(report, run.root / "experiment")
+    ope = evaluate_exposures(
+        read_exposures(run.world),
+        world_dir=run.world,
+        data_dir=run.data,
+        candidates={"trained": run.ranker},
+        rules=ServiceConfig.from_run(run.root).rerank_config(),
+        variant="explore",
+        simulation_dir=run.root / "simulation",
+    )
+    ope_path = write_off_policy_report(ope, run.root / "experiment" / "ope")
     lines = [result.summary(), sink.summary()]
     for lift in report.lifts:
         if lift.metric in ("engagement_rate", "like_rate", "hide_rate"):
@@ -304,6 +327,13 @@ def online_experiment(run: RunLayout, url: str, duration_s: float, users: int = 
                 f"[{low:+.4f}, {high:+.4f}] p={lift.p_value:.2g}, ground truth {lift.truth:+.4f}"
             )
     lines.append(f"report: {path}")
+    for p in ope.policies:
+        low, high = p.ips.ci
+        lines.append(
+            f"off-policy {p.name} from {ope.feeds} explore feeds: IPS {p.ips.value:.3f} "
+            f"[{low:.3f}, {high:.3f}] engagements per feed, ground truth {p.truth:.3f}"
+        )
+    lines.append(f"off-policy report: {ope_path}")
     return "\n".join(lines)
 
 

@@ -200,3 +200,25 @@ def test_closing_the_live_day_makes_it_a_day_of_the_world(
     assert sink.close_day() == DAY
     assert json.loads(layout.config.read_text())["n_days"] == DAY + 1
     assert read_appended(layout)["appends"][-1] == {"first_day": DAY, "n_days": 1, "source": "live"}
+
+
+def test_an_exploring_feed_keeps_its_pool_and_propensities_in_the_exposures(
+    tmp_path: Path, bus_records: BusRecords
+) -> None:
+    """What off-policy evaluation reads: the pool and each slot's propensity; a record
+    written before exploration existed (no pool key) reads as unexplored with no pool."""
+    from feedrec.experiments.experiment_report import read_exposures
+
+    log, world = _bus(tmp_path)
+    explored = bus_records.served(RID_A, 7, [103, 100], at=1000.0, variant="explore")
+    explored["pool"], explored["explored"] = [100, 101, 102, 103], True
+    for item, mu in zip(explored["items"], [0.075, 0.775], strict=True):
+        item["propensity"] = mu
+    legacy = bus_records.served(RID_B, 8, [200], at=1000.0)
+    del legacy["pool"], legacy["explored"]
+    log.append([explored, legacy])
+    EventSink(log, world).run(flush=True)
+    rows = read_exposures(world).sort_values(["request_id", "position"])
+    assert rows["pool"].map(list).tolist() == [[100, 101, 102, 103]] * 2 + [[]]
+    assert rows["explored"].tolist() == [True, True, False]
+    assert rows["propensity"].tolist() == pytest.approx([0.075, 0.775, 1.0])

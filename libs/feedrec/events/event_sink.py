@@ -68,6 +68,8 @@ EXPOSURE_SCHEMA = pa.schema(
         pa.field("score", pa.float32()),
         *[pa.field(f"pred_{task}", pa.float32()) for task in TASKS],
         pa.field("propensity", pa.float32()),
+        pa.field("explored", pa.bool_()),
+        pa.field("pool", pa.list_(pa.int64())),
         pa.field("impressed", pa.int8()),
         *[pa.field(label, pa.int8()) for label in LABELS if label != "dwell"],
         pa.field("dwell", pa.float32()),
@@ -389,6 +391,9 @@ def _exposure_rows(feeds: list[dict[str, Any]]) -> dict[str, list[Any]]:
             for task in TASKS:
                 rows[f"pred_{task}"].append(item["scores"].get(task))
             rows["propensity"].append(float(item["propensity"]))
+            # Records written before exploration existed carry neither key.
+            rows["explored"].append(bool(served.get("explored", False)))
+            rows["pool"].append(served.get("pool") or [])
             rows["impressed"].append(int(slot is not None))
             rows["view"].append(int(viewed))
             for e in FEEDBACK_TYPES:

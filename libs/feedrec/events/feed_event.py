@@ -138,9 +138,13 @@ def served_record(
     cold_start: bool,
     latency_ms: float,
     items: list[dict[str, Any]],
+    pool: list[int] | None = None,
+    explored: bool = False,
 ) -> dict[str, Any]:
     """The bus record of a served feed. ``ts``: world-clock days (the log's time axis);
-    ``items``: ``{"post_id", "position", "score", "scores", "propensity"}`` per slot."""
+    ``items``: ``{"post_id", "position", "score", "scores", "propensity"}`` per slot; for an
+    exploring variant, ``pool``: the post ids the slots were drawn from, in the chain's order,
+    and ``explored``: whether the draw was random (``feedrec.serving.exploration``)."""
     return {
         "kind": SERVED,
         KEY_FIELD: f"served:{request_id}",
@@ -155,4 +159,6 @@ def served_record(
         "cold_start": cold_start,
         "latency_ms": latency_ms,
         "items": items,
+        "pool": pool,
+        "explored": explored,
     }

@@ -16,8 +16,8 @@ from feedrec.events.feed_event import EventBatch, EventsAck, event_record, serve
 from feedrec.serving.api import FeedResponse
 
 SECONDS_PER_DAY = 86_400.0
-#: Every policy the service runs ranks deterministically: a served post had probability 1 of
-#: being in its slot. (An exploring policy would log its randomisation probability here.)
+#: A feed of a variant that does not explore is deterministic given its inputs: a served post
+#: had probability 1 of being in its slot. Exploring variants log their own (``SlateLog``).
 DETERMINISTIC_PROPENSITY = 1.0
 
 
@@ -39,6 +39,12 @@ class FeedRecorder:
     def served_payload(
         self, response: FeedResponse, latency_ms: float, unix_s: float
     ) -> dict[str, Any]:
+        slate = response.slate
+        propensity = (
+            slate.propensity
+            if slate is not None
+            else [DETERMINISTIC_PROPENSITY] * len(response.items)
+        )
         return served_record(
             request_id=response.request_id,
             user_id=response.user_id,
@@ -56,10 +62,12 @@ class FeedRecorder:
                     "position": position,
                     "score": item.score,
                     "scores": item.scores,
-                    "propensity": DETERMINISTIC_PROPENSITY,
+                    "propensity": p,
                 }
-                for position, item in enumerate(response.items)
+                for position, (item, p) in enumerate(zip(response.items, propensity, strict=True))
             ],
+            pool=slate.pool if slate is not None else None,
+            explored=slate.explored if slate is not None else False,
         )
 
     async def served(self, response: FeedResponse, latency_ms: float) -> None:

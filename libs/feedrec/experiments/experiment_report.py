@@ -110,10 +110,11 @@ def read_exposures(world_dir: Path) -> pd.DataFrame:
     root = Path(world_dir) / "live" / "exposures"
     if not root.exists():
         raise FileNotFoundError(f"{root}: no exposures; run `feedrec events sink` first")
-    table = pads.dataset(root, format="parquet", partitioning="hive").to_table(
-        columns=EXPOSURE_SCHEMA.names
-    )
-    return table.to_pandas()
+    # The explicit schema reads files written before a column existed (as nulls).
+    dataset = pads.dataset(root, format="parquet", partitioning="hive", schema=EXPOSURE_SCHEMA)
+    frame = dataset.to_table(columns=EXPOSURE_SCHEMA.names).to_pandas()
+    frame["explored"] = frame["explored"].fillna(False).astype(bool)
+    return frame
 
 
 def simulated_only(exposures: pd.DataFrame, truth: pd.DataFrame) -> pd.DataFrame:

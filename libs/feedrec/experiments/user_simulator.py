@@ -18,13 +18,14 @@ online result against (``ExperimentReport``).
 
 from __future__ import annotations
 
+import json
 import math
 import threading
 import time
 import uuid
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -40,6 +41,7 @@ from feedrec.world.layout import WorldLayout
 from feedrec.world.truth import BINARY_TASKS, DWELL_SIGMA, MEDIA_VIDEO, GroundTruth
 
 TRUTH_FILE = "truth.parquet"
+SIMULATION_FILE = "simulation.json"
 TRUTH_SCHEMA = pa.schema(
     [
         pa.field("request_id", pa.string()),
@@ -50,6 +52,7 @@ TRUTH_SCHEMA = pa.schema(
         pa.field("variant", pa.string()),
         pa.field("session_id", pa.string()),
         pa.field("page", pa.int64()),
+        pa.field("ts", pa.float64()),
         pa.field("e_view", pa.float64()),
         *[pa.field(f"e_{task}", pa.float64()) for task in BINARY_TASKS],
         pa.field("e_dwell", pa.float64()),
@@ -59,6 +62,24 @@ TRUTH_SCHEMA = pa.schema(
 
 def _sigmoid(x: float) -> float:
     return 1.0 / (1.0 + math.exp(-x))
+
+
+def expected_outcomes(
+    truth: GroundTruth,
+    users: np.ndarray,
+    posts: np.ndarray,
+    ts: np.ndarray | float,
+    slots: np.ndarray,
+    pages: np.ndarray | int,
+    fatigue: float,
+) -> dict[str, np.ndarray]:
+    """What a simulated user is expected to do with ``posts`` [N] shown at session ``slots``
+    [N] on ``pages`` (0-based) at world time ``ts``: ``view``, the binary tasks and ``dwell``,
+    float [N]. One post's outcome depends on that post and its slot only, not on its
+    neighbours (the world's position bias has no cascade)."""
+    prob = truth.probabilities(users, posts, ts, slots)
+    damp = fatigue ** np.asarray(pages)  # fewer posts get looked at as the session drags on
+    return {k: v * damp for k, v in prob.items()}
 
 
 @dataclass(frozen=True)
@@ -180,13 +201,11 @@ class UserSimulator:
         tasks, ``dwell``, float [N]."""
         users = np.full(len(posts), user)
         slots = first_slot + np.arange(len(posts))
-        prob = self.truth.probabilities(users, posts, ts, slots)
-        damp = self.cfg.fatigue**page  # fewer posts get looked at as the session drags on
-        expected = {k: v * damp for k, v in prob.items()}
+        expected = expected_outcomes(self.truth, users, posts, ts, slots, page, self.cfg.fatigue)
         view = rng.random(len(posts)) < expected["view"]
         outcomes: dict[str, np.ndarray] = {"view": view}
         for task in BINARY_TASKS:  # p(task | view) = p(task) / p(view), as the generator does
-            outcomes[task] = view & (rng.random(len(posts)) * prob["view"] < prob[task])
+            outcomes[task] = view & (rng.random(len(posts)) * expected["view"] < expected[task])
         is_video = (self.truth.media[posts] == MEDIA_VIDEO).astype(np.float64)
         mu = GroundTruth.dwell_mu(self.truth.affinity(users, posts), is_video)
         outcomes["dwell"] = np.where(view, rng.lognormal(mu, DWELL_SIGMA), 0.0)
@@ -255,6 +274,7 @@ class UserSimulator:
                     "variant": feed["variant"],
                     "session_id": session_id,
                     "page": page,
+                    "ts": ts,
                     "e_view": float(expected["view"][k]),
                     **{f"e_{t}": float(expected[t][k]) for t in BINARY_TASKS},
                     "e_dwell": float(expected["dwell"][k]),
@@ -307,5 +327,8 @@ class UserSimulator:
         out_dir.mkdir(parents=True, exist_ok=True)
         path = out_dir / TRUTH_FILE
         pq.write_table(pa.Table.from_pylist(self._rows, schema=TRUTH_SCHEMA), path)
+        # How the users behaved: what recomputing the truth for another ranking needs.
+        behaviour = {"serving_day": self.serving_day, **asdict(self.cfg)}
+        (out_dir / SIMULATION_FILE).write_text(json.dumps(behaviour, indent=2) + "\n")
         self.result.truth_path = path
         return self.result

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, create_model
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, PrivateAttr, create_model
 
 from feedrec.schema.registry import RAW_COLUMNS, TASKS
+from feedrec.serving.exploration import SlateLog
 
 MAX_COUNT = 100
 MAX_BLOCKED = 1000
@@ -110,6 +111,16 @@ class FeedResponse(BaseModel):
     fallback: bool = Field(description="true when a stage failed and a popularity feed was served")
     cold_start: bool = Field(default=False, description="true for users unknown to the models")
     debug: dict[str, object] | None = None
+    #: How the items were drawn (exploring variants): logged with the feed, never sent.
+    _slate: SlateLog | None = PrivateAttr(default=None)
+
+    @property
+    def slate(self) -> SlateLog | None:
+        return self._slate
+
+    def with_slate(self, slate: SlateLog) -> FeedResponse:
+        self._slate = slate
+        return self
 
 
 class PromoteRequest(BaseModel):

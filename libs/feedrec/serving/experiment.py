@@ -15,6 +15,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from feedrec.events.feed_event import VARIANT_PATTERN
+from feedrec.serving.exploration import NO_EXPLORATION, Exploration
 
 BUCKETS = 10_000
 #: What a variant serves: the trained chain (retrieval -> Triton ranker -> re-rank), or the
@@ -30,6 +31,16 @@ class Variant(BaseModel):
     name: str = Field(pattern=VARIANT_PATTERN)
     weight: float = Field(gt=0, description="relative share of users")
     policy: Policy = "model"
+    exploration: Exploration = Field(
+        default=NO_EXPLORATION,
+        description="randomise a share of this arm's feeds with logged propensities (model only)",
+    )
+
+    @model_validator(mode="after")
+    def _explores_the_model(self) -> Variant:
+        if self.exploration.enabled and self.policy != "model":
+            raise ValueError(f"variant {self.name}: exploration needs policy 'model'")
+        return self
 
 
 class Experiment(BaseModel):

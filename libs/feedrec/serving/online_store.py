@@ -15,6 +15,7 @@ import pyarrow.parquet as pq
 
 from feedrec.data.preprocess import PreprocessLayout
 from feedrec.features.tables import FeatureTables
+from feedrec.serving.rerank import Candidates
 from feedrec.world.generator import load_world_config
 from feedrec.world.layout import WorldLayout
 
@@ -197,3 +198,18 @@ class OnlineFeatureStore:
 
     def post_creator(self, post_ids: np.ndarray) -> np.ndarray:
         return self.tables.attrs.post_creator[post_ids]
+
+    def candidates(
+        self, post_ids: np.ndarray, predictions: np.ndarray, interest: np.ndarray | None = None
+    ) -> Candidates:
+        """What re-ranking needs of ``post_ids`` [N] with their predictions [N, len(TASKS)]
+        and the viewer's real-time topic interest [N] (or None)."""
+        return Candidates(
+            post_ids=post_ids,
+            predictions=predictions,
+            creators=self.post_creator(post_ids),
+            topics=self.post_topic(post_ids),
+            ages_days=self.post_age_days(post_ids),
+            small_creator=self.small_creator(post_ids),
+            interest=interest,
+        )

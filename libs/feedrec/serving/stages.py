@@ -27,33 +27,15 @@ from feedrec.schema.registry import TASKS
 from feedrec.serving.api import FeedItem, FeedResponse
 from feedrec.serving.config import ServiceConfig
 from feedrec.serving.experiment import NO_EXPERIMENT, Variant
+from feedrec.serving.exploration import SlateLog
 from feedrec.serving.feed_metrics import FeedMetrics
 from feedrec.serving.model_watcher import ModelWatcher, NotReady
 from feedrec.serving.online_store import OnlineFeatureStore
 from feedrec.serving.ranker_client import TritonRankerClient
 from feedrec.serving.realtime_signals import RealtimeSignals
-from feedrec.serving.rerank import Candidates, rerank
+from feedrec.serving.rerank import rerank
 
 logger = logging.getLogger("feedrec.serve")
-
-
-def _candidates(
-    store: OnlineFeatureStore,
-    post_ids: np.ndarray,
-    predictions: np.ndarray,
-    interest: np.ndarray | None = None,
-) -> Candidates:
-    """What re-ranking needs of ``post_ids`` [N] with their predictions [N, len(TASKS)] and
-    the viewer's real-time topic interest [N] (or None)."""
-    return Candidates(
-        post_ids=post_ids,
-        predictions=predictions,
-        creators=store.post_creator(post_ids),
-        topics=store.post_topic(post_ids),
-        ages_days=store.post_age_days(post_ids),
-        small_creator=store.small_creator(post_ids),
-        interest=interest,
-    )
 
 
 class Retriever:
@@ -166,7 +148,7 @@ class Reranker:
         """Feed items (with reasons when ``debug``) and rule -> candidates demoted by it;
         ``interest`` [N]: real-time topic interest of the viewer per candidate."""
         ids = np.asarray(post_ids, dtype=np.int64)
-        sel = rerank(_candidates(self.store, ids, predictions, interest), count, self.rules)
+        sel = rerank(self.store.candidates(ids, predictions, interest), count, self.rules)
         items = [
             {
                 "post_id": int(ids[i]),
@@ -271,7 +253,7 @@ class FeedPipeline:
         posts, score = posts[keep], score[keep]
         predictions = np.zeros((len(posts), len(TASKS)))
         predictions[:, TASKS.index("like")] = score / max(float(score.max(initial=0.0)), 1e-12)
-        candidates = _candidates(self.store, posts, predictions)
+        candidates = self.store.candidates(posts, predictions)
         sel = rerank(candidates, req.count, self.cfg.rerank_config())
         interests = set(req.interests)
         items = []
@@ -339,9 +321,22 @@ class FeedPipeline:
             )
             timings["ranking_ms"] = (time.perf_counter() - t0) * 1e3
             t0 = time.perf_counter()
-            items, demoted = await asyncio.wait_for(
-                self.rerank(candidates, predictions, req.count, req.debug, interest), t.rerank_s
+            exploration = variant.exploration
+            pool, demoted = await asyncio.wait_for(
+                self.rerank(
+                    candidates,
+                    predictions,
+                    exploration.pool_for(req.count),
+                    req.debug,
+                    interest,
+                ),
+                t.rerank_s,
             )
+            slate = exploration.slate(request_id, len(pool), req.count)
+            items = [pool[i] for i in slate.index.tolist()]
+            if slate.explored and req.debug:
+                note = f"exploration: drawn at random from the top {slate.pool_size}"
+                items = [{**item, "reasons": [note, *item["reasons"]]} for item in items]
             timings["rerank_ms"] = (time.perf_counter() - t0) * 1e3
         except Exception as e:  # any stage failure or timeout -> flagged popularity feed
             logger.warning("feed for user %s fell back: %r", req.user_id, e)
@@ -358,7 +353,7 @@ class FeedPipeline:
                 served_scores=[item["score"] for item in items],
                 model_version=model_version,
             )
-        return FeedResponse(
+        response = FeedResponse(
             request_id=request_id,
             variant=variant.name,
             user_id=req.user_id,
@@ -371,9 +366,19 @@ class FeedPipeline:
                     "filtered": filtered,
                     "demoted": demoted,
                     "retrieval_version": retrieval_version,
+                    **({"explored": slate.explored} if exploration.enabled else {}),
                     **timings,
                 }
                 if req.debug
                 else None
             ),
         )
+        if exploration.enabled:
+            response.with_slate(
+                SlateLog(
+                    pool=[item["post_id"] for item in pool],
+                    propensity=slate.propensity.tolist(),
+                    explored=slate.explored,
+                )
+            )
+        return response
