@@ -3,7 +3,8 @@
 Pipeline (streaming; only per-entity daily sums ever reach the driver, plus the row ids of a
 random split):
 
-1. read ``logs/day=D/*.parquet`` (hive partitions),
+1. validate ``logs/day=D/*.parquet`` (:mod:`feedrec.data.log_validation`: bad rows, late events
+   and duplicate impressions are quarantined with their reason) and read the valid rows,
 2. ``map_batches``: partial daily sums per user, user x topic, post and creator,
 3. driver: fold the sums into :class:`FeatureTables` (trailing windows over *earlier* days only),
 4. ``map_batches``: the point-in-time join (:meth:`FeatureTables.lookup`) + split label,
@@ -32,6 +33,7 @@ from ray.data import SaveMode
 from ray.data.expressions import Expr, col
 
 from feedrec.data.examples import EXAMPLE_SCHEMA, arrow_from_columns
+from feedrec.data.log_validation import LogValidation, validate_logs
 from feedrec.features.tables import (
     CREATOR_STATS,
     POST_STATS,
@@ -145,22 +147,18 @@ def is_positive() -> Expr:
     return functools.reduce(operator.or_, [col(label) > 0 for label in POSITIVE_LABELS])
 
 
-def read_logs(world: WorldLayout, n_days: int) -> ray.data.Dataset:
-    """The sharded impression logs of days ``0 .. n_days-1`` as a Ray Dataset (``day`` from
-    the hive partition). Later partitions are days still open: the event sink writes live
-    traffic of the serving day there, and they join the logs once ``world.json`` counts them."""
+def read_logs(validation: LogValidation) -> ray.data.Dataset:
+    """The validated impression logs as a Ray Dataset (``day`` from the hive partition ``day=D``
+    of each file's directory): the clean files of the counted days and the cleaned copies of
+    the others (:func:`~feedrec.data.log_validation.validate_logs`). Later partitions are days
+    still open: the event sink writes live traffic of the serving day there, and they join the
+    logs once ``world.json`` counts them."""
+    if not validation.files:
+        raise ValueError("preprocess: no valid log rows (see the validation summary)")
     partitioning = ray.data.datasource.Partitioning(
         ray.data.datasource.PartitionStyle.HIVE, field_types={"day": int}
     )
-    return ray.data.read_parquet(
-        str(world.logs),
-        partitioning=partitioning,
-        partition_filter=ray.data.datasource.PathPartitionFilter.of(
-            lambda partition: int(partition["day"]) < n_days,
-            style=ray.data.datasource.PartitionStyle.HIVE,
-            base_dir=str(world.logs),
-        ),
-    )
+    return ray.data.read_parquet(validation.files, partitioning=partitioning)
 
 
 def load_entity_attributes(world: WorldLayout) -> EntityAttributes:
@@ -392,7 +390,8 @@ def run_preprocess(cfg: PreprocessConfig) -> PreprocessLayout:
         raise ValueError(f"preprocess: {n_days} days leave no training day")
 
     attrs = load_entity_attributes(world)
-    logs = read_logs(world, n_days)
+    validation = validate_logs(world.logs, n_days, attrs.n_users, attrs.n_posts, out.root)
+    logs = read_logs(validation)
     sums = daily_sums(logs, attrs, n_days, world_cfg.n_topics)
     tables = FeatureTables.from_daily(
         attrs,
@@ -478,6 +477,7 @@ def run_preprocess(cfg: PreprocessConfig) -> PreprocessLayout:
         "retrieval_day": retrieval_day,
         "serving_day": n_days,
         "rows": counts,
+        "validation": validation.to_dict(),
         "pairs": n_pairs,
         "vocab_rows": vocabs.num_rows(),
         "seconds": round(time.perf_counter() - started, 1),
