@@ -399,6 +399,12 @@ def models_rollback(name: str, registry_dir: Path) -> None:
 @click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True)
 @click.option("--no-promote", is_flag=True, help="Register only; promote later by hand.")
 @click.option("--force", is_flag=True, help="Promote even if the metric gate fails.")
+@click.option(
+    "--warm-start",
+    is_flag=True,
+    help="Start both models from the production versions (embedding rows remapped to the new "
+    "vocabularies) instead of from scratch.",
+)
 @ray_option
 def retrain(
     run_dir: Path,
@@ -408,6 +414,7 @@ def retrain(
     seed: int,
     no_promote: bool,
     force: bool,
+    warm_start: bool,
     ray_address: str | None,
 ) -> None:
     """New log days -> preprocess -> train -> evaluate -> index -> register -> gated promote."""
@@ -423,6 +430,7 @@ def retrain(
             seed=seed,
             promote=not no_promote,
             force=force,
+            warm_start=warm_start,
             ray_address=ray_address,
             echo=click.echo,
         )
@@ -634,7 +642,8 @@ def feed(user_id: int, count: int, url: str, debug: bool) -> None:
     default=60.0,
     show_default=True,
     type=click.FloatRange(min=0.0, min_open=True),
-    help="Seconds of simulated users in the online A/B (trained ranker vs popularity).",
+    help="Seconds of simulated users in the online experiment (trained ranker, popularity, "
+    "exploring ranker; then off-policy evaluation).",
 )
 def demo(preset: str, run_dir: Path, port: int, users: int, experiment_s: float) -> None:
     """Every stage (generate .. serve) on a preset, sample feeds over HTTP, then an online
@@ -1150,6 +1159,15 @@ def simulate(
     click.echo(f"truth of every impression: {result.truth_path}")
 
 
+#: Where ``feedrec events sink`` wrote the exposure log that experiment reports read.
+exposures_option = click.option(
+    "--world-dir",
+    type=click.Path(path_type=Path),
+    default=None,
+    help="Where the sink wrote live/exposures [default: RUN_DIR/world].",
+)
+
+
 @main.group()
 def experiments() -> None:
     """Online experiments: per-variant results of live (or simulated) traffic."""
@@ -1157,12 +1175,7 @@ def experiments() -> None:
 
 @experiments.command("report")
 @run_dir_option
-@click.option(
-    "--world-dir",
-    type=click.Path(path_type=Path),
-    default=None,
-    help="Where the sink wrote live/exposures [default: RUN_DIR/world].",
-)
+@exposures_option
 @click.option("--baseline", default=None, help="Variant to compare with [default: popularity].")
 @click.option(
     "--session-gap-s",
@@ -1237,12 +1250,7 @@ def _candidate(text: str) -> tuple[str, Path]:
 
 @experiments.command("ope")
 @run_dir_option
-@click.option(
-    "--world-dir",
-    type=click.Path(path_type=Path),
-    default=None,
-    help="Where the sink wrote live/exposures [default: RUN_DIR/world].",
-)
+@exposures_option
 @click.option(
     "--variant",
     default=None,

@@ -39,6 +39,7 @@ def preprocess(
 ) -> str:
     """``options``: PreprocessConfig fields, e.g. ``{"split": "random", "ratios": (8, 1, 1)}``."""
     from feedrec.data import PreprocessConfig, run_preprocess
+    from feedrec.data.log_validation import LogValidation
     from feedrec.runtime import init_ray
 
     if not (run.world / "world.json").exists():
@@ -48,9 +49,10 @@ def preprocess(
     cfg = PreprocessConfig(world_dir=run.world, out_dir=run.data, **(options or {}))
     init_ray(ray_address)
     meta = run_preprocess(cfg).read_meta()
+    validation = LogValidation.from_dict(meta["validation"])
     return (
         f"preprocess ({meta['split']['kind']} split): examples {meta['rows']}, "
-        f"retrieval pairs {meta['pairs']}, {meta['seconds']} s"
+        f"retrieval pairs {meta['pairs']}, {meta['seconds']} s\n{validation.summary()}"
     )
 
 
@@ -204,13 +206,15 @@ def retrain(
     seed: int = 0,
     promote: bool = True,
     force: bool = False,
+    warm_start: bool = False,
     ray_address: str | None = None,
     echo: Echo = print,
 ) -> str:
     """Continual training, one round: (optionally simulate ``append_days`` new log days with
-    ``drift``) -> preprocess (the newest day becomes the test day) -> train both models from
-    scratch -> evaluate -> index -> register; then evaluate the production models on the same
-    test day and promote each new model whose metrics pass the gate against them.
+    ``drift``) -> preprocess (the newest day becomes the test day) -> train both models, from
+    scratch or (``warm_start``) from the production versions with their rows remapped to the
+    new vocabularies -> evaluate -> index -> register; then evaluate the production models on
+    the same test day and promote each new model whose metrics pass the gate against them.
 
     Serving that watches the registry picks promoted versions up without a restart."""
     from feedrec.artifacts.model_registry import ModelRegistry, flat_metrics
@@ -218,6 +222,15 @@ def retrain(
     from feedrec.evaluation.evaluate import evaluate as run_evaluation
 
     registry = ModelRegistry(registry_dir)
+    starts: dict[str, dict[str, Any]] = {"ranker": {}, "two_tower": {}}
+    if warm_start:
+        for kind, name in (("ranker", "ranker"), ("two_tower", "retrieval")):
+            production = registry.production(name)
+            if production is None:
+                echo(f"{kind}: no production {name} to warm-start from; training from scratch")
+            else:
+                starts[kind] = {"warm_start": str(production.path)}
+                echo(f"{kind}: warm start from {production.label}")
     if append_days:
         from feedrec.world.generator import append_days as simulate_days
 
@@ -225,8 +238,11 @@ def retrain(
         echo(f"appended {append_days} log day(s), drift {drift}")
     for label, step in (
         ("preprocess", lambda: preprocess(run, ray_address)),
-        ("train ranker", lambda: train(run, "ranker", ray_address=ray_address)),
-        ("train two_tower", lambda: train(run, "two_tower", ray_address=ray_address)),
+        ("train ranker", lambda: train(run, "ranker", None, starts["ranker"], ray_address)),
+        (
+            "train two_tower",
+            lambda: train(run, "two_tower", None, starts["two_tower"], ray_address),
+        ),
         ("evaluate", lambda: evaluate(run)),
         ("index", lambda: index(run)),
     ):
@@ -390,7 +406,7 @@ def run_demo(
             resp.raise_for_status()
             echo(format_feed(resp.json()))
         stage(
-            "online A/B: simulated users, trained ranker vs popularity",
+            "online experiment: simulated users; ranker vs popularity vs exploring; OPE",
             lambda: online_experiment(run, stack.url, duration_s=experiment_s),
         )
     ray.shutdown()

@@ -2,7 +2,8 @@
 
 Runs two real processes with torch.distributed (no Ray needed) and forces every sharding type
 that works on CPU: column-wise, table-wise and data-parallel tables in one model (the planner's
-choices), and row-wise (an explicit plan: the stock planner refuses it on CPU).
+choices), and row-wise (an explicit plan: the stock planner refuses it on CPU). The weights go
+into the shards through ``WarmStart.apply``, so this also checks warm start on every sharding.
 """
 
 from __future__ import annotations
@@ -47,29 +48,22 @@ def _batch(n: int) -> ModelInputs:
 def _worker(rank: int, world: int, port: int, overrides: dict, results: dict) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=world)
-    from torch.distributed._shard.sharded_tensor import ShardedTensor
-
     from feedrec.training.sharding import describe_plan, gather_state_dict, shard
+    from feedrec.training.warm_start import WarmStart, table_of
 
     torch.manual_seed(0)
     reference = Ranker(RankerConfig(num_rows=ROWS)).eval()
     model = Ranker(RankerConfig(num_rows=ROWS), embedding_device=torch.device("meta"))
     ref_state = reference.state_dict()
-    with torch.no_grad():
-        # Dense layers before sharding (DDP then holds these very tensors) ...
-        for name, param in model.named_parameters():
-            if not param.is_meta:
-                param.copy_(ref_state[name])
     dmp, plan = shard(model, torch.device("cpu"), sparse_lr=0.1, overrides=overrides)
-    with torch.no_grad():
-        # ... and the reference tables into whatever shard each rank holds.
-        for key, value in dmp.state_dict().items():
-            if isinstance(value, ShardedTensor):
-                for local in value.local_shards():
-                    o, s = local.metadata.shard_offsets, local.metadata.shard_sizes
-                    local.tensor.copy_(ref_state[key][o[0] : o[0] + s[0], o[1] : o[1] + s[1]])
-            elif "ebc." in key:  # data-parallel tables
-                value.copy_(ref_state[key])
+    # The reference weights into whatever shard each rank holds (the warm-start path: each
+    # rank copies by its shards' offsets, identity row mapping).
+    same = WarmStart(
+        "reference",
+        dict(ref_state),
+        {k: np.arange(len(v)) for k, v in ref_state.items() if table_of(k)},
+    )
+    same.apply(model)
     dmp.eval()
     inputs = _batch(BATCH * world)
     mine = slice(rank * BATCH, (rank + 1) * BATCH)

@@ -1,3 +1,4 @@
+from collections.abc import Callable
 from pathlib import Path
 
 from click.testing import CliRunner
@@ -63,3 +64,36 @@ def test_experiment_commands_name_what_is_missing_or_bad(tmp_path: Path) -> None
     assert res.exit_code == 2 and "fatigue" in res.output
     res = CliRunner().invoke(main, ["simulate", "--run-dir", str(tmp_path)])
     assert res.exit_code == 2 and "preprocessed" in res.output
+
+
+def test_off_policy_command_names_a_bad_candidate_and_a_log_without_exploration(
+    tmp_path: Path, ranker_artifact: Callable[..., Path]
+) -> None:
+    from feedrec.events.event_log import EventLog
+    from feedrec.events.feed_event import served_record
+
+    bad = ["experiments", "ope", "--run-dir", str(tmp_path), "--candidate", f"x={tmp_path}"]
+    res = CliRunner().invoke(main, bad)
+    assert res.exit_code == 2 and "--candidate" in res.output
+    assert "not a model artifact" in res.output
+    model = ranker_artifact(tmp_path / "models" / "ranker")
+    res = CliRunner().invoke(main, ["experiments", "ope", "--run-dir", str(tmp_path)])
+    assert res.exit_code == 2 and "feedrec events sink" in res.output  # no exposure log yet
+    served = served_record(
+        request_id="e" * 32,
+        user_id=1,
+        ts=6.5,
+        received_at=100.0,
+        variant="control",
+        model_version="1",
+        snapshot="day6-x",
+        fallback=False,
+        cold_start=False,
+        latency_ms=10.0,
+        items=[{"post_id": 3, "position": 0, "score": 0.5, "scores": {}, "propensity": 1.0}],
+    )
+    EventLog(tmp_path / "events").append([served])
+    assert CliRunner().invoke(main, ["events", "sink", "--run-dir", str(tmp_path), "--flush"])
+    ope = ["experiments", "ope", "--run-dir", str(tmp_path), "--candidate", str(model)]
+    res = CliRunner().invoke(main, ope)
+    assert res.exit_code == 2 and "exploration.epsilon > 0" in res.output, res.output

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
 from typing import Any, Literal
 
 ModelKind = Literal["ranker", "two_tower"]
@@ -34,6 +35,9 @@ class TrainConfig:
             checkpoint.
         fault_drill_step: fault-tolerance drill: the last rank SIGKILLs itself at this global
             step, unless the attempt resumed from a checkpoint (None = no drill).
+        warm_start: a model artifact directory of the same architecture to start from (rows
+            remapped through both vocabularies, ``feedrec.training.warm_start``); None = from
+            scratch.
     """
 
     model: ModelKind
@@ -50,6 +54,7 @@ class TrainConfig:
     checkpoint_every_steps: int = 0
     max_failures: int = 1
     fault_drill_step: int | None = None
+    warm_start: str | None = None
 
     def __post_init__(self) -> None:
         if self.model not in ("ranker", "two_tower"):
@@ -65,6 +70,10 @@ class TrainConfig:
             raise ValueError(
                 f"train config: placement_strategy must be one of {PLACEMENT_STRATEGIES}, "
                 f"not {self.placement_strategy!r}"
+            )
+        if self.warm_start is not None and not (Path(self.warm_start) / "manifest.json").is_file():
+            raise ValueError(
+                f"train config: warm_start {self.warm_start!r} is not a model artifact directory"
             )
         for name in ("dense_lr", "sparse_lr", "cpus_per_worker"):
             if getattr(self, name) <= 0:

@@ -28,6 +28,7 @@ from feedrec.models.two_tower import TwoTower, TwoTowerConfig, TwoTowerTrain
 from feedrec.training.checkpoint import TrainState, restore_checkpoint, save_checkpoint
 from feedrec.training.config import TrainConfig
 from feedrec.training.sharding import describe_plan, gather_state_dict, shard
+from feedrec.training.warm_start import WarmStart
 
 
 def build_train_module(
@@ -145,9 +146,15 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
                 f"step {state.global_step} (restore #{state.restores})",
                 flush=True,
             )
-    elif rank == 0:
-        for row in state.plan:
-            print(f"[sharding] {row['table']}: {row['sharding']} on ranks {row['ranks']}")
+    else:
+        if rank == 0:
+            for row in state.plan:
+                print(f"[sharding] {row['table']}: {row['sharding']} on ranks {row['ranks']}")
+        warm_ref = loop_config.get("warm_start")
+        if warm_ref is not None:  # a fresh start only: a resumed attempt has its checkpoint
+            warm: WarmStart = ray.get(warm_ref)
+            copied = warm.apply(served)
+            print(f"[warm start] rank {rank}: {copied} values from {warm.source}", flush=True)
 
     train_shard = ray.train.get_dataset_shard("train")
     while state.epoch < cfg.epochs:

@@ -31,6 +31,7 @@ from feedrec.models.two_tower import TwoTowerConfig
 from feedrec.training.checkpoint import read_final
 from feedrec.training.config import TrainConfig
 from feedrec.training.loop import train_loop_per_worker
+from feedrec.training.warm_start import WarmStart
 
 
 def ranker_columns(transform: FeatureTransform, table: pa.Table) -> dict[str, np.ndarray]:
@@ -157,13 +158,19 @@ def build_trainer(
     storage_dir: Path,
     name: str | None = None,
     callbacks: list[Any] | None = None,
+    warm: WarmStart | None = None,
 ) -> TorchTrainer:
-    """A ``TorchTrainer`` of ``cfg.num_workers`` DMP workers (NCCL on GPUs, else gloo)."""
+    """A ``TorchTrainer`` of ``cfg.num_workers`` DMP workers (NCCL on GPUs, else gloo),
+    starting from ``warm`` (through the object store) when given."""
     transform = FeatureTransform(Vocabularies.load(data.vocabularies))
     use_gpu = _use_gpu(cfg)
     return TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={"train": cfg.to_dict(), "model_config": model_config},
+        train_loop_config={
+            "train": cfg.to_dict(),
+            "model_config": model_config,
+            "warm_start": ray.put(warm) if warm is not None else None,
+        },
         scaling_config=ScalingConfig(
             num_workers=cfg.num_workers,
             use_gpu=use_gpu,
@@ -233,8 +240,12 @@ def train_model(
     Returns the artifact directory (see ``feedrec.artifacts``).
     """
     started = time.perf_counter()
-    model_config = model_config_for(cfg, Vocabularies.load(data.vocabularies), model_overrides)
-    result = build_trainer(cfg, data, model_config, storage_dir=storage_dir).fit()
+    vocabs = Vocabularies.load(data.vocabularies)
+    model_config = model_config_for(cfg, vocabs, model_overrides)
+    warm = None
+    if cfg.warm_start is not None:
+        warm = WarmStart.from_artifact(Path(cfg.warm_start), model_config, vocabs)
+    result = build_trainer(cfg, data, model_config, storage_dir=storage_dir, warm=warm).fit()
     if result.checkpoint is None:
         raise RuntimeError(f"training {cfg.model} produced no checkpoint: {result.error}")
     with result.checkpoint.as_directory() as ckpt:
@@ -247,5 +258,8 @@ def train_model(
             extra_metadata={
                 "train_seconds": round(time.perf_counter() - started, 1),
                 "model_overrides": model_overrides or {},
+                "warm_start": (
+                    {"source": warm.source, "carried_rows": warm.carried} if warm else None
+                ),
             },
         )
