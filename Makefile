@@ -3,7 +3,7 @@ SHELL := /bin/bash
 PY := .venv/bin/python
 STAMP := .venv/.feedrec-installed
 
-.PHONY: venv demo test lint format clean-run bench bench-report bench-train bench-ann bench-serve bench-spike
+.PHONY: venv demo test lint format clean-run bench bench-report bench-train bench-ann bench-serve bench-spike bench-data
 
 venv: $(STAMP)
 
@@ -38,6 +38,10 @@ bench-spike: venv
 bench-ann: venv
 	$(PY) -m bench.ann --posts 1000000 --dim 64
 
+# Preprocess rows/s, Ray Data vs the same transforms in one pyarrow process -> bench/results/data.json.
+bench-data: venv
+	$(PY) -m bench.data --preset small --run-dir runs/bench-data
+
 # Every benchmark, one after the other (never in parallel: they would share the cores they
 # measure), then bench/REPORT.md. bench-serve and bench-spike need `make demo` first.
 bench: venv
@@ -45,6 +49,7 @@ bench: venv
 	$(MAKE) bench-ann
 	$(MAKE) bench-serve
 	$(MAKE) bench-spike
+	$(MAKE) bench-data
 	$(PY) -m bench.report
 
 # bench/REPORT.md from the results already in bench/results (absent ones: "not run").
