@@ -1,9 +1,15 @@
+from __future__ import annotations
+
 from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from click.testing import CliRunner
 
 from feedrec.cli import main
+
+if TYPE_CHECKING:
+    from conftest import BusRecords  # the shared fixture's type (tests/conftest.py)
 
 
 def test_help_lists_every_stage() -> None:
@@ -67,10 +73,9 @@ def test_experiment_commands_name_what_is_missing_or_bad(tmp_path: Path) -> None
 
 
 def test_off_policy_command_names_a_bad_candidate_and_a_log_without_exploration(
-    tmp_path: Path, ranker_artifact: Callable[..., Path]
+    tmp_path: Path, ranker_artifact: Callable[..., Path], bus_records: BusRecords
 ) -> None:
     from feedrec.events.event_log import EventLog
-    from feedrec.events.feed_event import served_record
 
     bad = ["experiments", "ope", "--run-dir", str(tmp_path), "--candidate", f"x={tmp_path}"]
     res = CliRunner().invoke(main, bad)
@@ -79,20 +84,8 @@ def test_off_policy_command_names_a_bad_candidate_and_a_log_without_exploration(
     model = ranker_artifact(tmp_path / "models" / "ranker")
     res = CliRunner().invoke(main, ["experiments", "ope", "--run-dir", str(tmp_path)])
     assert res.exit_code == 2 and "feedrec events sink" in res.output  # no exposure log yet
-    served = served_record(
-        request_id="e" * 32,
-        user_id=1,
-        ts=6.5,
-        received_at=100.0,
-        variant="control",
-        model_version="1",
-        snapshot="day6-x",
-        fallback=False,
-        cold_start=False,
-        latency_ms=10.0,
-        items=[{"post_id": 3, "position": 0, "score": 0.5, "scores": {}, "propensity": 1.0}],
-    )
-    EventLog(tmp_path / "events").append([served])
+    # A feed of a variant that does not explore: no pool, nothing to evaluate from.
+    EventLog(tmp_path / "events").append([bus_records.served("e" * 32, 1, [3], at=100.0)])
     assert CliRunner().invoke(main, ["events", "sink", "--run-dir", str(tmp_path), "--flush"])
     ope = ["experiments", "ope", "--run-dir", str(tmp_path), "--candidate", str(model)]
     res = CliRunner().invoke(main, ope)
