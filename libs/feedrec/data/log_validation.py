@@ -130,7 +130,7 @@ def _codes(table: pa.Table, day: int, n_users: int, n_posts: int) -> np.ndarray:
     return code
 
 
-@ray.remote
+@ray.remote(scheduling_strategy="SPREAD")  # file by file over every node
 def _check_file(path: str, day: int, n_users: int, n_posts: int) -> dict[str, Any]:
     """Phase 1: ids and problem codes of one file's rows (or why it is unusable)."""
     try:
@@ -160,7 +160,7 @@ def _as_text(table: pa.Table) -> pa.Table:
     return pa.table(columns)
 
 
-@ray.remote
+@ray.remote(scheduling_strategy="SPREAD")  # file by file over every node
 def _split_file(
     path: str, codes: np.ndarray | None, file_problem: str, clean: str, quarantine: str
 ) -> None:

@@ -158,7 +158,11 @@ def read_logs(validation: LogValidation) -> ray.data.Dataset:
     partitioning = ray.data.datasource.Partitioning(
         ray.data.datasource.PartitionStyle.HIVE, field_types={"day": int}
     )
-    return ray.data.read_parquet(validation.files, partitioning=partitioning)
+    # One read task per file: a few small files would otherwise be read by fewer tasks than
+    # there are nodes, and the reads (and the transforms fused into them) would not spread.
+    return ray.data.read_parquet(
+        validation.files, partitioning=partitioning, override_num_blocks=len(validation.files)
+    )
 
 
 def load_entity_attributes(world: WorldLayout) -> EntityAttributes:
