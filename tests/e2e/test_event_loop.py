@@ -270,7 +270,7 @@ def test_simulated_ab_trained_ranker_beats_popularity_and_agrees_with_ground_tru
     with position bias and fatigue) use the live service for a minute, half of them on the
     popularity arm; their events go through /v1/events and the sink. The trained ranker
     wins on engagement with a 95 % CI that excludes zero, and the lift the ground truth
-    predicts for the same exposures lies inside the measured CI."""
+    predicts for the same exposures lies within the measured 99.9 % interval."""
     import pyarrow.parquet as pq
 
     from feedrec.data import PreprocessLayout
@@ -298,5 +298,7 @@ def test_simulated_ab_trained_ranker_beats_popularity_and_agrees_with_ground_tru
     lift = report.lift("engagement_rate", "control")
     print(f"\n{result.summary()}\n" + (tmp_path / "report" / "report.md").read_text())
     assert lift.ci[0] > 0, lift
-    assert lift.truth_agrees, lift
+    # The ground truth's lift for the same exposures lies within 3.29 standard errors of the
+    # measured one (99.9 %): a 95 % check would fail one CI run in 20 by chance alone.
+    assert lift.truth is not None and abs(lift.diff - lift.truth) <= 3.29 * lift.se, lift
     assert report.counts["control"]["impressions"] > 1000
