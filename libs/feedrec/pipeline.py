@@ -320,12 +320,11 @@ def online_experiment(run: RunLayout, url: str, duration_s: float, users: int = 
     result = UserSimulator(url, run.world, serving_day, cfg).run(run.root / "simulation")
     sink = EventSink(EventLog(run.events), run.world).run(flush=True)
     truth = pq.read_table(result.truth_path).to_pandas()
-    report = analyse(
-        simulated_only(read_exposures(run.world), truth), session_gap_s=2.5, truth=truth
-    )
+    exposures = read_exposures(run.world)  # one read: the A/B report and OPE share it
+    report = analyse(simulated_only(exposures, truth), session_gap_s=2.5, truth=truth)
     path = write_report(report, run.root / "experiment")
     ope = evaluate_exposures(
-        read_exposures(run.world),
+        exposures,
         world_dir=run.world,
         data_dir=run.data,
         candidates={"trained": run.ranker},

@@ -220,8 +220,9 @@ def validate_logs(
         order = order[valid[order]]
         later = np.zeros(len(order), bool)
         later[1:] = ids[order][1:] == ids[order][:-1]
-        for k in order[later]:
-            checks[int(where[k])]["codes"][int(row[k])] = DUPLICATE
+        dup = order[later]  # one assignment per file that has duplicates, not per row
+        for i in np.unique(where[dup]).tolist():
+            checks[i]["codes"][row[dup][where[dup] == i]] = DUPLICATE
         del ids, where, row, valid, order, later
 
     read: list[str] = []
