@@ -31,7 +31,7 @@ def stack(trained_run: Path, http_port: int) -> Iterator[ServingStack]:
         yield s
 
 
-def _replica_pid(deployment: str) -> int:
+def _replica_pids(deployment: str) -> list[int]:
     import ray
     from ray.util.state import list_actors
 
@@ -39,11 +39,11 @@ def _replica_pid(deployment: str) -> int:
         address=ray.get_runtime_context().gcs_address,  # this session's cluster, not another
         filters=[("class_name", "=", f"ServeReplica:feed:{deployment}"), ("state", "=", "ALIVE")],
     )
-    assert len(actors) == 1, actors
-    return int(actors[0].pid)
+    return sorted(int(a.pid) for a in actors)
 
 
 @pytest.fixture
-def replica_pid() -> Callable[[str], int]:
-    """``replica_pid(deployment)`` -> the pid of that deployment's one live replica."""
-    return _replica_pid
+def replica_pids() -> Callable[[str], list[int]]:
+    """``replica_pids(deployment)`` -> the pids of that deployment's live replicas (none while
+    a killed one's replacement starts)."""
+    return _replica_pids
