@@ -6,9 +6,12 @@ import json
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from feedrec.runtime.run_layout import RunLayout
+
+if TYPE_CHECKING:
+    from feedrec.artifacts.model_registry import ModelRegistry, RegistryEntry
 
 Echo = Callable[[str], None]
 
@@ -173,22 +176,33 @@ def data_snapshot(run: RunLayout) -> dict[str, Any]:
     }
 
 
-def register(run: RunLayout, registry_dir: Path, promote: bool = False, force: bool = False) -> str:
-    """Register the run's ranker and retrieval artifacts with their evaluation metrics; with
-    ``promote``, promote both through the gate (a refused gate raises ``RegistryError``)."""
-    from feedrec.artifacts.model_registry import ModelRegistry, flat_metrics
+def register_models(run: RunLayout, registry: ModelRegistry) -> dict[str, RegistryEntry]:
+    """Register the run's ranker and retrieval artifacts with their evaluation metrics and data
+    snapshot -> the new entries by model name (what a caller promotes: not "the newest
+    version", which a concurrent registration may have taken)."""
+    from feedrec.artifacts.model_registry import flat_metrics
 
     metrics_path = run.eval / "metrics.json"
     if not metrics_path.is_file():
         raise FileNotFoundError(f"no {metrics_path}: run `feedrec evaluate` before registering")
     metrics = json.loads(metrics_path.read_text())
-    registry = ModelRegistry(registry_dir)
     snapshot = data_snapshot(run)
-    lines = []
-    for name, artifact_dir in (("ranker", run.ranker), ("retrieval", run.retrieval)):
-        entry = registry.register(
+    return {
+        name: registry.register(
             name, artifact_dir, metrics=flat_metrics(name, metrics), data_snapshot=snapshot
         )
+        for name, artifact_dir in (("ranker", run.ranker), ("retrieval", run.retrieval))
+    }
+
+
+def register(run: RunLayout, registry_dir: Path, promote: bool = False, force: bool = False) -> str:
+    """Register the run's ranker and retrieval artifacts (:func:`register_models`); with
+    ``promote``, promote both through the gate (a refused gate raises ``RegistryError``)."""
+    from feedrec.artifacts.model_registry import ModelRegistry
+
+    registry = ModelRegistry(registry_dir)
+    lines = []
+    for name, entry in register_models(run, registry).items():
         line = f"registered {entry.label} ({entry.artifact_version})"
         if promote:
             done = registry.promote(name, entry.version, force=force)
@@ -262,14 +276,16 @@ def retrain(
             )
         )
         baseline = {name: flat_metrics(name, metrics) for name in ("ranker", "retrieval")}
-    lines = [register(run, registry_dir)]
+    entries = register_models(run, registry)
+    lines = [f"registered {e.label} ({e.artifact_version})" for e in entries.values()]
     if promote:
         from feedrec.artifacts.model_registry import RegistryError
 
-        for name in ("ranker", "retrieval"):
-            version = registry.versions(name)[-1]
+        for name, entry in entries.items():
             try:
-                done = registry.promote(name, version, force=force, baseline=baseline.get(name))
+                done = registry.promote(
+                    name, entry.version, force=force, baseline=baseline.get(name)
+                )
                 lines.append(f"{name}: production v{done.previous} -> v{done.version}")
             except RegistryError as e:
                 lines.append(f"{name}: kept v{registry.production_version(name)}: {e}")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -19,10 +20,18 @@ def _no_ray(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 @pytest.fixture
-def ranker_artifact() -> Callable[[Path, int], Path]:
-    """``make(root, seed)`` -> a small verified ranker artifact directory at ``root``."""
+def ranker_artifact() -> Callable[..., Path]:
+    """``make(root, seed=0, extra=None, model=None, vocab_size=4)`` -> a verified ranker
+    artifact directory at ``root``: ``model``'s weights (default: a fresh ranker seeded with
+    ``seed``), every vocabulary ``vocab_size`` ids, ``extra`` files listed in its manifest."""
 
-    def make(root: Path, seed: int = 0, extra: dict[str, Path] | None = None) -> Path:
+    def make(
+        root: Path,
+        seed: int = 0,
+        extra: dict[str, Path] | None = None,
+        model: Any = None,
+        vocab_size: int = 4,
+    ) -> Path:
         import numpy as np
         import torch
 
@@ -31,9 +40,10 @@ def ranker_artifact() -> Callable[[Path, int], Path]:
         from feedrec.models.ranker import Ranker, RankerConfig
         from feedrec.schema import TABLES
 
-        torch.manual_seed(seed)
-        vocabs = Vocabularies({t.vocab: Vocabulary(np.arange(4)) for t in TABLES})
-        model = Ranker(RankerConfig(num_rows=vocabs.num_rows()))
+        vocabs = Vocabularies({t.vocab: Vocabulary(np.arange(vocab_size)) for t in TABLES})
+        if model is None:
+            torch.manual_seed(seed)
+            model = Ranker(RankerConfig(num_rows=vocabs.num_rows()))
         return save_artifact(
             root,
             kind="ranker",

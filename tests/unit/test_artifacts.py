@@ -45,3 +45,17 @@ def test_tampered_or_truncated_files_are_refused(tmp_path: Path) -> None:
 def test_missing_manifest_is_refused(tmp_path: Path) -> None:
     with pytest.raises(ArtifactError, match="manifest"):
         load_artifact(tmp_path)
+
+
+def test_a_vocabularies_only_load_is_verified_the_same_way(tmp_path: Path) -> None:
+    _save(tmp_path / "a")
+    full, light = load_artifact(tmp_path / "a"), load_artifact(tmp_path / "a", weights=False)
+    assert light.version == full.version and light.state_dict == {}
+    for name, vocab in full.vocabs.by_name.items():
+        np.testing.assert_array_equal(light.vocabs[name].ids, vocab.ids)
+    with pytest.raises(ArtifactError, match="without its weights"):
+        light.build_model()
+    weights = tmp_path / "a" / "weights.pt"
+    weights.write_bytes(weights.read_bytes()[:-10])  # not read, but still checksummed
+    with pytest.raises(ArtifactError, match=r"weights\.pt"):
+        load_artifact(tmp_path / "a", weights=False)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -10,7 +11,6 @@ import torch
 from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2
 
-from feedrec.artifacts import save_artifact
 from feedrec.features.vocabulary import Vocabularies, Vocabulary
 from feedrec.models.portable_ranker import PortableRanker
 from feedrec.models.predictor import RankerPredictor
@@ -19,26 +19,16 @@ from feedrec.schema import TABLES
 from feedrec.serving import triton_repository
 from feedrec.serving.triton_repository import write_portable_models
 
+VOCAB = 50  # ids per vocabulary of the test rankers
+
 
 def _ranker(seed: int = 0) -> Ranker:
     torch.manual_seed(seed)
-    vocabs = Vocabularies({t.vocab: Vocabulary(np.arange(50)) for t in TABLES})
+    vocabs = Vocabularies({t.vocab: Vocabulary(np.arange(VOCAB)) for t in TABLES})
     model = Ranker(RankerConfig(num_rows=vocabs.num_rows()))
     # Non-trivial calibration and dwell so every output path is compared.
     model.calibration.copy_(torch.tensor([[1.5, -0.2], [0.7, 0.1], [1.0, 0.3], [2.0, -1.0]]))
     return model.eval()
-
-
-def _artifact(root: Path, model: Ranker) -> Path:
-    vocabs = Vocabularies({t.vocab: Vocabulary(np.arange(50)) for t in TABLES})
-    return save_artifact(
-        root,
-        kind="ranker",
-        state_dict=model.state_dict(),
-        model_config=model.config,
-        vocabs=vocabs,
-        metadata={},
-    )
 
 
 def test_portable_equals_eager_including_empty_histories() -> None:
@@ -53,9 +43,11 @@ def test_portable_equals_eager_including_empty_histories() -> None:
     torch.testing.assert_close(got, want, rtol=0, atol=1e-5)
 
 
-def test_exports_load_in_their_runtimes_and_match_eager(tmp_path: Path) -> None:
+def test_exports_load_in_their_runtimes_and_match_eager(
+    tmp_path: Path, ranker_artifact: Callable[..., Path]
+) -> None:
     model = _ranker()
-    artifact = _artifact(tmp_path / "ranker", model)
+    artifact = ranker_artifact(tmp_path / "ranker", model=model, vocab_size=VOCAB)
     dirs = write_portable_models(tmp_path / "repo", artifact, version=3, instance_count=2)
     assert set(dirs) == {"onnxruntime", "pytorch"}
     platforms = {}
@@ -88,9 +80,9 @@ def test_exports_load_in_their_runtimes_and_match_eager(tmp_path: Path) -> None:
 
 
 def test_an_export_that_drifts_from_eager_is_refused(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, ranker_artifact: Callable[..., Path]
 ) -> None:
-    artifact = _artifact(tmp_path / "ranker", _ranker())
+    artifact = ranker_artifact(tmp_path / "ranker", model=_ranker(), vocab_size=VOCAB)
     monkeypatch.setattr(triton_repository, "EXPORT_TOLERANCE", -1.0)  # nothing can pass
     with pytest.raises(ValueError, match=r"onnxruntime export .* differs from eager"):
         write_portable_models(tmp_path / "repo", artifact)

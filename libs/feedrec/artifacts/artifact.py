@@ -79,6 +79,8 @@ class ModelArtifact:
 
     def build_model(self) -> nn.Module:
         """The served module with its weights, in eval mode."""
+        if not self.state_dict:
+            raise ArtifactError(f"{self.root}: loaded without its weights (weights=False)")
         model: nn.Module
         if isinstance(self.model_config, RankerConfig):
             model = Ranker(self.model_config)
@@ -125,8 +127,12 @@ def save_artifact(
     return root
 
 
-def load_artifact(root: Path) -> ModelArtifact:
-    """Verify every checksum, then load. Raises :class:`ArtifactError` naming the bad file."""
+def load_artifact(root: Path, *, weights: bool = True) -> ModelArtifact:
+    """Verify every checksum, then load. Raises :class:`ArtifactError` naming the bad file.
+
+    ``weights=False``: verified the same way, but the weights are not deserialised (for a
+    process that needs only the vocabularies, e.g. a Ranking replica whose model is in
+    Triton); :meth:`ModelArtifact.build_model` then refuses."""
     root = Path(root)
     manifest_path = root / MANIFEST
     if not manifest_path.is_file():
@@ -145,7 +151,9 @@ def load_artifact(root: Path) -> ModelArtifact:
             raise ArtifactError(f"{root}: file {name} listed in the manifest is missing")
         if _sha256(path) != expected:
             raise ArtifactError(f"{root}: checksum mismatch for {name} (truncated or tampered)")
-    state_dict = torch.load(root / WEIGHTS, map_location="cpu", weights_only=True)
+    state_dict = (
+        torch.load(root / WEIGHTS, map_location="cpu", weights_only=True) if weights else {}
+    )
     return ModelArtifact(
         root=root,
         kind=manifest["kind"],

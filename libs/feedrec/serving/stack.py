@@ -92,6 +92,17 @@ class StackConfig:
             raise ValueError(f"stack config: http_port {self.http_port} is not a valid port")
 
 
+@dataclass(frozen=True)
+class ServedModels:
+    """The ranker and retrieval artifacts a stack starts with, the Triton version number the
+    ranker gets, and the ``ServiceConfig`` fields that point the replicas at them."""
+
+    ranker_dir: Path
+    retrieval_dir: Path
+    triton_version: int
+    service_fields: dict[str, Any] = field(default_factory=dict)
+
+
 class ServingStack:
     """Triton + Serve for one run. Use as a context manager or call start()/stop()."""
 
@@ -115,10 +126,10 @@ class ServingStack:
     def _repo(self) -> Path:
         return self.run.serve / "triton_repository"
 
-    def _models(self) -> tuple[Path, Path, dict[str, Any]]:
-        """Ranker dir, retrieval dir and the ServiceConfig fields that pick them."""
+    def _models(self) -> ServedModels:
+        """What this stack serves: the run's models, or the registry's production versions."""
         if self.registry is None:
-            return self.run.ranker, self.run.retrieval, {}
+            return ServedModels(self.run.ranker, self.run.retrieval, triton_version=1)
         ranker, retrieval = (
             self.registry.production("ranker"),
             self.registry.production("retrieval"),
@@ -128,11 +139,11 @@ class ServingStack:
                 f"{self.registry.root}: promote a ranker and a retrieval version first "
                 "(`feedrec models register --promote`)"
             )
-        self._triton_version = ranker.version  # Triton version numbers = registry versions
-        return (
+        return ServedModels(
             ranker.path,
             retrieval.path,
-            {
+            triton_version=ranker.version,  # Triton version numbers = registry versions
+            service_fields={
                 "ranker_dir": str(ranker.path),
                 "retrieval_dir": str(retrieval.path),
                 "registry_dir": str(self.registry.root),
@@ -141,15 +152,16 @@ class ServingStack:
         )
 
     def start(self) -> None:
-        ranker_dir, retrieval_dir, model_fields = self._models()
-        load_artifact(ranker_dir)  # refuse corrupt artifacts before starting anything
-        load_artifact(retrieval_dir)
+        models = self._models()
+        load_artifact(models.ranker_dir)  # refuse corrupt artifacts before starting anything
+        load_artifact(models.retrieval_dir)
+        self._triton_version = models.triton_version
         options = deployment_options(self.config.serve_config, APP_NAME)  # fail before starting
         serve_dir = self.run.serve
         serve_dir.mkdir(parents=True, exist_ok=True)
         write_model_repository(
             self._repo,
-            ranker_dir,
+            models.ranker_dir,
             version=self._triton_version,
             extra_parameters=self._factory(),
             **ranker_io_widths(),
@@ -157,7 +169,7 @@ class ServingStack:
         if self.config.export_portable:
             # Its own repository: the wheel's server has no onnxruntime/libtorch backend and
             # would refuse to start with those models in the one it loads.
-            write_portable_models(serve_dir / "triton_repository_gpu", ranker_dir)
+            write_portable_models(serve_dir / "triton_repository_gpu", models.ranker_dir)
         self.triton = TritonServer(
             TritonServerConfig(
                 model_repository=self._repo,
@@ -184,7 +196,7 @@ class ServingStack:
                 "run_dir": str(self.run.root),
                 "triton_url": self.triton.grpc_url,
                 "deployments": options,
-                **model_fields,
+                **models.service_fields,
                 **self.config.service_overrides,
             }
         )

@@ -80,7 +80,7 @@ def ranker_models(cfg: ServiceConfig, triton: TritonRankerClient) -> ModelWatche
     """The ranker to score with: fixed (``cfg.ranker_dir``) or following the registry. A new
     registry version is used only once Triton reports it ready (the stack loads it there)."""
     if cfg.registry_dir is None:
-        artifact = load_artifact(cfg.ranker_dir)
+        artifact = load_artifact(cfg.ranker_dir, weights=False)  # Triton holds the weights
         return ModelWatcher.fixed(
             RankerModel(FeatureTransform(artifact.vocabs), "", artifact.version)
         )
@@ -88,7 +88,7 @@ def ranker_models(cfg: ServiceConfig, triton: TritonRankerClient) -> ModelWatche
     def build(entry: RegistryEntry) -> RankerModel:
         if not triton.ready_sync(str(entry.version)):
             raise NotReady(f"Triton has not loaded {entry.label} yet")
-        artifact = load_artifact(entry.path)
+        artifact = load_artifact(entry.path, weights=False)
         return RankerModel(FeatureTransform(artifact.vocabs), str(entry.version), entry.label)
 
     registry = ModelRegistry(cfg.registry_dir)
