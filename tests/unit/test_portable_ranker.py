@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from collections.abc import Callable
 from pathlib import Path
 
@@ -11,12 +13,15 @@ import torch
 from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2
 
+from feedrec.artifacts import ArtifactError
+from feedrec.artifacts.artifact import RANKER_ONNX
 from feedrec.features.vocabulary import Vocabularies, Vocabulary
+from feedrec.models import portable_ranker
+from feedrec.models.onnx_ranker_predictor import OnnxRankerPredictor
 from feedrec.models.portable_ranker import PortableRanker
 from feedrec.models.predictor import RankerPredictor
 from feedrec.models.ranker import Ranker, RankerConfig
 from feedrec.schema import TABLES
-from feedrec.serving import triton_repository
 from feedrec.serving.triton_repository import write_portable_models
 
 VOCAB = 50  # ids per vocabulary of the test rankers
@@ -83,8 +88,42 @@ def test_an_export_that_drifts_from_eager_is_refused(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, ranker_artifact: Callable[..., Path]
 ) -> None:
     artifact = ranker_artifact(tmp_path / "ranker", model=_ranker(), vocab_size=VOCAB)
-    monkeypatch.setattr(triton_repository, "EXPORT_TOLERANCE", -1.0)  # nothing can pass
+    monkeypatch.setattr(portable_ranker, "EXPORT_TOLERANCE", -1.0)  # nothing can pass
     with pytest.raises(ValueError, match=r"onnxruntime export .* differs from eager"):
         write_portable_models(tmp_path / "repo", artifact)
     assert not (tmp_path / "repo" / "ranker_onnx" / "1" / "model.onnx").exists()
     assert not (tmp_path / "repo" / "ranker_onnx" / "config.pbtxt").exists()
+
+
+def test_the_predictor_serves_the_artifacts_checked_onnx_without_importing_torchrec(
+    tmp_path: Path, ranker_artifact: Callable[..., Path]
+) -> None:
+    model = _ranker(seed=3)
+    onnx = tmp_path / "ranker.onnx"
+    error = PortableRanker(model).write_checked_onnx(onnx)
+    assert 0 <= error <= 1e-4
+    with_onnx = ranker_artifact(
+        tmp_path / "new", model=model, vocab_size=VOCAB, extra={RANKER_ONNX: onnx}
+    )
+    without = ranker_artifact(tmp_path / "old", model=model, vocab_size=VOCAB)
+    inputs = PortableRanker(model).random_inputs(200, seed=5)
+    want = RankerPredictor(model)(*inputs).numpy()
+    for artifact in (with_onnx, without):  # the stored export; an older artifact's in memory
+        got = OnnxRankerPredictor.from_artifact(artifact)(*inputs).numpy()
+        assert np.abs(got - want).max() <= 1e-4
+    # A Triton instance loading the stored export needs neither TorchRec nor the model code.
+    probe = (
+        "import sys; from pathlib import Path; "
+        "from feedrec.models.onnx_ranker_predictor import OnnxRankerPredictor as P; "
+        f"P.from_artifact(Path({str(with_onnx)!r})); "
+        "print(sorted(m for m in sys.modules if m.split('.')[0] in ('torchrec', 'fbgemm_gpu') "
+        "or m.startswith('feedrec.models.ranker')))"
+    )
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "[]"
+    # The stored export is covered by the manifest: a changed byte is refused.
+    stored = with_onnx / RANKER_ONNX
+    stored.write_bytes(stored.read_bytes()[:-1] + b"\0")
+    with pytest.raises(ArtifactError, match=r"ranker\.onnx"):
+        OnnxRankerPredictor.from_artifact(with_onnx)

@@ -5,6 +5,7 @@ from feedrec.artifacts.artifact import (
     ModelArtifact,
     load_artifact,
     save_artifact,
+    verify_artifact,
 )
 
-__all__ = ["ArtifactError", "ModelArtifact", "load_artifact", "save_artifact"]
+__all__ = ["ArtifactError", "ModelArtifact", "load_artifact", "save_artifact", "verify_artifact"]

@@ -33,6 +33,8 @@ INPUT_NAMES = ("single_ids", "multi_ids", "dense")
 OUTPUT_NAME = "scores"
 #: Scores (single_ids, multi_ids, dense) tensors -> [N, 5] array-like.
 Scorer = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], object]
+#: Largest |export - eager| accepted on any score (probabilities and dwell seconds).
+EXPORT_TOLERANCE = 1e-4
 
 
 class PortableRanker(nn.Module):
@@ -107,6 +109,31 @@ class PortableRanker(nn.Module):
         eager = RankerPredictor(self.ranker)(*inputs).numpy()
         return float(np.abs(np.asarray(score(*inputs)) - eager).max())
 
+    def check_export(self, score: Scorer, what: str, rows: int = 256) -> float:
+        """:meth:`max_error` of ``score``; ``ValueError`` naming ``what`` beyond
+        :data:`EXPORT_TOLERANCE`."""
+        error = self.max_error(score, rows)
+        if not error <= EXPORT_TOLERANCE:
+            raise ValueError(f"{what} differs from eager by {error:.2e} > {EXPORT_TOLERANCE:.0e}")
+        return error
+
+    def write_checked_onnx(self, path: Path, rows: int = 512) -> float:
+        """Export to ONNX at ``path``, score ``rows`` random rows with onnxruntime and compare
+        with eager (:meth:`check_export`; a failing file is removed) -> the largest error."""
+        import onnxruntime
+
+        self.to_onnx(path)
+        session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+
+        def run(*t: torch.Tensor) -> object:
+            return session.run(None, {n: x.numpy() for n, x in zip(INPUT_NAMES, t, strict=True)})[0]
+
+        try:
+            return self.check_export(run, f"onnxruntime export {path}", rows)
+        except ValueError:
+            path.unlink()
+            raise
+
     def to_torchscript(self, path: Path) -> Path:
         """Trace to TorchScript (Triton ``pytorch_libtorch``); the batch dim stays dynamic."""
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -138,44 +165,3 @@ class PortableRanker(nn.Module):
                 dynamo=False,
             )
             return Path(f"{tmp}/model.onnx").read_bytes()
-
-
-class OnnxRankerPredictor:
-    """``RankerPredictor``'s interface on onnxruntime: the PortableRanker exported in memory.
-
-    What the Triton python backend runs when ``ranker_runtime`` is ``onnxruntime``: half the
-    CPU time of eager TorchRec for 500 rows on one thread (21 vs 42 ms measured). The export is
-    checked against eager at load and refused beyond ``tolerance``, as the exports on disk are.
-    """
-
-    def __init__(self, ranker: Ranker, tolerance: float = 1e-4) -> None:
-        import onnxruntime
-
-        portable = PortableRanker(ranker)
-        options = onnxruntime.SessionOptions()
-        # One thread per Triton instance: instances, not threads, scale this model.
-        options.intra_op_num_threads = 1
-        options.inter_op_num_threads = 1
-        self.session = onnxruntime.InferenceSession(
-            portable.onnx_bytes(), options, providers=["CPUExecutionProvider"]
-        )
-        error = portable.max_error(lambda *t: self(*t).numpy())
-        if not error <= tolerance:
-            raise ValueError(f"onnxruntime ranker differs from eager by {error:.2e}")
-
-    @classmethod
-    def from_artifact(cls, artifact_dir: Path) -> OnnxRankerPredictor:
-        from feedrec.models.predictor import trained_model
-
-        return cls(trained_model(Path(artifact_dir), Ranker))
-
-    def __call__(
-        self, single_ids: torch.Tensor, multi_ids: torch.Tensor, dense: torch.Tensor
-    ) -> torch.Tensor:
-        """int64 [N, S], int64 [N, M] (-1 padded), float32 [N, D] -> float32 [N, 5]."""
-        feeds = {
-            "single_ids": single_ids.numpy(),
-            "multi_ids": multi_ids.numpy(),
-            "dense": dense.numpy(),
-        }
-        return torch.from_numpy(self.session.run(None, feeds)[0])

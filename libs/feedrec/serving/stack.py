@@ -42,7 +42,7 @@ APP_NAME = "feed"
 RankerRuntime = Literal["onnxruntime", "torchrec"]
 #: What the Triton python-backend model builds its predictor with, per runtime.
 PREDICTOR_FACTORIES: dict[str, str] = {
-    "onnxruntime": "feedrec.models.portable_ranker:OnnxRankerPredictor.from_artifact",
+    "onnxruntime": "feedrec.models.onnx_ranker_predictor:OnnxRankerPredictor.from_artifact",
     "torchrec": "feedrec.models.predictor:RankerPredictor.from_artifact",
 }
 
@@ -53,8 +53,9 @@ class StackConfig:
     ray_address: an existing cluster (None starts a local one); triton_*_port: 0 = any free;
     export_portable: also write the ONNX / TorchScript ranker (checked against eager) to
     ``serve/triton_repository_gpu`` for Triton servers with those backends;
-    ranker_runtime: what the Triton python backend runs, ``onnxruntime`` (the ranker exported
-    in memory and checked against eager at load; half the CPU time) or ``torchrec`` (eager);
+    ranker_runtime: what the Triton python backend runs, ``onnxruntime`` (the artifact's
+    ranker.onnx, exported and checked against eager at training; half the CPU time) or
+    ``torchrec`` (eager);
     service_overrides: ``ServiceConfig`` fields (e.g. ``retrieve_k``); serve_config: the
     ``serve deploy`` YAML whose per-deployment options (autoscaling, ...) are applied;
     registry: serve the production versions of a model registry and follow promotions and

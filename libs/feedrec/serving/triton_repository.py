@@ -51,8 +51,6 @@ _POLICY: dict[str, str] = {
     "onnxruntime": "version_policy: {{ specific: {{ versions: [ {version} ] }} }}",
     "pytorch": "version_policy: {{ specific: {{ versions: [ {version} ] }} }}",
 }
-#: Largest |export - eager| accepted on any score (probabilities and dwell seconds).
-EXPORT_TOLERANCE = 1e-4
 
 _MODEL_NAME_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]*$")
 
@@ -267,7 +265,7 @@ def write_portable_models(
     Writes ``<model_name>_onnx`` and ``<model_name>_torchscript`` (layout in the module doc), then
     loads each file with its own runtime (onnxruntime on CPU, ``torch.jit.load``) and scores
     ``check_rows`` random valid rows: an export whose scores differ from the eager TorchRec
-    model by more than :data:`EXPORT_TOLERANCE` raises ``ValueError`` and is not kept.
+    model by more than ``portable_ranker.EXPORT_TOLERANCE`` raises ``ValueError`` and is not kept.
     Returns backend -> model dir.
     """
     # Imported here: the Triton client side (ranker_client) must not pull in torch/onnx.
@@ -301,13 +299,12 @@ def write_portable_models(
             portable.to_onnx(path)
         else:
             portable.to_torchscript(path)
-        error = portable.max_error(_loaded_scorer(backend, path), check_rows)
-        if not error <= EXPORT_TOLERANCE:
+        try:
+            what = f"{backend} export of {artifact_dir}"
+            portable.check_export(_loaded_scorer(backend, path), what, check_rows)
+        except ValueError:
             path.unlink()
-            raise ValueError(
-                f"{backend} export of {artifact_dir} differs from eager by {error:.2e} "
-                f"> {EXPORT_TOLERANCE:.0e}"
-            )
+            raise
         (model_dir / "config.pbtxt").write_text(configs[backend])
     return {backend: model_dir for backend, (model_dir, _) in exports.items()}
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -19,6 +20,7 @@ from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchConfig, TorchTrainer
 
 from feedrec.artifacts import save_artifact
+from feedrec.artifacts.artifact import RANKER_ONNX
 from feedrec.data.examples import columns_from_arrow, iter_column_batches
 from feedrec.data.preprocess import PreprocessLayout, is_positive
 from feedrec.evaluation.metrics import expected_calibration_error
@@ -26,6 +28,7 @@ from feedrec.features.transform import FeatureTransform
 from feedrec.features.vocabulary import Vocabularies
 from feedrec.models.batch import BINARY_TASKS, RankerBatch
 from feedrec.models.calibration import fit_calibration
+from feedrec.models.portable_ranker import PortableRanker
 from feedrec.models.ranker import Ranker, RankerConfig
 from feedrec.models.two_tower import TwoTowerConfig
 from feedrec.training.checkpoint import read_final
@@ -217,14 +220,27 @@ def artifact_from_checkpoint(
         "host_cpus": os.cpu_count(),
         **(extra_metadata or {}),
     }
-    return save_artifact(
-        Path(artifact_dir),
-        kind=cfg.model,
-        state_dict=state_dict,
-        model_config=model_config,
-        vocabs=vocabs,
-        metadata=metadata,
-    )
+    with tempfile.TemporaryDirectory() as tmp:
+        extra_files = {}
+        if isinstance(model_config, RankerConfig):
+            # Exported once here, next to the weights it came from: every Triton instance that
+            # loads this version (at a promotion, after a restart) reads it instead of
+            # importing TorchRec and exporting again.
+            ranker = Ranker(model_config)
+            ranker.load_state_dict(state_dict)
+            onnx_path = Path(tmp) / RANKER_ONNX
+            error = PortableRanker(ranker.eval()).write_checked_onnx(onnx_path)
+            metadata["onnx"] = {"file": RANKER_ONNX, "max_abs_error_vs_eager": error}
+            extra_files[RANKER_ONNX] = onnx_path
+        return save_artifact(
+            Path(artifact_dir),
+            kind=cfg.model,
+            state_dict=state_dict,
+            model_config=model_config,
+            vocabs=vocabs,
+            metadata=metadata,
+            extra_files=extra_files,
+        )
 
 
 def train_model(
