@@ -5,8 +5,8 @@
 Both sides turn the same generated log files into the same outputs, with the same library
 functions:
 
-* validation (``log_validation._codes``: nulls, ids, labels, dwell, propensity, day);
-* per-day sums (``preprocess._accumulate``) and the point-in-time tables
+* validation (``log_validation.problem_codes``: nulls, ids, labels, dwell, propensity, day);
+* per-day sums (``DailySums.add``) and the point-in-time tables
   (``FeatureTables.from_daily``);
 * vocabularies (``fit_vocabularies``) and the time split (``split_of``);
 * the point-in-time join (``join_examples``);
@@ -92,22 +92,17 @@ def _single_side(run_dir: Path) -> dict[str, Any]:
 
     from feedrec.data.examples import EXAMPLE_SCHEMA, arrow_from_columns
     from feedrec.data.log_import import LOG_SCHEMA
-    from feedrec.data.log_validation import _codes, _day_files
+    from feedrec.data.log_validation import day_files, problem_codes
     from feedrec.data.preprocess import (
         POSITIVE_LABELS,
         DailySums,
         PreprocessConfig,
-        _accumulate,
         fit_vocabularies,
         join_examples,
         load_entity_attributes,
         split_of,
     )
     from feedrec.features.tables import (
-        CREATOR_STATS,
-        POST_STATS,
-        USER_STATS,
-        USER_TOPIC_STATS,
         FeatureTables,
     )
     from feedrec.runtime import RunLayout
@@ -123,10 +118,10 @@ def _single_side(run_dir: Path) -> dict[str, Any]:
     train_days = n_days - defaults.valid_days - defaults.test_days
     attrs = load_entity_attributes(world)
     parts, rows = [], 0
-    for path, day in _day_files(world.logs, n_days):
+    for path, day in day_files(world.logs, n_days):
         table = pq.read_table(path, partitioning=None).select(LOG_SCHEMA.names).cast(LOG_SCHEMA)
         rows += table.num_rows
-        codes = _codes(table, day, attrs.n_users, attrs.n_posts)
+        codes = problem_codes(table, day, attrs.n_users, attrs.n_posts)
         table = table.filter(pa.array(codes == 0))
         parts.append(table.append_column("day", pa.array(np.full(table.num_rows, day))))
     logs = pa.concat_tables(parts)
@@ -140,31 +135,24 @@ def _single_side(run_dir: Path) -> dict[str, Any]:
     batch = {name: logs.column(name).to_numpy() for name in logs.column_names}
     batch["topic"] = attrs.post_topic[batch["post_id"]]
     batch["creator_id"] = attrs.post_creator[batch["post_id"]]
-    n_creators = len(attrs.creator_followers)
-    user = np.zeros((n_days, attrs.n_users, len(USER_STATS)))
-    user_topic = np.zeros((n_days, attrs.n_users, world_cfg.n_topics, len(USER_TOPIC_STATS)))
-    post = np.zeros((n_days, attrs.n_posts, len(POST_STATS)))
-    creator = np.zeros((n_days, n_creators, len(CREATOR_STATS)))
-    _accumulate(user, batch, ("day", "user_id"), USER_STATS)
-    _accumulate(user_topic, batch, ("day", "user_id", "topic"), USER_TOPIC_STATS)
-    _accumulate(post, batch, ("day", "post_id"), POST_STATS)
-    _accumulate(creator, batch, ("day", "creator_id"), CREATOR_STATS)
-    users = batch["user_id"].astype(np.int64)
-    seen = np.unique(users * attrs.n_posts + batch["post_id"])
-    hid = batch["hide"] > 0
-    hidden = np.unique(users[hid] * n_creators + batch["creator_id"][hid])
+    sums = DailySums.zeros(attrs, n_days, world_cfg.n_topics)
+    seen, hidden = sums.add(batch)
+    sums = sums.with_pairs([seen], [hidden])
     tables = FeatureTables.from_daily(
-        attrs, user_daily=user, user_topic_daily=user_topic, post_daily=post, creator_daily=creator
+        attrs,
+        user_daily=sums.user,
+        user_topic_daily=sums.user_topic,
+        post_daily=sums.post,
+        creator_daily=sums.creator,
     )
 
-    sums = DailySums(user, user_topic, post, creator, seen, hidden)
     vocabs = fit_vocabularies(sums, attrs, train_days)
     out = run.root / "data_single"
     out.mkdir(parents=True, exist_ok=True)
     tables.save(out / "tables.npz")
     vocabs.save(out / "vocabularies.npz")
-    np.save(out / "seen.npy", seen)
-    np.save(out / "hidden.npy", hidden)
+    np.save(out / "seen.npy", sums.seen)
+    np.save(out / "hidden.npy", sums.hidden)
     schema = EXAMPLE_SCHEMA.append(pa.field("split", pa.string()))
     split = split_of(batch["day"], n_days, defaults.valid_days, defaults.test_days)
     writers: dict[str, pq.ParquetWriter] = {}

@@ -123,7 +123,11 @@ def test_ips_of_unserved_rankings_recovers_their_ground_truth_value(
     assert cli.exit_code == 0, cli.output
     report = json.loads((out / "ope.json").read_text())
     print(f"\n{result.summary()}\n{cli.output}")
-    assert report["feeds"] == result.feeds and 0.35 < report["explored"] < 0.65
+    # A flagged fallback feed (a ranking deadline missed under load) logs no pool: the one kind
+    # of served feed off-policy evaluation cannot use.
+    exposures = read_exposures(world)
+    fallbacks = exposures.loc[exposures["fallback"], "request_id"].nunique()
+    assert report["feeds"] == result.feeds - fallbacks and 0.35 < report["explored"] < 0.65
     logging = report["logging"]
     assert abs(logging["value"] - report["logging_truth"]) <= Z999 * logging["se"], report
     policies = {p["name"]: p for p in report["policies"]}
@@ -134,7 +138,7 @@ def test_ips_of_unserved_rankings_recovers_their_ground_truth_value(
     assert policies["trained"]["match_rate"] > 0.4
 
     truth = pd.read_parquet(sim_dir / "truth.parquet")
-    logged = LoggedFeeds.from_exposures(read_exposures(world))
+    logged = LoggedFeeds.from_exposures(exposures)
     logged = logged.subset(np.isin(logged.request_id, truth["request_id"]))  # simulated only
     contexts = SimulatedContexts.of(logged, truth, cfg.fatigue)
     lists = reversed_policy(logged)

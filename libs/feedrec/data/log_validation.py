@@ -98,7 +98,7 @@ class LogValidation:
         return text
 
 
-def _codes(table: pa.Table, day: int, n_users: int, n_posts: int) -> np.ndarray:
+def problem_codes(table: pa.Table, day: int, n_users: int, n_posts: int) -> np.ndarray:
     """int8 [N] problem code per row of a table already cast to ``LOG_SCHEMA``."""
     n = table.num_rows
     code = np.zeros(n, np.int8)
@@ -145,7 +145,11 @@ def _check_file(path: str, day: int, n_users: int, n_posts: int) -> dict[str, An
     except (pa.ArrowInvalid, pa.ArrowNotImplementedError) as e:
         return {"rows": table.num_rows, "file_problem": f"wrong column type: {e}"}
     ids = pc.fill_null(table.column("impression_id"), -1).to_numpy()
-    return {"rows": table.num_rows, "ids": ids, "codes": _codes(table, day, n_users, n_posts)}
+    return {
+        "rows": table.num_rows,
+        "ids": ids,
+        "codes": problem_codes(table, day, n_users, n_posts),
+    }
 
 
 def _as_text(table: pa.Table) -> pa.Table:
@@ -186,7 +190,7 @@ def _split_file(
     pq.write_table(out, quarantine)
 
 
-def _day_files(logs: Path, n_days: int) -> list[tuple[str, int]]:
+def day_files(logs: Path, n_days: int) -> list[tuple[str, int]]:
     """(path, day) of every file of the counted days, in a fixed order."""
     files = []
     for day in range(n_days):
@@ -203,7 +207,7 @@ def validate_logs(
     clean_root, quarantine_root = out_dir / "validated_logs", out_dir / "quarantine"
     for root in (clean_root, quarantine_root):
         shutil.rmtree(root, ignore_errors=True)  # rebuilt from scratch: re-runs are idempotent
-    files = _day_files(logs, n_days)
+    files = day_files(logs, n_days)
     checks = ray.get([_check_file.remote(p, d, n_users, n_posts) for p, d in files])
     for check in checks:  # from the object store: read-only until copied
         if "codes" in check:

@@ -193,7 +193,7 @@ _STAT_SOURCE = {
 }
 
 
-def _accumulate(
+def accumulate_sums(
     into: np.ndarray, batch: dict[str, np.ndarray], keys: tuple[str, ...], stats: tuple[str, ...]
 ) -> None:
     """``into[keys..., stat] += batch sums`` (unbuffered, so repeated keys add up)."""
@@ -219,6 +219,42 @@ class DailySums:
     # int64 [H] sorted unique user_id * n_creators + creator_id where the user hid a post of theirs
     hidden: np.ndarray
 
+    @classmethod
+    def zeros(cls, attrs: EntityAttributes, n_days: int, n_topics: int) -> DailySums:
+        n_creators = len(attrs.creator_followers)
+        return cls(
+            user=np.zeros((n_days, attrs.n_users, len(USER_STATS))),
+            user_topic=np.zeros((n_days, attrs.n_users, n_topics, len(USER_TOPIC_STATS))),
+            post=np.zeros((n_days, attrs.n_posts, len(POST_STATS))),
+            creator=np.zeros((n_days, n_creators, len(CREATOR_STATS))),
+            seen=np.zeros(0, np.int64),
+            hidden=np.zeros(0, np.int64),
+        )
+
+    def add(self, batch: dict[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+        """Fold log rows (``day``, ids, labels, plus their post's ``topic`` and
+        ``creator_id``) into the day arrays in place -> the batch's sorted unique seen and
+        hidden keys, which the caller merges (:meth:`with_pairs`)."""
+        accumulate_sums(self.user, batch, ("day", "user_id"), USER_STATS)
+        accumulate_sums(self.user_topic, batch, ("day", "user_id", "topic"), USER_TOPIC_STATS)
+        accumulate_sums(self.post, batch, ("day", "post_id"), POST_STATS)
+        accumulate_sums(self.creator, batch, ("day", "creator_id"), CREATOR_STATS)
+        users = batch["user_id"].astype(np.int64)
+        n_posts, n_creators = self.post.shape[1], self.creator.shape[1]
+        hid = batch["hide"] > 0
+        return (
+            np.unique(users * n_posts + batch["post_id"]),
+            np.unique(users[hid] * n_creators + batch["creator_id"][hid]),
+        )
+
+    def with_pairs(self, seen: list[np.ndarray], hidden: list[np.ndarray]) -> DailySums:
+        """These sums with the merged seen and hidden keys of every :meth:`add`."""
+        return replace(
+            self,
+            seen=np.unique(np.concatenate(seen)) if seen else self.seen,
+            hidden=np.unique(np.concatenate(hidden)) if hidden else self.hidden,
+        )
+
 
 def daily_sums(
     logs: ray.data.Dataset, attrs: EntityAttributes, n_days: int, n_topics: int
@@ -238,31 +274,14 @@ def daily_sums(
         return out
 
     # Each batch is folded as it arrives: the driver never holds more than one batch of logs.
-    sums = DailySums(
-        user=np.zeros((n_days, attrs.n_users, len(USER_STATS))),
-        user_topic=np.zeros((n_days, attrs.n_users, n_topics, len(USER_TOPIC_STATS))),
-        post=np.zeros((n_days, attrs.n_posts, len(POST_STATS))),
-        creator=np.zeros((n_days, len(attrs.creator_followers), len(CREATOR_STATS))),
-        seen=np.zeros(0, np.int64),
-        hidden=np.zeros(0, np.int64),
-    )
+    sums = DailySums.zeros(attrs, n_days, n_topics)
     seen, hidden = [], []
-    n_creators = len(attrs.creator_followers)
     stream = logs.select_columns(list(needed)).map_batches(with_entities, batch_format="numpy")
     for b in stream.iter_batches(batch_size=65536, batch_format="numpy"):
-        _accumulate(sums.user, b, ("day", "user_id"), USER_STATS)
-        _accumulate(sums.user_topic, b, ("day", "user_id", "topic"), USER_TOPIC_STATS)
-        _accumulate(sums.post, b, ("day", "post_id"), POST_STATS)
-        _accumulate(sums.creator, b, ("day", "creator_id"), CREATOR_STATS)
-        users = b["user_id"].astype(np.int64)
-        seen.append(np.unique(users * attrs.n_posts + b["post_id"]))
-        hid = b["hide"] > 0
-        hidden.append(np.unique(users[hid] * n_creators + b["creator_id"][hid]))
-    return replace(
-        sums,
-        seen=np.unique(np.concatenate(seen)) if seen else sums.seen,
-        hidden=np.unique(np.concatenate(hidden)) if hidden else sums.hidden,
-    )
+        batch_seen, batch_hidden = sums.add(b)
+        seen.append(batch_seen)
+        hidden.append(batch_hidden)
+    return sums.with_pairs(seen, hidden)
 
 
 def fit_vocabularies(sums: DailySums, attrs: EntityAttributes, train_days: int) -> Vocabularies:

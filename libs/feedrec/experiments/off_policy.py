@@ -237,11 +237,16 @@ def ranker_policy(
     rules = rules or RerankConfig()
 
     def lists(logged: LoggedFeeds) -> list[np.ndarray]:
+        if not len(logged.pool):
+            return []
+        sizes = np.array([len(pool) for pool in logged.pool])
+        # Every feed's pool in one lookup and one predictor pass, then re-ranked feed by feed.
+        users = np.repeat(np.asarray(logged.user_id, np.int64), sizes)
+        raw = store.ranker_raw(users, np.concatenate(logged.pool).astype(np.int64))
+        predictions = np.split(predictor.predict(transform(raw, "ranker")), np.cumsum(sizes)[:-1])
         out = []
-        for user, pool, posts in zip(logged.user_id, logged.pool, logged.posts, strict=True):
-            inputs = transform(store.ranker_raw(int(user), pool), "ranker")
-            predictions = predictor.predict(inputs)
-            chosen = rerank(store.candidates(pool, predictions), len(posts), rules)
+        for pool, posts, scored in zip(logged.pool, logged.posts, predictions, strict=True):
+            chosen = rerank(store.candidates(pool, scored), len(posts), rules)
             out.append(pool[chosen.index])
         return out
 

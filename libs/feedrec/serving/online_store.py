@@ -123,8 +123,9 @@ class OnlineFeatureStore:
         """Raw user-side columns for users [B] (the user tower's inputs)."""
         return self.tables.user_columns(user_ids, np.full(len(user_ids), self.day))
 
-    def ranker_raw(self, user_id: int, post_ids: np.ndarray) -> dict[str, np.ndarray]:
-        """Raw columns for scoring ``post_ids`` [N] for one user, at the top of the feed."""
+    def ranker_raw(self, user_id: int | np.ndarray, post_ids: np.ndarray) -> dict[str, np.ndarray]:
+        """Raw columns for scoring ``post_ids`` [N] for one user (or ``user_id`` [N], a user per
+        row), at the top of the feed."""
         n = len(post_ids)
         return self.tables.lookup(
             np.full(n, user_id),
