@@ -120,16 +120,23 @@ class PortableRanker(nn.Module):
     def write_checked_onnx(self, path: Path, rows: int = 512) -> float:
         """Export to ONNX at ``path``, score ``rows`` random rows with onnxruntime and compare
         with eager (:meth:`check_export`; a failing file is removed) -> the largest error."""
-        import onnxruntime
+        return self._write_checked(path, self.to_onnx, _onnx_scorer, "onnxruntime", rows)
 
-        self.to_onnx(path)
-        session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    def write_checked_torchscript(self, path: Path, rows: int = 512) -> float:
+        """:meth:`write_checked_onnx` for TorchScript, loaded back with ``torch.jit.load``."""
+        return self._write_checked(path, self.to_torchscript, _torchscript_scorer, "pytorch", rows)
 
-        def run(*t: torch.Tensor) -> object:
-            return session.run(None, {n: x.numpy() for n, x in zip(INPUT_NAMES, t, strict=True)})[0]
-
+    def _write_checked(
+        self,
+        path: Path,
+        write: Callable[[Path], Path],
+        load: Callable[[Path], Scorer],
+        runtime: str,
+        rows: int,
+    ) -> float:
+        write(path)
         try:
-            return self.check_export(run, f"onnxruntime export {path}", rows)
+            return self.check_export(load(path), f"{runtime} export {path}", rows)
         except ValueError:
             path.unlink()
             raise
@@ -165,3 +172,26 @@ class PortableRanker(nn.Module):
                 dynamo=False,
             )
             return Path(f"{tmp}/model.onnx").read_bytes()
+
+
+def _onnx_scorer(path: Path) -> Scorer:
+    """The ONNX file at ``path`` on onnxruntime (CPU): (single, multi, dense) -> [N, 5]."""
+    import onnxruntime
+
+    session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+
+    def run(*t: torch.Tensor) -> object:
+        return session.run(None, {n: x.numpy() for n, x in zip(INPUT_NAMES, t, strict=True)})[0]
+
+    return run
+
+
+def _torchscript_scorer(path: Path) -> Scorer:
+    """The TorchScript file at ``path``: (single, multi, dense) -> [N, 5]."""
+    traced = torch.jit.load(str(path))
+
+    def call(*t: torch.Tensor) -> object:
+        with torch.no_grad():
+            return traced(*t).numpy()
+
+    return call

@@ -22,7 +22,7 @@ import re
 import shutil
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any, Literal, TypedDict
+from typing import Literal, TypedDict
 
 from feedrec.schema.registry import TASKS, dense_dim, sparse_features
 
@@ -293,41 +293,11 @@ def write_portable_models(
         )
         for backend, (model_dir, _) in exports.items()
     }
+    write_checked = {
+        "onnxruntime": portable.write_checked_onnx,
+        "pytorch": portable.write_checked_torchscript,
+    }
     for backend, (model_dir, filename) in exports.items():
-        path = model_dir / str(version) / filename
-        if backend == "onnxruntime":
-            portable.to_onnx(path)
-        else:
-            portable.to_torchscript(path)
-        try:
-            what = f"{backend} export of {artifact_dir}"
-            portable.check_export(_loaded_scorer(backend, path), what, check_rows)
-        except ValueError:
-            path.unlink()
-            raise
+        write_checked[backend](model_dir / str(version) / filename, check_rows)
         (model_dir / "config.pbtxt").write_text(configs[backend])
     return {backend: model_dir for backend, (model_dir, _) in exports.items()}
-
-
-def _loaded_scorer(backend: Backend, path: Path) -> Any:
-    """The export at ``path`` loaded with its own runtime: (single, multi, dense) -> [N, 5]."""
-    import torch
-
-    from feedrec.models.portable_ranker import INPUT_NAMES
-
-    if backend == "onnxruntime":
-        import onnxruntime
-
-        session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-
-        def run(*t: torch.Tensor) -> object:
-            return session.run(None, {n: x.numpy() for n, x in zip(INPUT_NAMES, t, strict=True)})[0]
-
-        return run
-    traced = torch.jit.load(str(path))
-
-    def call(*t: torch.Tensor) -> object:
-        with torch.no_grad():
-            return traced(*t).numpy()
-
-    return call
