@@ -64,6 +64,9 @@ _DRIVER = textwrap.dedent(
     def node_ids(items):
         return sorted({x.node_id for x in items if x.node_id})
 
+    def per_node(items):
+        return {n[:8]: sum(x.node_id == n for x in items) for n in node_ids(items)}
+
     pipeline.preprocess(run)
     data_tasks = [t for t in list_tasks(address=address, detail=True, limit=10000)
                   if "ReadParquet" in t.name or "MapBatches" in t.name]
@@ -81,7 +84,8 @@ _DRIVER = textwrap.dedent(
             ("class_name", "=", "ServeReplica:feed:Retrieval"), ("state", "=", "ALIVE")])
         out = {
             "nodes": sorted(nodes), "worker_node": worker_node,
-            "data_task_nodes": node_ids(data_tasks), "train_worker_nodes": node_ids(train_workers),
+            "data_task_nodes": node_ids(data_tasks), "data_tasks_per_node": per_node(data_tasks),
+            "train_worker_nodes": node_ids(train_workers),
             "retrieval_replica_nodes": node_ids(replicas),
             "feed_status": feed.status_code, "feed_fallback": feed.json().get("fallback"),
         }
@@ -133,6 +137,9 @@ def test_preprocess_training_and_serving_spread_over_two_nodes(
     script.write_text(_DRIVER)
     repo = Path(__file__).resolve().parents[2]
     env = {**os.environ, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
+    # Ray Data packs Parquet row groups into 128 MiB read units, so the debug logs would be
+    # read by one task on one node: one row group a unit gives a read task per log file.
+    env["RAY_DATA_PARQUET_BIN_PACKING_BYTES"] = "1"
     env.pop("RAY_ADDRESS", None)
     env["PYTHONPATH"] = os.pathsep.join([str(repo / "libs"), str(repo)])
     done = subprocess.run(

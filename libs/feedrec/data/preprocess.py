@@ -158,11 +158,11 @@ def read_logs(validation: LogValidation) -> ray.data.Dataset:
     partitioning = ray.data.datasource.Partitioning(
         ray.data.datasource.PartitionStyle.HIVE, field_types={"day": int}
     )
-    # One read task per file: a few small files would otherwise be read by fewer tasks than
-    # there are nodes, and the reads (and the transforms fused into them) would not spread.
-    return ray.data.read_parquet(
-        validation.files, partitioning=partitioning, override_num_blocks=len(validation.files)
-    )
+    # Ray Data (2.60, datasource v2) bin-packs the files' row groups into read units of
+    # RAY_DATA_PARQUET_BIN_PACKING_BYTES (128 MiB by default) and ignores override_num_blocks
+    # for Parquet: logs smaller than that are read, with the transforms fused into the read,
+    # by one task. Lower it to spread small logs over more tasks and nodes.
+    return ray.data.read_parquet(validation.files, partitioning=partitioning)
 
 
 def load_entity_attributes(world: WorldLayout) -> EntityAttributes:
