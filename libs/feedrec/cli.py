@@ -319,21 +319,27 @@ def models_register(run_dir: Path, registry_dir: Path, promote: bool, force: boo
 @registry_option
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 def models_list(registry_dir: Path, as_json: bool) -> None:
-    """Every registered version; * marks production."""
+    """Every registered version; * marks production, ~ the shadow ranker."""
     from feedrec.artifacts.model_registry import MODEL_NAMES, ModelRegistry
 
     registry = ModelRegistry(registry_dir)
     rows = [(e, live) for name in MODEL_NAMES for e, live in registry.list(name)]
+    shadow = {name: registry.shadow_version(name) for name in MODEL_NAMES}
     if as_json:
-        click.echo(json.dumps([{**e.to_dict(), "production": live} for e, live in rows], indent=2))
+        listed = [
+            {**e.to_dict(), "production": live, "shadow": shadow[e.name] == e.version}
+            for e, live in rows
+        ]
+        click.echo(json.dumps(listed, indent=2))
         return
     if not rows:
         click.echo(f"no models registered in {registry.root}")
     for e, live in rows:
         headline = {k: v for k, v in e.metrics.items() if k.startswith(("auc.like", "recall@100"))}
         registered = time.strftime("%Y-%m-%d %H:%M", time.gmtime(e.registered_unix))
+        mark = "*" if live else "~" if shadow[e.name] == e.version else " "
         click.echo(
-            f"{'*' if live else ' '} {e.label:<14} {e.artifact_version:<24} {registered} UTC  "
+            f"{mark} {e.label:<14} {e.artifact_version:<24} {registered} UTC  "
             + "  ".join(f"{k}={v:.4f}" for k, v in headline.items())
         )
 
@@ -366,6 +372,22 @@ def models_promote(
     for line in done.gate_failures:
         click.echo(f"gate overridden (--force): {line}", err=True)
     click.echo(f"{name}: production v{done.previous} -> v{done.version}")
+
+
+@models.command("shadow")
+@click.argument("version", type=click.IntRange(min=1), required=False)
+@registry_option
+@click.option("--clear", is_flag=True, help="Stop shadow traffic.")
+def models_shadow(version: int | None, registry_dir: Path, clear: bool) -> None:
+    """Score a share of served requests with ranker VERSION too, without showing its feeds
+    (shadow traffic: logged as shadow records); --clear stops it."""
+    from feedrec.artifacts.model_registry import ModelRegistry
+
+    if (version is None) != clear:
+        raise click.UsageError("give a VERSION or --clear, not both or neither")
+    previous = _registry_call(ModelRegistry(registry_dir).set_shadow, "ranker", version)
+    before = "none" if previous is None else f"v{previous}"
+    click.echo(f"ranker: shadow {before} -> {'none' if version is None else f'v{version}'}")
 
 
 @models.command("rollback")

@@ -1,5 +1,5 @@
-"""Serving follows the model registry: promotion, rollback and a corrupt version, under traffic,
-and a killed Triton server that the stack restarts.
+"""Serving follows the model registry: promotion, rollback, a corrupt version and a shadow
+ranker, under traffic, and a killed Triton server that the stack restarts.
 
 Every request sent during these changes must be a 200; ``fallback: true`` (the flagged
 popularity feed) is allowed only while Triton is down.
@@ -20,6 +20,9 @@ import httpx
 import pytest
 
 from feedrec.artifacts.model_registry import PRODUCTION, ModelRegistry
+from feedrec.events.event_log import EventLog
+from feedrec.events.event_sink import EventSink
+from feedrec.events.feed_event import SERVED, SHADOW
 from feedrec.runtime import RunLayout
 from feedrec.serving.stack import ServingStack, StackConfig
 
@@ -217,6 +220,74 @@ def test_corrupt_production_version_is_refused_and_the_old_one_keeps_serving(
     assert recent and all(a["status"] == 200 and not a["fallback"] for a in recent), recent[:5]
     assert {a["ranker"] for a in recent} == {f"ranker-v{before}"}
     registry.rollback("ranker")  # production back on a good version for the next tests
+
+
+def _shadow_records(run: RunLayout, start: int) -> list[dict]:
+    return [r.payload for r in EventLog(run.events).records(start) if r.payload["kind"] == SHADOW]
+
+
+def test_shadow_ranker_scores_served_requests_and_changes_none(
+    registry_stack: ServingStack,
+    registry: ModelRegistry,
+    trained_run: Path,
+    admin_token: tuple[Path, str],
+    tmp_path: Path,
+) -> None:
+    """A shadow version (the production weights registered again) is loaded into Triton next
+    to production; every personalised feed is then also ranked by it off the request path and
+    logged as a shadow record, never returned. With the same weights, the same candidates and
+    the same rules, the shadow feed must equal the served feed post for post."""
+    run = RunLayout(trained_run)
+    auth = {"Authorization": f"Bearer {admin_token[1]}"}
+    production = f"ranker-v{registry.production_version('ranker')}"
+    candidate = registry.register("ranker", run.ranker, metrics=METRICS)
+    start = EventLog(run.events).end_seq()
+    traffic = Traffic(registry_stack.url)
+    try:
+        set_at = time.monotonic()
+        done = httpx.post(
+            f"{registry_stack.url}/admin/models/ranker/shadow",
+            json={"version": candidate.version},
+            headers=auth,
+        )
+        assert done.status_code == 200 and done.json()["version"] == candidate.version, done.text
+        _until(lambda: len(_shadow_records(run, start)) >= 20, 120)
+        first_s = time.monotonic() - set_at
+        cleared = httpx.post(
+            f"{registry_stack.url}/admin/models/ranker/shadow", json={"version": None}, headers=auth
+        )
+        assert cleared.status_code == 200 and cleared.json()["previous"] == candidate.version
+        time.sleep(4 * POLL_S)  # every Ingress replica has read the cleared pointer
+        after_clear = EventLog(run.events).end_seq()
+        traffic.wait_for(lambda a: True, 30, then=20)
+    finally:
+        answers = traffic.stop()
+    shadows = _shadow_records(run, start)
+    served = {
+        r.payload["request_id"]: r.payload
+        for r in EventLog(run.events).records(start)
+        if r.payload["kind"] == SERVED
+    }
+    print(
+        f"\nshadow: first shadow records {first_s:.1f} s after setting it; {len(shadows)} shadow "
+        f"feeds for {len(served)} served; shadow latency p50 "
+        f"{sorted(s['latency_ms'] for s in shadows)[len(shadows) // 2]:.1f} ms"
+    )
+    assert all(a["status"] == 200 and not a["fallback"] for a in answers), answers[:5]
+    assert {a["ranker"] for a in answers} == {production}  # the shadow is never served
+    assert {s["shadow_model_version"] for s in shadows} == {candidate.label}
+    for shadow in shadows:
+        feed = served[shadow["request_id"]]
+        assert shadow["served_model_version"] == feed["model_version"] == production
+        assert [i["post_id"] for i in shadow["items"]] == [i["post_id"] for i in feed["items"]]
+        assert [i["served_position"] for i in shadow["items"]] == list(range(len(feed["items"])))
+        for mine, theirs in zip(shadow["items"], feed["items"], strict=True):
+            assert mine["score"] == pytest.approx(theirs["score"], abs=1e-5)
+    assert not _shadow_records(run, after_clear)  # cleared: no more shadow traffic
+    # The sink turns them into Parquet rows beside the exposures (a scratch world here).
+    report = EventSink(EventLog(run.events), tmp_path / "world").run()
+    assert report.shadow_rows >= sum(len(s["items"]) for s in shadows)
+    assert list((tmp_path / "world" / "live" / "shadow").rglob("*.parquet"))
 
 
 def test_killed_triton_is_restarted_and_full_quality_returns(

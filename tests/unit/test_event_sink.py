@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
+import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -13,6 +15,9 @@ from feedrec.data.log_import import LOG_SCHEMA
 from feedrec.events.event_log import EventLog
 from feedrec.events.event_sink import LIVE_ID_BASE, EventSink, SinkConfig
 from feedrec.events.feed_event import feed_event
+from feedrec.events.feed_recorder import FeedRecorder
+from feedrec.schema.registry import TASKS
+from feedrec.serving.shadow_feed import ShadowFeed
 
 RID_A, RID_B = "a" * 32, "b" * 32
 DAY = 30
@@ -222,3 +227,41 @@ def test_an_exploring_feed_keeps_its_pool_and_propensities_in_the_exposures(
     assert rows["pool"].map(list).tolist() == [[100, 101, 102, 103]] * 2 + [[]]
     assert rows["explored"].tolist() == [True, True, False]
     assert rows["propensity"].tolist() == pytest.approx([0.075, 0.775, 1.0])
+
+
+def test_shadow_feeds_become_shadow_rows_never_log_rows(
+    tmp_path: Path, bus_records: BusRecords
+) -> None:
+    log, world = _bus(tmp_path)
+    log.append([bus_records.served(RID_A, 7, [100, 101, 102], at=time.time())])
+    recorder = FeedRecorder(tmp_path / "bus", serving_day=DAY, snapshot="day30-abc")
+    scores = {task: 0.25 for task in TASKS}
+    feed = ShadowFeed(
+        request_id=RID_A,
+        user_id=7,
+        variant="control",
+        served_model_version="ranker-v1",
+        shadow_model_version="ranker-v2",
+        served=[100, 101, 102],
+        items=[
+            {"post_id": 102, "score": 0.9, "scores": scores},
+            {"post_id": 555, "score": 0.4, "scores": scores},
+        ],
+        latency_ms=12.5,
+    )
+    assert feed.overlap == pytest.approx(1 / 3)
+    asyncio.run(recorder.shadow(feed))
+    asyncio.run(recorder.shadow(feed))  # a retried write: the bus keeps one
+    report = EventSink(log, world).run()  # the served feed is still in its window
+    assert (report.shadow_rows, report.feeds_written, report.log_rows) == (2, 0, 0)
+    rows = pq.read_table(world / "live" / "shadow" / f"day={DAY}").to_pylist()
+    assert [(r["post_id"], r["position"], r["served_position"]) for r in rows] == [
+        (102, 0, 2),
+        (555, 1, -1),
+    ]
+    assert {(r["served_model_version"], r["shadow_model_version"]) for r in rows} == {
+        ("ranker-v1", "ranker-v2")
+    }
+    assert rows[0]["pred_like"] == 0.25 and rows[0]["latency_ms"] == 12.5
+    assert EventSink(log, world).run().shadow_rows == 0  # exactly once
+    assert not _logs(world)  # a shadow feed was never shown: no training rows

@@ -169,3 +169,54 @@ def test_cli_promote_rollback_and_errors(
     runner.invoke(main, ["models", "promote", "ranker", "2", "--force", *args])
     back = runner.invoke(main, ["models", "rollback", "ranker", *args])
     assert back.exit_code == 0 and "v2 -> v1" in back.output
+
+
+def _ranker_versions(tmp_path: Path, make: Callable[..., Path], n: int) -> ModelRegistry:
+    """A registry with ranker v1..vn (different weights), v1 in production."""
+    reg = ModelRegistry(tmp_path / "reg")
+    for seed in range(n):
+        reg.register("ranker", make(tmp_path / f"m{seed}", seed=seed), metrics=GOOD)
+    reg.promote("ranker", 1)
+    return reg
+
+
+def test_shadow_pointer_set_cleared_refused_for_production_and_cleared_by_promotion(
+    tmp_path: Path, ranker_artifact: Callable[..., Path]
+) -> None:
+    reg = _ranker_versions(tmp_path, ranker_artifact, 3)
+    assert reg.shadow_version("ranker") is None
+    assert reg.set_shadow("ranker", 2) is None and reg.shadow_version("ranker") == 2
+    with pytest.raises(RegistryError, match="in production"):
+        reg.set_shadow("ranker", 1)
+    with pytest.raises(RegistryError, match="not registered"):
+        reg.set_shadow("ranker", 9)
+    weights = reg.entry("ranker", 3).path / "weights.pt"
+    weights.write_bytes(b"garbage")
+    with pytest.raises(ArtifactError, match=r"weights\.pt"):
+        reg.set_shadow("ranker", 3)
+    assert reg.shadow_version("ranker") == 2  # refusals leave the pointer as it was
+    reg.promote("ranker", 2)  # the candidate won: nothing left to shadow
+    assert reg.shadow_version("ranker") is None
+    reg.set_shadow("ranker", 1)
+    assert reg.set_shadow("ranker", None) == 1 and reg.shadow_version("ranker") is None
+
+
+def test_cli_shadow_sets_clears_and_names_bad_input(
+    tmp_path: Path, ranker_artifact: Callable[..., Path]
+) -> None:
+    reg = _ranker_versions(tmp_path, ranker_artifact, 2)
+    runner = CliRunner()
+    base = ["models", "shadow", "--registry", str(reg.root)]
+    done = runner.invoke(main, [*base[:2], "2", *base[2:]])
+    assert done.exit_code == 0 and "shadow none -> v2" in done.output, done.output
+    listed = runner.invoke(main, ["models", "list", "--registry", str(reg.root), "--json"])
+    assert [(m["version"], m["shadow"]) for m in json.loads(listed.output)] == [
+        (1, False),
+        (2, True),
+    ]
+    refused = runner.invoke(main, [*base[:2], "1", *base[2:]])
+    assert refused.exit_code == 2 and "in production" in refused.output
+    both = runner.invoke(main, [*base[:2], "2", *base[2:], "--clear"])
+    assert both.exit_code == 2 and "not both" in both.output
+    cleared = runner.invoke(main, [*base, "--clear"])
+    assert cleared.exit_code == 0 and "shadow v2 -> none" in cleared.output

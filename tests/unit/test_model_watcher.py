@@ -94,3 +94,27 @@ def test_the_thread_picks_up_a_promotion(registry: ModelRegistry) -> None:
         assert watcher.version == 2
     finally:
         watcher.stop()
+
+
+def test_a_shadow_watcher_follows_set_clear_and_waits_for_ready(registry: ModelRegistry) -> None:
+    ready = {2: False}
+
+    def build(entry: RegistryEntry) -> str:
+        if not ready.get(entry.version, True):
+            raise NotReady("not loaded yet")
+        return _label(entry)
+
+    watcher = ModelWatcher(registry, "ranker", build, poll_s=60, pointer="shadow")
+    assert watcher.current is None and watcher.version is None  # no shadow set
+    registry.set_shadow("ranker", 2)
+    assert watcher.poll_once() is False and watcher.current is None  # not ready: retried
+    ready[2] = True
+    assert watcher.poll_once() is True and watcher.current.startswith("ranker-v2:")
+    registry.set_shadow("ranker", 3)
+    assert watcher.poll_once() is True and watcher.version == 3
+    registry.set_shadow("ranker", None)
+    assert watcher.poll_once() is True and watcher.current is None and watcher.version is None
+    assert watcher.poll_once() is False
+    registry.set_shadow("ranker", 2)
+    started = ModelWatcher(registry, "ranker", build, poll_s=60, pointer="shadow")
+    assert started.version == 2  # a new replica loads the shadow version at once

@@ -6,10 +6,13 @@ Layout under the registry root (a local directory or a shared file system every 
                                   file) + registration.json (metrics, data snapshot, source)
     <root>/<name>/v0002/ ...
     <root>/<name>/production.json {"version": 2, "history": [1, 2], "updated_unix": ...}
+    <root>/<name>/shadow.json     {"version": 3, "updated_unix": ...}  (or "version": null)
 
 ``name`` is ``ranker`` or ``retrieval`` (the two-tower artifact with its faiss index). Serving
 polls ``production.json`` (see ``feedrec.serving.model_watcher``): promotion and rollback are one
-atomic file replace, and a version directory is never modified after registration.
+atomic file replace, and a version directory is never modified after registration. The shadow
+pointer names a candidate that serving scores alongside production without showing its results
+(shadow traffic: ``feedrec.serving.stages.FeedPipeline``).
 """
 
 from __future__ import annotations
@@ -30,6 +33,7 @@ from feedrec.artifacts.artifact import MANIFEST, ArtifactError, ModelArtifact, l
 MODEL_NAMES = ("ranker", "retrieval")
 REGISTRATION = "registration.json"
 PRODUCTION = "production.json"
+SHADOW = "shadow.json"
 _VERSION_DIGITS = 4
 
 
@@ -324,6 +328,10 @@ class ModelRegistry:
                     "updated_unix": int(time.time()),
                 },
             )
+            if self.shadow_version(name) == version:  # the candidate won: nothing left to shadow
+                _write_json_atomic(
+                    model_dir / SHADOW, {"version": None, "updated_unix": int(time.time())}
+                )
         return Promotion(name, version, previous, failures, forced=bool(failures) and force)
 
     def rollback(self, name: str) -> Promotion:
@@ -340,6 +348,29 @@ class ModelRegistry:
                 {"version": target, "history": history[:-1], "updated_unix": int(time.time())},
             )
         return Promotion(name, target, current, [], forced=False)
+
+    def shadow_version(self, name: str) -> int | None:
+        """The version scored in shadow (None: none). Cheap: one small read."""
+        path = self._model_dir(name) / SHADOW
+        if not path.is_file():
+            return None
+        version = json.loads(path.read_text())["version"]
+        return None if version is None else int(version)
+
+    def set_shadow(self, name: str, version: int | None) -> int | None:
+        """Score ``version`` in shadow from now on (None: stop); returns the previous shadow
+        version. Its files are verified first, and the production version is refused (its
+        scores are the served ones already)."""
+        if version is not None:
+            load_artifact(self.entry(name, version).path)
+        with self._locked(name) as model_dir:
+            if version is not None and version == self.production_version(name):
+                raise RegistryError(f"{name} v{version} is in production: nothing to shadow")
+            previous = self.shadow_version(name)
+            _write_json_atomic(
+                model_dir / SHADOW, {"version": version, "updated_unix": int(time.time())}
+            )
+        return previous
 
     def list(self, name: str) -> list[tuple[RegistryEntry, bool]]:
         """Every registered version of ``name`` and whether it is production."""

@@ -40,7 +40,13 @@ import pyarrow.parquet as pq
 
 from feedrec.data.log_import import LOG_SCHEMA
 from feedrec.events.event_bus import EventBus
-from feedrec.events.feed_event import EVENT, FEEDBACK_TYPES, SERVED, attribution_problem
+from feedrec.events.feed_event import (
+    EVENT,
+    FEEDBACK_TYPES,
+    SERVED,
+    SHADOW,
+    attribution_problem,
+)
 from feedrec.schema.registry import LABELS, TASKS
 from feedrec.serving.api import MAX_COUNT
 from feedrec.world.layout import WorldLayout
@@ -76,6 +82,26 @@ EXPOSURE_SCHEMA = pa.schema(
     ]
 )
 
+#: One row per slot of a shadow feed (what the shadow ranker would have served; never shown).
+#: ``served_position``: that post's slot in the served feed of the same request, -1 if none.
+SHADOW_SCHEMA = pa.schema(
+    [
+        pa.field("request_id", pa.string()),
+        pa.field("variant", pa.string()),
+        pa.field("user_id", pa.int64()),
+        pa.field("ts", pa.float64()),
+        pa.field("received_at", pa.float64()),
+        pa.field("served_model_version", pa.string()),
+        pa.field("shadow_model_version", pa.string()),
+        pa.field("latency_ms", pa.float32()),
+        pa.field("post_id", pa.int64()),
+        pa.field("position", pa.int64()),
+        pa.field("score", pa.float32()),
+        *[pa.field(f"pred_{task}", pa.float32()) for task in TASKS],
+        pa.field("served_position", pa.int64()),
+    ]
+)
+
 
 @dataclass(frozen=True)
 class SinkConfig:
@@ -106,6 +132,7 @@ class SinkReport:
     feeds_written: int = 0
     log_rows: int = 0
     exposure_rows: int = 0
+    shadow_rows: int = 0
     rejected: Counter[str] = field(default_factory=Counter)
     pending_feeds: int = 0
     waiting_events: int = 0
@@ -116,9 +143,9 @@ class SinkReport:
         return (
             f"sink: {self.records} bus records ({self.served} feeds, {self.events} events) -> "
             f"{self.log_rows} log rows, {self.exposure_rows} exposure rows from "
-            f"{self.feeds_written} feeds; rejected: {rejected}; waiting: {self.pending_feeds} "
-            f"feeds in their window, {self.waiting_events} events without their feed yet; "
-            f"next seq {self.next_seq}"
+            f"{self.feeds_written} feeds, {self.shadow_rows} shadow rows; rejected: {rejected}; "
+            f"waiting: {self.pending_feeds} feeds in their window, {self.waiting_events} "
+            f"events without their feed yet; next seq {self.next_seq}"
         )
 
 
@@ -155,6 +182,8 @@ class EventSink:
     * ``logs/day=D/live-<start>-<end>.parquet``: impressed slots (``LOG_SCHEMA``);
     * ``live/exposures/day=D/live-<start>-<end>.parquet``: every served slot
       (``EXPOSURE_SCHEMA``);
+    * ``live/shadow/day=D/live-<start>-<end>.parquet``: every slot of the shadow ranker's
+      feeds (``SHADOW_SCHEMA``), written as they arrive (nothing to attribute);
     * ``live/rejected/live-<start>-<end>.jsonl``: events that could not be attributed;
     * ``live/sink_state.json``: the committed bus position and the open attribution windows.
     """
@@ -263,6 +292,7 @@ class EventSink:
         finalized: dict[str, float] = state["finalized"]
         waiting: list[dict[str, Any]] = state["waiting"]
         rejected: list[dict[str, Any]] = []
+        shadows: list[dict[str, Any]] = []
         watermark = float(state["watermark"])
         for record in self._records(start, end):
             report.records += 1
@@ -290,6 +320,8 @@ class EventSink:
                     rejected.append({**record, "reason": "late: its feed's window had closed"})
                 else:
                     waiting.append(record)
+            elif record.get("kind") == SHADOW:
+                shadows.append(record)
         window = self.cfg.attribution_window_s
         done = [
             rid
@@ -307,6 +339,7 @@ class EventSink:
             del finalized[rid]  # an event this late is rejected as unknown instead of late
         state["watermark"] = watermark
         self._write(start, end, feeds, rejected, report)
+        self._write_shadow(start, end, shadows, report)
         for event in rejected:
             report.rejected[event["reason"].split(":")[0]] += 1
         report.feeds_written += len(feeds)
@@ -366,6 +399,37 @@ class EventSink:
             text = "".join(json.dumps(e, sort_keys=True) + "\n" for e in rejected)
             _atomic_write(path, lambda tmp: tmp.write_text(text))
             report.files.append(str(path))
+
+    def _write_shadow(
+        self, start: int, end: int, shadows: list[dict[str, Any]], report: SinkReport
+    ) -> None:
+        rows = _shadow_rows(shadows)
+        if not rows["request_id"]:
+            return
+        table = pa.table(rows, schema=SHADOW_SCHEMA)
+        days = np.floor(np.asarray(rows["ts"])).astype(np.int64)
+        for day in np.unique(days):
+            part = table.filter(pa.array(days == day))
+            path = self.live / "shadow" / f"day={day}" / f"live-{start:012d}-{end:012d}.parquet"
+            _atomic_write(path, lambda tmp, part=part: pq.write_table(part, tmp))
+            report.files.append(str(path))
+        report.shadow_rows += table.num_rows
+
+
+def _shadow_rows(shadows: list[dict[str, Any]]) -> dict[str, list[Any]]:
+    """Columns of ``SHADOW_SCHEMA`` for every slot of the shadow feeds."""
+    rows: dict[str, list[Any]] = {f.name: [] for f in SHADOW_SCHEMA}
+    keys: tuple[str, ...] = ("request_id", "variant", "user_id", "ts", "received_at")
+    keys += ("served_model_version", "shadow_model_version", "latency_ms")  # per feed
+    for shadow in shadows:
+        for item in shadow["items"]:
+            for key in keys:
+                rows[key].append(shadow[key])
+            for key in ("post_id", "position", "score", "served_position"):
+                rows[key].append(item[key])
+            for task in TASKS:
+                rows[f"pred_{task}"].append(item["scores"].get(task))
+    return rows
 
 
 def _exposure_rows(feeds: list[dict[str, Any]]) -> dict[str, list[Any]]:

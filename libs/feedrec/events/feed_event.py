@@ -26,8 +26,9 @@ MAX_EVENTS = 200
 MAX_DWELL_S = 86_400.0
 REQUEST_ID_PATTERN = r"^[0-9a-f]{32}$"
 VARIANT_PATTERN = r"^[a-z0-9][a-z0-9_-]{0,31}$"
-#: Record kinds on the bus.
-SERVED, EVENT = "served", "event"
+#: Record kinds on the bus. ``shadow``: a candidate ranker's feed for a served request, scored
+#: and logged but never shown (shadow traffic).
+SERVED, EVENT, SHADOW = "served", "event", "shadow"
 #: Event types that are explicit feedback on a post (labels of the logs; the real-time
 #: signals remember the posts they were about).
 FEEDBACK_TYPES = ("like", "comment", "share", "hide")
@@ -161,4 +162,36 @@ def served_record(
         "items": items,
         "pool": pool,
         "explored": explored,
+    }
+
+
+def shadow_record(
+    *,
+    request_id: str,
+    user_id: int,
+    ts: float,
+    received_at: float,
+    variant: str,
+    served_model_version: str,
+    shadow_model_version: str,
+    latency_ms: float,
+    items: list[dict[str, Any]],
+) -> dict[str, Any]:
+    """The bus record of a shadow feed: what the candidate ranker would have served for the
+    served request ``request_id`` (same candidates, same re-ranking rules). ``items``:
+    ``{"post_id", "position", "score", "scores", "served_position"}`` per slot, the last the
+    post's position in the served feed (-1: not served); ``latency_ms``: of the shadow scoring
+    and re-ranking, off the request path."""
+    return {
+        "kind": SHADOW,
+        KEY_FIELD: f"shadow:{request_id}",
+        "request_id": request_id,
+        "user_id": user_id,
+        "ts": ts,
+        "received_at": received_at,
+        "variant": variant,
+        "served_model_version": served_model_version,
+        "shadow_model_version": shadow_model_version,
+        "latency_ms": latency_ms,
+        "items": items,
     }

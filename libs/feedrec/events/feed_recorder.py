@@ -1,4 +1,5 @@
-"""What the feed service writes to the event bus: every served feed, and clients' events.
+"""What the feed service writes to the event bus: every served feed, clients' events, and the
+shadow ranker's feeds (shadow traffic).
 
 Writes are blocking (flock + fsync, ~0.3 ms here; or a Redis round trip), so the async callers
 run them in a thread.
@@ -12,8 +13,15 @@ from pathlib import Path
 from typing import Any
 
 from feedrec.events.event_bus import EventBus, open_event_bus
-from feedrec.events.feed_event import EventBatch, EventsAck, event_record, served_record
+from feedrec.events.feed_event import (
+    EventBatch,
+    EventsAck,
+    event_record,
+    served_record,
+    shadow_record,
+)
 from feedrec.serving.api import FeedResponse
+from feedrec.serving.shadow_feed import ShadowFeed
 
 SECONDS_PER_DAY = 86_400.0
 #: A feed of a variant that does not explore is deterministic given its inputs: a served post
@@ -72,6 +80,33 @@ class FeedRecorder:
 
     async def served(self, response: FeedResponse, latency_ms: float) -> None:
         payload = self.served_payload(response, latency_ms, time.time())
+        await asyncio.to_thread(self.log.append, [payload])
+
+    def shadow_payload(self, feed: ShadowFeed, unix_s: float) -> dict[str, Any]:
+        served_at = {post: position for position, post in enumerate(feed.served)}
+        return shadow_record(
+            request_id=feed.request_id,
+            user_id=feed.user_id,
+            ts=world_ts(self.serving_day, unix_s),
+            received_at=unix_s,
+            variant=feed.variant,
+            served_model_version=feed.served_model_version,
+            shadow_model_version=feed.shadow_model_version,
+            latency_ms=feed.latency_ms,
+            items=[
+                {
+                    "post_id": int(item["post_id"]),
+                    "position": position,
+                    "score": float(item["score"]),
+                    "scores": item["scores"],
+                    "served_position": served_at.get(int(item["post_id"]), -1),
+                }
+                for position, item in enumerate(feed.items)
+            ],
+        )
+
+    async def shadow(self, feed: ShadowFeed) -> None:
+        payload = self.shadow_payload(feed, time.time())
         await asyncio.to_thread(self.log.append, [payload])
 
     async def events(self, batch: EventBatch) -> tuple[EventsAck, tuple[bool, ...]]:

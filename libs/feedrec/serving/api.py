@@ -130,3 +130,12 @@ class PromoteRequest(BaseModel):
 
     version: int = Field(ge=1, le=1_000_000)
     force: bool = Field(default=False, description="promote even if the metric gate fails")
+
+
+class ShadowRequest(BaseModel):
+    """``POST /admin/models/ranker/shadow`` body (admin token required): the ranker version to
+    score shadow traffic with, or null to stop."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    version: int | None = Field(ge=1, le=1_000_000)

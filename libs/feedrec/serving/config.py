@@ -71,6 +71,13 @@ class ServiceConfig(BaseModel):
     realtime_interest_weight: float = Field(
         default=1.0, ge=0, description="re-ranking boost per unit of real-time topic interest"
     )
+    shadow_share: float = Field(
+        default=1.0,
+        ge=0,
+        le=1,
+        description="share of personalised feeds also ranked by the registry's shadow ranker, "
+        "when one is set (logged as shadow records, never shown); needs registry_dir",
+    )
     retrieve_k: int = Field(default=300, ge=1, le=10_000)
     rank_k: int = Field(default=150, ge=1, le=5_000)
     timeouts: StageTimeouts = StageTimeouts()

@@ -25,6 +25,8 @@ METRIC_NAMES = (
     "feedrec_model_info",
     "feedrec_events",
     "feedrec_event_log_errors",
+    "feedrec_shadow_feeds",
+    "feedrec_shadow_overlap",
 )
 OUTCOMES = ("ok", "fallback", "cold_start", "invalid", "popularity")
 STAGES = ("retrieval", "ranking", "rerank", "total")
@@ -92,6 +94,18 @@ class FeedMetrics:
             description="Writes to the event bus that failed, by record kind (served, event).",
             tag_keys=("kind",),
         )
+        self.shadow_feeds = Counter(
+            "feedrec_shadow_feeds",
+            description="Shadow feeds (a candidate ranker scoring served requests, not shown) "
+            "by outcome: scored, failed.",
+            tag_keys=("outcome",),
+        )
+        self.shadow_overlap = Histogram(
+            "feedrec_shadow_overlap",
+            description="Share of a served feed's posts that the shadow ranker would also have "
+            "served (1: the same posts).",
+            boundaries=[0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0],
+        )
         self._last_version = ""
 
     def outcome(self, outcome: str) -> None:
@@ -127,3 +141,9 @@ class FeedMetrics:
                 self.model.set(0, tags={"model_version": self._last_version})
             self.model.set(1, tags={"model_version": model_version})
             self._last_version = model_version
+
+    def shadow(self, overlap: float | None) -> None:
+        """One shadow feed: its overlap with the served feed, or None when it failed."""
+        self.shadow_feeds.inc(tags={"outcome": "failed" if overlap is None else "scored"})
+        if overlap is not None:
+            self.shadow_overlap.observe(overlap)

@@ -6,6 +6,9 @@ into Triton) holds one :class:`ModelWatcher`. A background thread reads the regi
 pointer every ``poll_s`` seconds; on a change it builds the new value off the request path and
 replaces the old one with one reference assignment, so a request sees the old model or the new
 one, never a mix, and never waits. Without a registry the watcher holds a fixed value.
+
+A watcher of the ``shadow`` pointer follows the registry's shadow version instead, and holds
+``None`` while there is none (or it is not loadable yet).
 """
 
 from __future__ import annotations
@@ -14,13 +17,15 @@ import logging
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Generic, TypeVar
+from typing import Generic, Literal, TypeVar, cast
 
 from feedrec.artifacts import ArtifactError
 from feedrec.artifacts.model_registry import ModelRegistry, RegistryEntry, RegistryError
 
 logger = logging.getLogger("feedrec.serve")
 T = TypeVar("T")
+#: Which registry pointer a watcher follows.
+Pointer = Literal["production", "shadow"]
 
 
 class NotReady(RuntimeError):
@@ -41,7 +46,8 @@ class ModelWatcher(Generic[T]):
     """Args: registry + name: the model to follow; build: entry -> value (raises
     ``ArtifactError`` for corrupt files: that version is refused for good and logged;
     ``NotReady``: retried at the next poll; anything else: logged and retried);
-    poll_s: seconds between reads of the production pointer."""
+    poll_s: seconds between reads of the pointer; pointer: ``production``, or ``shadow``
+    (then ``T`` includes ``None``: the value while no shadow version is set or loadable)."""
 
     def __init__(
         self,
@@ -51,10 +57,12 @@ class ModelWatcher(Generic[T]):
         *,
         poll_s: float = 2.0,
         initial: Loaded[T] | None = None,
+        pointer: Pointer = "production",
     ) -> None:
         if poll_s <= 0:
             raise ValueError(f"model watcher: poll_s must be > 0, got {poll_s}")
         self.registry, self.name, self._build, self.poll_s = registry, name, build, poll_s
+        self.pointer = pointer
         self.refused: dict[int, str] = {}  # version -> why (corrupt files are not retried)
         self.last_error: str | None = None
         self._stop = threading.Event()
@@ -64,6 +72,10 @@ class ModelWatcher(Generic[T]):
             return
         if registry is None:
             raise ValueError("model watcher: needs a registry or an initial value")
+        if pointer == "shadow":  # loaded by the first poll (a shadow may never be needed)
+            self._loaded = Loaded(cast(T, None), None)
+            self.poll_once()
+            return
         self._loaded = self._first_loadable()
 
     def _first_loadable(self) -> Loaded[T]:
@@ -104,14 +116,21 @@ class ModelWatcher(Generic[T]):
         return self._loaded.version
 
     def poll_once(self) -> bool:
-        """Load the production version if it changed; True when a new value was swapped in."""
+        """Load the pointer's version if it changed; True when a new value was swapped in."""
         if self.registry is None:
             return False
         try:
-            version = self.registry.production_version(self.name)
+            if self.pointer == "shadow":
+                version = self.registry.shadow_version(self.name)
+            else:
+                version = self.registry.production_version(self.name)
         except (OSError, ValueError) as e:  # a pointer being replaced on a network FS, ...
-            self.last_error = f"{self.name}: production pointer unreadable: {e!r}"
+            self.last_error = f"{self.name}: {self.pointer} pointer unreadable: {e!r}"
             return False
+        if version is None and self.pointer == "shadow" and self._loaded.version is not None:
+            logger.info("%s: shadow v%s cleared", self.name, self._loaded.version)
+            self._loaded = Loaded(cast(T, None), None)
+            return True
         if version is None or version == self._loaded.version or version in self.refused:
             return False
         try:
@@ -132,7 +151,7 @@ class ModelWatcher(Generic[T]):
         previous = self._loaded.version
         self._loaded = Loaded(value, version)
         self.last_error = None
-        logger.info("%s: v%s -> v%s", self.name, previous, version)
+        logger.info("%s %s: v%s -> v%s", self.name, self.pointer, previous, version)
         return True
 
     def start(self) -> ModelWatcher[T]:

@@ -114,6 +114,8 @@ class ServingStack:
         self._started_ray = False
         self.registry = ModelRegistry(config.registry) if config.registry else None
         self.ranker_watcher: ModelWatcher[int] | None = None  # Triton follows the registry
+        self.shadow_watcher: ModelWatcher[int | None] | None = None  # ... and its shadow
+        self._shadow_version: int | None = None
         self.triton_restarts = 0
         self._triton_version = 1
         self._supervisor: threading.Thread | None = None
@@ -219,6 +221,14 @@ class ServingStack:
                 poll_s=self.config.registry_poll_s,
                 initial=Loaded(self._triton_version, self._triton_version),
             )
+            self.shadow_watcher = ModelWatcher(
+                self.registry,
+                "ranker",
+                self._load_shadow_in_triton,
+                poll_s=self.config.registry_poll_s,
+                pointer="shadow",
+            )
+            self._shadow_version = self.shadow_watcher.version
         self._supervisor = threading.Thread(target=self._supervise, name="stack", daemon=True)
         self._supervisor.start()
 
@@ -243,6 +253,9 @@ class ServingStack:
                     triton.stop()
             if self.ranker_watcher is not None:
                 self.ranker_watcher.poll_once()
+            if self.shadow_watcher is not None:
+                self.shadow_watcher.poll_once()
+                self._shadow_version = self.shadow_watcher.version
 
     def _load_in_triton(self, entry: RegistryEntry) -> int:
         """Add registry version N as Triton version N next to the one in service (replicas on
@@ -251,9 +264,21 @@ class ServingStack:
             raise NotReady("tritonserver is not running")
         load_artifact(entry.path)  # ArtifactError: the watcher refuses this version for good
         previous = self._triton_version
-        add_model_version(self._repo, entry.path, entry.version, keep=[previous])
+        shadow = [self._shadow_version] if self._shadow_version is not None else []
+        add_model_version(self._repo, entry.path, entry.version, keep=[previous, *shadow])
         self.triton.load_model("ranker")  # loads the new version only; config.pbtxt unchanged
         self._triton_version = entry.version
+        return entry.version
+
+    def _load_shadow_in_triton(self, entry: RegistryEntry) -> int:
+        """Add the registry's shadow version N as Triton version N next to production (the
+        Ranking replicas score shadow traffic with it once it is ready). A cleared shadow
+        version stays loaded until the next production load removes it."""
+        if self.triton is None or not self.triton.is_running():
+            raise NotReady("tritonserver is not running")
+        load_artifact(entry.path)
+        add_model_version(self._repo, entry.path, entry.version, keep=[self._triton_version])
+        self.triton.load_model("ranker")
         return entry.version
 
     def _factory(self) -> dict[str, str]:

@@ -12,7 +12,7 @@ import asyncio
 import logging
 import time
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -34,6 +34,7 @@ from feedrec.serving.online_store import OnlineFeatureStore
 from feedrec.serving.ranker_client import TritonRankerClient
 from feedrec.serving.realtime_signals import RealtimeSignals
 from feedrec.serving.rerank import rerank
+from feedrec.serving.shadow_feed import ShadowFeed
 
 logger = logging.getLogger("feedrec.serve")
 
@@ -76,14 +77,9 @@ class RankerModel:
     label: str
 
 
-def ranker_models(cfg: ServiceConfig, triton: TritonRankerClient) -> ModelWatcher[RankerModel]:
-    """The ranker to score with: fixed (``cfg.ranker_dir``) or following the registry. A new
-    registry version is used only once Triton reports it ready (the stack loads it there)."""
-    if cfg.registry_dir is None:
-        artifact = load_artifact(cfg.ranker_dir, weights=False)  # Triton holds the weights
-        return ModelWatcher.fixed(
-            RankerModel(FeatureTransform(artifact.vocabs), "", artifact.version)
-        )
+def _registry_ranker(triton: TritonRankerClient) -> Callable[[RegistryEntry], RankerModel]:
+    """Registry entry -> ``RankerModel``, once Triton reports that version ready (the stack
+    loads it there); ``NotReady`` until then."""
 
     def build(entry: RegistryEntry) -> RankerModel:
         if not triton.ready_sync(str(entry.version)):
@@ -91,8 +87,34 @@ def ranker_models(cfg: ServiceConfig, triton: TritonRankerClient) -> ModelWatche
         artifact = load_artifact(entry.path, weights=False)
         return RankerModel(FeatureTransform(artifact.vocabs), str(entry.version), entry.label)
 
+    return build
+
+
+def ranker_models(cfg: ServiceConfig, triton: TritonRankerClient) -> ModelWatcher[RankerModel]:
+    """The ranker to score with: fixed (``cfg.ranker_dir``) or following the registry's
+    production version."""
+    if cfg.registry_dir is None:
+        artifact = load_artifact(cfg.ranker_dir, weights=False)  # Triton holds the weights
+        return ModelWatcher.fixed(
+            RankerModel(FeatureTransform(artifact.vocabs), "", artifact.version)
+        )
     registry = ModelRegistry(cfg.registry_dir)
+    build = _registry_ranker(triton)
     return ModelWatcher(registry, "ranker", build, poll_s=cfg.registry_poll_s).start()
+
+
+def shadow_rankers(
+    cfg: ServiceConfig, triton: TritonRankerClient
+) -> ModelWatcher[RankerModel | None]:
+    """The registry's shadow ranker (None while there is none; always None without a
+    registry)."""
+    if cfg.registry_dir is None:
+        return ModelWatcher.fixed(None)
+    registry = ModelRegistry(cfg.registry_dir)
+    build: Callable[[RegistryEntry], RankerModel | None] = _registry_ranker(triton)
+    return ModelWatcher(
+        registry, "ranker", build, poll_s=cfg.registry_poll_s, pointer="shadow"
+    ).start()
 
 
 def retrievers(cfg: ServiceConfig, store: OnlineFeatureStore) -> ModelWatcher[Retriever]:
@@ -114,10 +136,24 @@ class Scorer:
         self.cfg, self.store = cfg, store
         self.client = TritonRankerClient(cfg.triton_url, model_name=cfg.triton_model)
         self.models = ranker_models(cfg, self.client)
+        self.shadow = shadow_rankers(cfg, self.client)
 
     async def score(self, user_id: int, post_ids: list[int]) -> tuple[np.ndarray, str]:
         """[N] candidates -> ([N, len(TASKS)] predictions, label of the ranker version used)."""
-        model = self.models.current  # one read: vocabularies and weights of the same version
+        return await self._score(self.models.current, user_id, post_ids)
+
+    async def shadow_score(
+        self, user_id: int, post_ids: list[int]
+    ) -> tuple[np.ndarray, str] | None:
+        """The registry's shadow ranker on ``post_ids`` like :meth:`score`; None while no
+        shadow version is set (or Triton has not loaded it yet)."""
+        model = self.shadow.current
+        return None if model is None else await self._score(model, user_id, post_ids)
+
+    async def _score(
+        self, model: RankerModel, user_id: int, post_ids: list[int]
+    ) -> tuple[np.ndarray, str]:
+        # `model` is read once by the caller: vocabularies and weights of the same version.
         raw = self.store.ranker_raw(user_id, np.asarray(post_ids, dtype=np.int64))
         inputs = model.transform(raw, "ranker")
         scores = await self.client.score(
@@ -172,6 +208,11 @@ Rank = Callable[[int, list[int]], Awaitable[tuple[np.ndarray, str]]]
 Rerank = Callable[[list[int], np.ndarray, int, bool, np.ndarray | None], Awaitable[Any]]
 
 
+#: (user, candidates) -> the shadow ranker's ([N, len(TASKS)] predictions, label), or None
+#: while no shadow version is set.
+ShadowRank = Callable[[int, list[int]], Awaitable[tuple[np.ndarray, str] | None]]
+
+
 @dataclass
 class FeedPipeline:
     """retrieve -> rank -> rerank with per-stage deadlines; unknown users get the cold-start
@@ -184,6 +225,11 @@ class FeedPipeline:
     rerank: Rerank
     metrics: FeedMetrics | None = None  # Prometheus (Serve replicas); None in plain processes
     realtime: RealtimeSignals | None = None  # followed from the event bus; None: not used
+    # Shadow traffic: a ``shadow_share`` of personalised feeds is also ranked by the shadow
+    # ranker after the response is built, and the result goes to ``on_shadow``.
+    shadow: ShadowRank | None = None
+    on_shadow: Callable[[ShadowFeed], Awaitable[None]] | None = None
+    _shadow_tasks: set[asyncio.Task[ShadowFeed | None]] = field(default_factory=set)
 
     def with_realtime(self, user_id: int, candidates: list[int], blocked: list[int]) -> list[int]:
         """Retrieved candidates minus posts the viewer just engaged with or hid, plus up to
@@ -373,6 +419,8 @@ class FeedPipeline:
                 else None
             ),
         )
+        if self.shadow is not None and self.mirrored(request_id):
+            self._start_shadow(req, response, candidates, interest)
         if exploration.enabled:
             response.with_slate(
                 SlateLog(
@@ -382,3 +430,63 @@ class FeedPipeline:
                 )
             )
         return response
+
+    def mirrored(self, request_id: str) -> bool:
+        """Whether a request is also ranked in shadow: the ``shadow_share`` of requests whose
+        (uniformly random, hex) id falls below it, so the choice can be checked from the logs."""
+        return int(request_id[:8], 16) < self.cfg.shadow_share * 16**8
+
+    def _start_shadow(
+        self, req: Any, response: FeedResponse, candidates: list[int], interest: Any
+    ) -> None:
+        task = asyncio.get_running_loop().create_task(
+            self.shadow_feed(req, response, candidates, interest)
+        )
+        self._shadow_tasks.add(task)  # the event loop keeps only a weak reference
+        task.add_done_callback(self._shadow_tasks.discard)
+
+    async def shadow_feed(
+        self,
+        req: Any,
+        response: FeedResponse,
+        candidates: list[int],
+        interest: np.ndarray | None = None,
+    ) -> ShadowFeed | None:
+        """Rank the served request's ``candidates`` with the shadow ranker and re-rank them to
+        ``req.count`` with the same rules, then hand the result to ``on_shadow``. None when no
+        shadow version is set or it failed: a shadow never affects what is served, so its
+        failures are counted and logged, not raised."""
+        assert self.shadow is not None
+        t = self.cfg.timeouts
+        started = time.perf_counter()
+        try:
+            scored = await asyncio.wait_for(self.shadow(req.user_id, candidates), t.ranking_s)
+            if scored is None:
+                return None
+            predictions, label = scored
+            items, _ = await asyncio.wait_for(
+                self.rerank(candidates, predictions, req.count, False, interest), t.rerank_s
+            )
+        except Exception as e:
+            logger.warning("shadow feed for request %s failed: %r", response.request_id, e)
+            if self.metrics is not None:
+                self.metrics.shadow(None)
+            return None
+        feed = ShadowFeed(
+            request_id=response.request_id,
+            user_id=response.user_id,
+            variant=response.variant,
+            served_model_version=response.model_version,
+            shadow_model_version=label,
+            served=[item.post_id for item in response.items],
+            items=items,
+            latency_ms=(time.perf_counter() - started) * 1e3,
+        )
+        if self.metrics is not None:
+            self.metrics.shadow(feed.overlap)
+        if self.on_shadow is not None:
+            try:
+                await self.on_shadow(feed)
+            except Exception as e:
+                logger.error("shadow feed %s not recorded: %r", response.request_id, e)
+        return feed
