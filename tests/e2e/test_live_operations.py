@@ -24,6 +24,7 @@ from feedrec.events.event_log import EventLog
 from feedrec.events.event_sink import EventSink
 from feedrec.events.feed_event import SERVED, SHADOW
 from feedrec.runtime import RunLayout
+from feedrec.serving.ranker_client import TritonRankerClient
 from feedrec.serving.stack import ServingStack, StackConfig
 
 METRICS = {"auc.like": 0.7, "logloss.like": 0.2}
@@ -284,6 +285,10 @@ def test_shadow_ranker_scores_served_requests_and_changes_none(
         for mine, theirs in zip(shadow["items"], feed["items"], strict=True):
             assert mine["score"] == pytest.approx(theirs["score"], abs=1e-5)
     assert not _shadow_records(run, after_clear)  # cleared: no more shadow traffic
+    triton = registry_stack.triton
+    assert triton is not None  # ... and the cleared version has left Triton
+    assert not (run.serve / "triton_repository" / "ranker" / str(candidate.version)).exists()
+    assert not TritonRankerClient(triton.grpc_url).ready_sync(str(candidate.version))
     # The sink turns them into Parquet rows beside the exposures (a scratch world here).
     report = EventSink(EventLog(run.events), tmp_path / "world").run()
     assert report.shadow_rows >= sum(len(s["items"]) for s in shadows)

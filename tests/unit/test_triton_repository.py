@@ -18,6 +18,7 @@ from tritonclient.grpc import model_config_pb2
 from feedrec.serving.triton_repository import (
     add_model_version,
     ranker_model_template,
+    remove_model_version,
     write_model_repository,
 )
 
@@ -103,6 +104,13 @@ def test_add_model_version_keeps_named_versions_and_the_config(tmp_path: Path) -
         add_model_version(tmp_path / "other", a, 1)
     with pytest.raises(ValueError, match="keep_0"):
         add_model_version(tmp_path / "repo", a, 4, keep=[0])
+    # A cleared shadow version leaves; the others and the config stay.
+    assert remove_model_version(tmp_path / "repo", 3) is True
+    assert remove_model_version(tmp_path / "repo", 3) is False
+    assert sorted(p.name for p in model_dir.iterdir() if p.is_dir()) == ["2"]
+    assert (model_dir / "config.pbtxt").read_bytes() == config
+    with pytest.raises(ValueError, match="model_name"):
+        remove_model_version(tmp_path / "repo", 2, model_name="../escape")
 
 
 @pytest.mark.parametrize(

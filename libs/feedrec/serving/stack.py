@@ -28,6 +28,7 @@ from feedrec.serving.model_watcher import Loaded, ModelWatcher, NotReady
 from feedrec.serving.triton_repository import (
     add_model_version,
     ranker_io_widths,
+    remove_model_version,
     write_model_repository,
     write_portable_models,
 )
@@ -254,8 +255,11 @@ class ServingStack:
             if self.ranker_watcher is not None:
                 self.ranker_watcher.poll_once()
             if self.shadow_watcher is not None:
+                cleared = self._shadow_version
                 self.shadow_watcher.poll_once()
                 self._shadow_version = self.shadow_watcher.version
+                if cleared is not None and self._shadow_version is None:
+                    self._unload_shadow_in_triton(cleared)
 
     def _load_in_triton(self, entry: RegistryEntry) -> int:
         """Add registry version N as Triton version N next to the one in service (replicas on
@@ -272,14 +276,24 @@ class ServingStack:
 
     def _load_shadow_in_triton(self, entry: RegistryEntry) -> int:
         """Add the registry's shadow version N as Triton version N next to production (the
-        Ranking replicas score shadow traffic with it once it is ready). A cleared shadow
-        version stays loaded until the next production load removes it."""
+        Ranking replicas score shadow traffic with it once it is ready)."""
         if self.triton is None or not self.triton.is_running():
             raise NotReady("tritonserver is not running")
         load_artifact(entry.path)
         add_model_version(self._repo, entry.path, entry.version, keep=[self._triton_version])
         self.triton.load_model("ranker")
         return entry.version
+
+    def _unload_shadow_in_triton(self, version: int) -> None:
+        """A cleared shadow version leaves Triton (its instances hold memory and, were Triton
+        restarted, would load again), unless it is production now (it was promoted)."""
+        if version == self._triton_version or self.triton is None:
+            return
+        if remove_model_version(self._repo, version) and self.triton.is_running():
+            try:
+                self.triton.load_model("ranker")
+            except Exception:  # Triton restarting: it will not load the removed version
+                logger.exception("unloading shadow ranker v%s", version)
 
     def _factory(self) -> dict[str, str]:
         return {"predictor_factory": PREDICTOR_FACTORIES[self.config.ranker_runtime]}

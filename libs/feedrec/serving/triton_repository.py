@@ -219,6 +219,16 @@ def add_model_version(
     return _write_version(model_dir, Path(artifact_dir).resolve(), version, keep)
 
 
+def remove_model_version(repo_dir: Path, version: int, *, model_name: str = "ranker") -> bool:
+    """Remove ``<model>/<version>/`` (a following ``load_model`` unloads it); False if absent."""
+    _check_sizes(model_name, version=version)
+    version_dir = Path(repo_dir) / model_name / str(version)
+    if not version_dir.is_dir():
+        return False
+    shutil.rmtree(version_dir)
+    return True
+
+
 def _write_version(model_dir: Path, artifact_dir: Path, version: int, keep: Sequence[int]) -> Path:
     template = ranker_model_template()
     version_dir = model_dir / str(version)
