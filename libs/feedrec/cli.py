@@ -20,6 +20,7 @@ Every stage reads and writes one run directory (``--run-dir``, default ``runs/de
     feedrec events sink --flush         # event bus -> logs/day=D/ + live/exposures (exactly once)
     feedrec experiments report          # per-variant metrics, lifts with CIs, ground truth
     feedrec experiments ope             # off-policy value of candidate rankers (IPS/SNIPS)
+    feedrec experiments shadow          # shadow ranker vs served: overlap, kept vs dropped
 """
 
 from __future__ import annotations
@@ -1263,6 +1264,40 @@ def experiments_report(
             f"[{low:+.4f}, {high:+.4f}] p={lift.p_value:.2g}{truth_note}"
         )
     click.echo(f"wrote {path}")
+
+
+@experiments.command("shadow")
+@run_dir_option
+@exposures_option
+@click.option(
+    "--out-dir",
+    type=click.Path(path_type=Path),
+    default=None,
+    help="Where shadow.{md,json,png} go [default: RUN_DIR/experiment].",
+)
+def experiments_shadow(run_dir: Path, world_dir: Path | None, out_dir: Path | None) -> None:
+    """Shadow rankers against the served one: overlap, same first post, and the engagement of
+    served posts the shadow ranker would have kept vs dropped."""
+    from feedrec.experiments.experiment_report import read_exposures
+    from feedrec.experiments.shadow_report import (
+        analyse_shadow,
+        read_shadow,
+        write_shadow_report,
+    )
+
+    run = _run(run_dir)
+    world = world_dir or run.world
+    try:
+        report = analyse_shadow(read_shadow(world), read_exposures(world))
+    except FileNotFoundError as e:
+        raise click.UsageError(str(e)) from e
+    for c in report.comparisons:
+        click.echo(
+            f"{c.shadow_model_version} shadowing {c.served_model_version}: {c.feeds} feeds, "
+            f"overlap {c.mean_overlap:.3f}, same first post {c.top1_agreement:.1%}, "
+            f"engagement kept {c.kept.value:.4f} / dropped {c.dropped.value:.4f}"
+        )
+    click.echo(f"wrote {write_shadow_report(report, out_dir or run.root / 'experiment')}")
 
 
 def _candidate(text: str) -> tuple[str, Path]:
