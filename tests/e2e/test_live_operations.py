@@ -24,13 +24,15 @@ from feedrec.events.event_log import EventLog
 from feedrec.events.event_sink import EventSink
 from feedrec.events.feed_event import SERVED, SHADOW
 from feedrec.runtime import RunLayout
-from feedrec.serving.ranker_client import TritonRankerClient
+from feedrec.serving.ranker_client import CHANNEL_ARGS, TritonRankerClient
 from feedrec.serving.stack import ServingStack, StackConfig
 
 METRICS = {"auc.like": 0.7, "logloss.like": 0.2}
 POLL_S = 0.5
 #: How long after the first replica the other replicas may still answer with the old version.
 SWITCH_S = 6 * POLL_S
+#: The longest a Ranking replica's gRPC channel waits before reconnecting to a restarted Triton.
+MAX_RECONNECT_BACKOFF_S = dict(CHANNEL_ARGS)["grpc.max_reconnect_backoff_ms"] / 1000
 
 
 @pytest.fixture(scope="module")
@@ -307,20 +309,26 @@ def test_killed_triton_is_restarted_and_full_quality_returns(
         os.killpg(triton.pid, signal.SIGKILL)  # the server and its backend stubs
         traffic.wait_for(lambda a: a["fallback"] is True, 30, then=1)
         traffic.wait_for(lambda a: a["fallback"] is False, 180, then=10)
+        # Each Ranking replica's channel reconnects at its own next backoff step: until then
+        # that replica still fails fast, so full quality may come back replica by replica.
+        _until(lambda: not any(a["fallback"] for a in traffic.answers[-20:]), 60)
     finally:
         answers = traffic.stop()
     during = [a for a in answers if a["t"] >= killed_at]
-    first_fallback = next(i for i, a in enumerate(during) if a["fallback"])
-    recovered = next(a for a in during[first_fallback:] if a["fallback"] is False)
+    first_fallback = next(a for a in during if a["fallback"])
+    # Sent after the first fallback: an answer to a request sent before the kill is no sign.
+    recovered = next(a for a in during if a["sent"] > first_fallback["t"] and not a["fallback"])
+    relapse_s = max(a["t"] for a in during if a["fallback"]) - recovered["t"]
     print(
         f"\ntriton kill: {len(during)} requests after the kill, "
         f"{sum(bool(a['fallback']) for a in during)} flagged fallback, "
         f"{sum(a['status'] != 200 for a in during)} non-200; full quality again "
-        f"{recovered['t'] - killed_at:.1f} s after the kill; "
-        f"restarts {registry_stack.triton_restarts}"
+        f"{recovered['t'] - killed_at:.1f} s after the kill, on every replica "
+        f"{max(relapse_s, 0.0):.1f} s later; restarts {registry_stack.triton_restarts}"
     )
     assert registry_stack.triton_restarts == 1
     assert all(a["status"] == 200 for a in during)
+    assert relapse_s <= MAX_RECONNECT_BACKOFF_S + 1.0
     assert during[-1]["fallback"] is False
 
 
