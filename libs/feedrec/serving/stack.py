@@ -119,6 +119,7 @@ class ServingStack:
         self._shadow_version: int | None = None
         self.triton_restarts = 0
         self._triton_version = 1
+        self._previous_version: int | None = None  # kept loaded for replicas still pinning it
         self._supervisor: threading.Thread | None = None
         self._stopping = threading.Event()
 
@@ -271,7 +272,7 @@ class ServingStack:
         shadow = [self._shadow_version] if self._shadow_version is not None else []
         add_model_version(self._repo, entry.path, entry.version, keep=[previous, *shadow])
         self.triton.load_model("ranker")  # loads the new version only; config.pbtxt unchanged
-        self._triton_version = entry.version
+        self._triton_version, self._previous_version = entry.version, previous
         return entry.version
 
     def _load_shadow_in_triton(self, entry: RegistryEntry) -> int:
@@ -280,14 +281,16 @@ class ServingStack:
         if self.triton is None or not self.triton.is_running():
             raise NotReady("tritonserver is not running")
         load_artifact(entry.path)
-        add_model_version(self._repo, entry.path, entry.version, keep=[self._triton_version])
+        previous = [self._previous_version] if self._previous_version is not None else []
+        keep = [self._triton_version, *previous]
+        add_model_version(self._repo, entry.path, entry.version, keep=keep)
         self.triton.load_model("ranker")
         return entry.version
 
     def _unload_shadow_in_triton(self, version: int) -> None:
         """A cleared shadow version leaves Triton (its instances hold memory and, were Triton
         restarted, would load again), unless it is production now (it was promoted)."""
-        if version == self._triton_version or self.triton is None:
+        if version in (self._triton_version, self._previous_version) or self.triton is None:
             return
         if remove_model_version(self._repo, version) and self.triton.is_running():
             try:
