@@ -83,6 +83,21 @@ def test_decay_halves_per_half_life_and_only_earlier_events_count() -> None:
         DecayedCount("bad", "planet", ("like",), half_life_s=1.0)
 
 
+def test_values_in_one_pass_equal_value_per_key() -> None:
+    state = RealtimeState([FEATURES_BY_NAME["post_engagement_velocity"]])
+    rng = np.random.default_rng(0)
+    times, posts = np.sort(rng.uniform(0, 7200, 500)), rng.integers(0, 50, 500)
+    for ts, post in zip(times, posts, strict=True):
+        state.apply("like", {"post_id": int(post)}, float(ts))
+    keys = [(p,) for p in range(60)]  # 50 may have events, 10 never do
+    now = 7300.0
+    one_pass = state.values("post_engagement_velocity", keys, now)
+    per_key = [state.value("post_engagement_velocity", k, now) for k in keys]
+    assert one_pass.shape == (60,) and one_pass.tolist() == per_key
+    assert (one_pass[50:] == 0).all() and (one_pass[:50] > 0).any()
+    assert state.values("post_engagement_velocity", [], now).shape == (0,)
+
+
 def test_state_memory_is_bounded_by_dropping_the_weakest_keys() -> None:
     state = RealtimeState([FEATURES_BY_NAME["post_engagement_velocity"]], max_keys=1000)
     entity = {"user_id": 0, "topic": 0, "user_segment": 0}

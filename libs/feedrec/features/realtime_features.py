@@ -154,7 +154,15 @@ class RealtimeState:
         return total * float(feature.decay(max(now - last, 0.0)))
 
     def values(self, name: str, keys: Iterable[tuple], now: float) -> np.ndarray:
-        return np.array([self.value(name, k, now) for k in keys], dtype=np.float64)
+        """:meth:`value` of each of ``keys`` [K] -> [K], in one pass: one lock and one
+        vectorised decay (a per-key call cost ~3 us; the Ingress asks for thousands)."""
+        feature, sums = self.features[name], self._sums[name]
+        with self._lock:
+            pairs = [sums.get(k, (0.0, now)) for k in keys]
+        if not pairs:
+            return np.zeros(0, dtype=np.float64)
+        total, last = np.asarray(pairs, dtype=np.float64).T
+        return np.asarray(total * feature.decay(np.maximum(now - last, 0.0)), dtype=np.float64)
 
     def keys(self, name: str) -> int:
         return len(self._sums[name])
