@@ -262,29 +262,28 @@ class ServingStack:
                 if cleared is not None and self._shadow_version is None:
                     self._unload_shadow_in_triton(cleared)
 
-    def _load_in_triton(self, entry: RegistryEntry) -> int:
-        """Add registry version N as Triton version N next to the one in service (replicas on
-        the old vocabularies pin that one until they switch), load it; older ones go."""
+    def _add_to_triton(self, entry: RegistryEntry, keep: list[int | None]) -> None:
+        """Add registry version N as Triton version N next to the versions in ``keep`` (None:
+        none), load it; every other version goes."""
         if self.triton is None or not self.triton.is_running():
             raise NotReady("tritonserver is not running")
         load_artifact(entry.path)  # ArtifactError: the watcher refuses this version for good
-        previous = self._triton_version
-        shadow = [self._shadow_version] if self._shadow_version is not None else []
-        add_model_version(self._repo, entry.path, entry.version, keep=[previous, *shadow])
+        kept = [v for v in keep if v is not None]
+        add_model_version(self._repo, entry.path, entry.version, keep=kept)
         self.triton.load_model("ranker")  # loads the new version only; config.pbtxt unchanged
+
+    def _load_in_triton(self, entry: RegistryEntry) -> int:
+        """The registry's new production version, next to the one in service (replicas on the
+        old vocabularies pin that one until they switch) and the shadow version."""
+        previous = self._triton_version
+        self._add_to_triton(entry, [previous, self._shadow_version])
         self._triton_version, self._previous_version = entry.version, previous
         return entry.version
 
     def _load_shadow_in_triton(self, entry: RegistryEntry) -> int:
-        """Add the registry's shadow version N as Triton version N next to production (the
-        Ranking replicas score shadow traffic with it once it is ready)."""
-        if self.triton is None or not self.triton.is_running():
-            raise NotReady("tritonserver is not running")
-        load_artifact(entry.path)
-        previous = [self._previous_version] if self._previous_version is not None else []
-        keep = [self._triton_version, *previous]
-        add_model_version(self._repo, entry.path, entry.version, keep=keep)
-        self.triton.load_model("ranker")
+        """The registry's shadow version, next to production and the previous production
+        version (the Ranking replicas score shadow traffic with it once it is ready)."""
+        self._add_to_triton(entry, [self._triton_version, self._previous_version])
         return entry.version
 
     def _unload_shadow_in_triton(self, version: int) -> None:
