@@ -6,14 +6,14 @@ Both sides turn the same generated log files into the same outputs, with the sam
 functions:
 
 * validation (``log_validation.problem_codes``: nulls, ids, labels, dwell, propensity, day);
-* per-day sums (``DailySums.add``) and the point-in-time tables
-  (``FeatureTables.from_daily``);
+* sparse per-day sums (``DailySums.add``) and the point-in-time tables (``DailySums.tables``);
 * vocabularies (``fit_vocabularies``) and the time split (``split_of``);
-* the point-in-time join (``join_examples``);
+* the point-in-time join (``join_examples``), each day against its statistics (``join_stats``);
 * examples written to Parquet per split, plus the retrieval pairs.
 
 The Ray side is ``run_preprocess``: Ray Data streaming, tasks on every core. The single
-process is pyarrow + numpy: it reads every file into memory, then joins in 16k-row batches.
+process is pyarrow + numpy: it reads every file into memory, then joins day by day in 16k-row
+batches.
 Each side runs in its own subprocess. Its peak memory is the largest sum of RSS over its process
 tree, sampled every 0.2 s. For Ray the tree holds the driver, GCS, raylet and workers; pages of
 the shared object store count once per process that maps them.
@@ -99,12 +99,11 @@ def _single_side(run_dir: Path) -> dict[str, Any]:
         PreprocessConfig,
         fit_vocabularies,
         join_examples,
+        join_stats,
         load_entity_attributes,
         split_of,
     )
-    from feedrec.features.tables import (
-        FeatureTables,
-    )
+    from feedrec.features.tables import FeatureSnapshot
     from feedrec.runtime import RunLayout
     from feedrec.world.generator import load_world_config
     from feedrec.world.layout import WorldLayout
@@ -135,33 +134,38 @@ def _single_side(run_dir: Path) -> dict[str, Any]:
     batch = {name: logs.column(name).to_numpy() for name in logs.column_names}
     batch["topic"] = attrs.post_topic[batch["post_id"]]
     batch["creator_id"] = attrs.post_creator[batch["post_id"]]
-    sums = DailySums.zeros(attrs, n_days, world_cfg.n_topics)
-    seen, hidden = sums.add(batch)
-    sums = sums.with_pairs([seen], [hidden])
-    tables = FeatureTables.from_daily(
-        attrs,
-        user_daily=sums.user,
-        user_topic_daily=sums.user_topic,
-        post_daily=sums.post,
-        creator_daily=sums.creator,
-    )
-
-    vocabs = fit_vocabularies(sums, attrs, train_days)
+    sums = DailySums(attrs, n_days, world_cfg.n_topics)
+    sums.add(batch)
+    tables = sums.tables()
+    seen, hidden = sums.pairs()
+    vocabs = fit_vocabularies(tables, train_days)
     out = run.root / "data_single"
     out.mkdir(parents=True, exist_ok=True)
     tables.save(out / "tables.npz")
     vocabs.save(out / "vocabularies.npz")
-    np.save(out / "seen.npy", sums.seen)
-    np.save(out / "hidden.npy", sums.hidden)
+    np.save(out / "seen.npy", seen)
+    np.save(out / "hidden.npy", hidden)
     schema = EXAMPLE_SCHEMA.append(pa.field("split", pa.string()))
     split = split_of(batch["day"], n_days, defaults.valid_days, defaults.test_days)
     writers: dict[str, pq.ParquetWriter] = {}
     counts: dict[str, int] = {}
     positives = []
-    for start in range(0, len(split), 16384):
-        rows_slice = slice(start, start + 16384)
+    # Day by day, each against that day's statistics (as preprocess does), in 16384-row slices.
+    order = np.argsort(batch["day"], kind="stable")
+    batch = {k: v[order] for k, v in batch.items()}
+    split = split[order]
+    day_starts = np.searchsorted(batch["day"], np.arange(n_days + 1))
+    slices = [
+        (d, slice(a, min(a + 16384, day_starts[d + 1])))
+        for d in range(n_days)
+        for a in range(day_starts[d], day_starts[d + 1], 16384)
+    ]
+    snapshots: dict[int, FeatureSnapshot] = {}
+    for d, rows_slice in slices:
+        if d not in snapshots:
+            snapshots = {d: FeatureSnapshot(join_stats(tables, d), attrs)}
         part = {k: v[rows_slice] for k, v in batch.items()}
-        chunk = arrow_from_columns(join_examples(part, tables, split[rows_slice]), schema)
+        chunk = arrow_from_columns(join_examples(part, snapshots[d], split[rows_slice]), schema)
         for name in np.unique(chunk.column("split").to_numpy(zero_copy_only=False)):
             rows_of = chunk.filter(pc.equal(chunk.column("split"), name))
             if name not in writers:

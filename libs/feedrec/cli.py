@@ -156,6 +156,14 @@ def _parse_ratios(ctx: click.Context, param: click.Parameter, value: str) -> tup
     type=click.IntRange(min=1),
     help="--split time: test days.",
 )
+@click.option(
+    "--join-memory-mb",
+    default=1024,
+    show_default=True,
+    type=click.IntRange(min=1),
+    help="Per-day feature statistics the join keeps in the object store at once; logged days "
+    "are joined in groups that fit.",
+)
 @ray_option
 def preprocess(
     run_dir: Path,
@@ -164,6 +172,7 @@ def preprocess(
     seed: int,
     valid_days: int,
     test_days: int,
+    join_memory_mb: int,
     ray_address: str | None,
 ) -> None:
     """Ray Data: point-in-time features, vocabularies, time or random split, training examples."""
@@ -184,6 +193,7 @@ def preprocess(
         "seed": seed,
         "valid_days": valid_days,
         "test_days": test_days,
+        "join_memory_mb": join_memory_mb,
     }
     _stage(pipeline.preprocess, _run(run_dir), ray_address, options)
 

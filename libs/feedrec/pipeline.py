@@ -55,7 +55,8 @@ def preprocess(
     validation = LogValidation.from_dict(meta["validation"])
     return (
         f"preprocess ({meta['split']['kind']} split): examples {meta['rows']}, "
-        f"retrieval pairs {meta['pairs']}, {meta['seconds']} s\n{validation.summary()}"
+        f"retrieval pairs {meta['pairs']}, {meta['seconds']} s {meta['phase_seconds']}\n"
+        f"{validation.summary()}"
     )
 
 

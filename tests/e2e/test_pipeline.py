@@ -16,7 +16,7 @@ import pytest
 from feedrec.artifacts import load_artifact
 from feedrec.data import PreprocessLayout
 from feedrec.data.examples import columns_from_arrow
-from feedrec.features.tables import FeatureTables
+from feedrec.features.tables import FeatureSnapshot, FeatureTables
 from feedrec.features.transform import FeatureTransform
 from feedrec.models.predictor import RankerPredictor
 from feedrec.runtime import RunLayout
@@ -184,7 +184,7 @@ def test_train_path_and_serve_path_give_identical_tensors_and_scores(
     table = pq.read_table(data.examples("test")).slice(0, 200)
     offline_raw = columns_from_arrow(table)
     day = int(offline_raw["day"][0])
-    online = FeatureTables.load(data.tables, day=day)  # what a store serving that day holds
+    online = FeatureSnapshot.load(data.tables, day)  # what a store serving that day holds
     online_raw = online.lookup(
         offline_raw["user_id"],
         offline_raw["post_id"],

@@ -1,9 +1,18 @@
+from pathlib import Path
+
 import numpy as np
 import pytest
 
-from feedrec.features.tables import EntityAttributes, FeatureTables
+from feedrec.data import preprocess
+from feedrec.features.tables import (
+    KIND_STATS,
+    EntityAttributes,
+    FeatureSnapshot,
+    FeatureTables,
+    SparseStats,
+)
 from feedrec.features.vocabulary import Vocabulary
-from feedrec.schema.registry import HISTORY_LEN, RAW_COLUMNS, WINDOW_DAYS
+from feedrec.schema.registry import HISTORY_LEN, LABELS, RAW_COLUMNS, WINDOW_DAYS
 
 N_DAYS, U, P, C, T = 10, 3, 4, 2, 3
 
@@ -20,39 +29,66 @@ def _attrs() -> EntityAttributes:
     )
 
 
-def _tables(seed: int = 0, day_changed: int | None = None) -> FeatureTables:
+def _dense(seed: int = 0, day_changed: int | None = None) -> dict[str, np.ndarray]:
     rng = np.random.default_rng(seed)
-    user = rng.integers(0, 5, size=(N_DAYS, U, 6)).astype(float)
-    user_topic = rng.integers(0, 5, size=(N_DAYS, U, T, 2)).astype(float)
-    post = rng.integers(0, 5, size=(N_DAYS, P, 6)).astype(float)
-    creator = rng.integers(0, 5, size=(N_DAYS, C, 3)).astype(float)
+    dense = {
+        "user": rng.integers(0, 5, size=(N_DAYS, U, 6)).astype(float),
+        "user_topic": rng.integers(0, 5, size=(N_DAYS, U, T, 2)).astype(float),
+        "post": rng.integers(0, 5, size=(N_DAYS, P, 6)).astype(float),
+        "creator": rng.integers(0, 5, size=(N_DAYS, C, 3)).astype(float),
+    }
     if day_changed is not None:
-        for a in (user, user_topic, post, creator):
+        for a in dense.values():
             a[day_changed] += 100
-    return FeatureTables.from_daily(
+    return dense
+
+
+def _tables(seed: int = 0, day_changed: int | None = None) -> FeatureTables:
+    d = _dense(seed, day_changed)
+    return FeatureTables.from_dense(
         _attrs(),
-        user_daily=user,
-        user_topic_daily=user_topic,
-        post_daily=post,
-        creator_daily=creator,
+        user_daily=d["user"],
+        user_topic_daily=d["user_topic"],
+        post_daily=d["post"],
+        creator_daily=d["creator"],
     )
 
 
+def _as_dense(stats: SparseStats, n: int) -> np.ndarray:
+    out = np.zeros((n, stats.n_stats))
+    out[stats.keys] = stats.values
+    return out
+
+
 def test_windows_use_only_earlier_days() -> None:
-    rng = np.random.default_rng(0)
-    user = rng.integers(0, 5, size=(N_DAYS, U, 6)).astype(float)
-    t = _tables()
-    assert t.user.shape[0] == N_DAYS + 1  # includes the serving day
-    assert (t.user[0] == 0).all()  # nothing is known before day 0
+    dense, t = _dense(), _tables()
+    assert t.days == range(N_DAYS + 1)  # includes the serving day
+    first = t.snapshot(0).stats
+    assert not len(first.user.keys) and not len(first.post.keys)  # nothing known before day 0
     d = 9
-    np.testing.assert_allclose(t.user[d], user[d - WINDOW_DAYS : d].sum(axis=0))
+    snap = t.snapshot(d).stats
+    np.testing.assert_allclose(
+        _as_dense(snap.user, U), dense["user"][d - WINDOW_DAYS : d].sum(axis=0)
+    )
+    np.testing.assert_allclose(
+        _as_dense(snap.user_topic, U * T).reshape(U, T, 2),
+        dense["user_topic"][d - WINDOW_DAYS : d].sum(axis=0),
+    )
+    np.testing.assert_allclose(_as_dense(snap.post, P), dense["post"][:d].sum(axis=0))
+    np.testing.assert_allclose(
+        _as_dense(snap.creator, C), dense["creator"][d - WINDOW_DAYS : d].sum(axis=0)
+    )
 
 
 def test_no_leakage_from_the_same_or_later_days() -> None:
     base, changed = _tables(), _tables(day_changed=5)
-    for name in ("user", "user_topic", "post", "creator"):
-        np.testing.assert_array_equal(getattr(base, name)[:6], getattr(changed, name)[:6])
-        assert (getattr(changed, name)[6] != getattr(base, name)[6]).any()
+    for day in range(6):
+        a, b = base.snapshot(day).stats, changed.snapshot(day).stats
+        for kind in KIND_STATS:
+            np.testing.assert_array_equal(getattr(a, kind).values, getattr(b, kind).values)
+    a, b = base.snapshot(6).stats, changed.snapshot(6).stats
+    for kind in KIND_STATS:
+        assert (getattr(b, kind).values != getattr(a, kind).values).any(), kind
 
 
 def test_lookup_returns_every_raw_column_with_shapes() -> None:
@@ -66,13 +102,37 @@ def test_lookup_returns_every_raw_column_with_shapes() -> None:
     assert raw["u_recent_topics"].shape[1] == HISTORY_LEN
 
 
-def test_as_of_slice_gives_the_same_lookup() -> None:
+def test_lookup_matches_a_dense_reference() -> None:
+    """Every statistic and the liked-topic history against sums over dense arrays."""
+    dense, t = _dense(seed=3), _tables(seed=3)
+    users, posts = np.array([0, 1, 2, 2, 0]), np.array([3, 0, 1, 2, 2])
+    days = np.array([8, 2, 5, 9, 0])
+    raw = t.lookup(users, posts, days, days + 0.5, np.zeros(5))
+    for i, (u, p, d) in enumerate(zip(users, posts, days, strict=True)):
+        w = slice(max(0, d - WINDOW_DAYS), d)
+        np.testing.assert_allclose(raw["u_likes"][i], dense["user"][w, u, 1].sum())
+        np.testing.assert_allclose(raw["p_dwell"][i], dense["post"][:d, p, 5].sum())
+        c = _attrs().post_creator[p]
+        np.testing.assert_allclose(raw["c_hides"][i], dense["creator"][w, c, 2].sum())
+        topic_likes = dense["user_topic"][w, u, :, 1].sum(axis=0)
+        np.testing.assert_allclose(raw["ut_likes"][i], topic_likes[_attrs().post_topic[p]])
+        order = np.argsort(-topic_likes, kind="stable")[:HISTORY_LEN]
+        expected = np.where(topic_likes[order] > 0, order, -1)
+        expected = np.pad(expected, (0, HISTORY_LEN - len(expected)), constant_values=-1)
+        np.testing.assert_array_equal(raw["u_recent_topics"][i], expected)
+
+
+def test_as_of_slice_and_restricted_snapshots_give_the_same_lookup() -> None:
     t = _tables()
     args = (np.array([1]), np.array([2]))
     full = t.lookup(*args, np.array([7]), np.array([7.0]), np.array([0]))
     sliced = t.as_of(7).lookup(*args, np.array([7]), np.array([7.0]), np.array([0]))
+    restricted = t.snapshot(7, users=np.array([1]), posts=np.array([2]))
+    assert len(restricted.stats.user.keys) == 1
+    kept = restricted.lookup(*args, np.array([7]), np.array([7.0]), np.array([0]))
     for k in full:
         np.testing.assert_array_equal(full[k], sliced[k])
+        np.testing.assert_array_equal(full[k], kept[k])
     with pytest.raises(ValueError, match="day"):
         t.as_of(7).lookup(*args, np.array([6]), np.array([6.0]), np.array([0]))
 
@@ -82,6 +142,58 @@ def test_unknown_ids_are_refused() -> None:
         _tables().lookup(
             np.array([U]), np.array([0]), np.array([1]), np.array([1.0]), np.array([0])
         )
+
+
+def test_save_and_load_round_trip_and_refuse_the_old_layout(tmp_path: Path) -> None:
+    t = _tables()
+    t.save(tmp_path / "tables.npz")
+    loaded = FeatureTables.load(tmp_path / "tables.npz")
+    args = (np.array([0, 2]), np.array([1, 3]), np.array([4, 9]), np.array([4.5, 9.2]))
+    a, b = t.lookup(*args, np.zeros(2)), loaded.lookup(*args, np.zeros(2))
+    for k in a:
+        np.testing.assert_array_equal(a[k], b[k])
+    snap = FeatureSnapshot.load(tmp_path / "tables.npz", 4)
+    np.testing.assert_array_equal(snap.stats.post.values, t.snapshot(4).stats.post.values)
+    np.savez(tmp_path / "old.npz", user=np.zeros((2, U, 6)))
+    with pytest.raises(ValueError, match="preprocess"):
+        FeatureTables.load(tmp_path / "old.npz")
+
+
+def test_daily_sums_fold_batches_sparsely_like_dense_sums(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The preprocess accumulator: batches merged several times give the dense sums."""
+    monkeypatch.setattr(preprocess, "_MERGE_ROWS", 10)  # merge after almost every batch
+    rng = np.random.default_rng(1)
+    attrs, n = _attrs(), 500
+    logs = {
+        "day": rng.integers(0, N_DAYS, n),
+        "user_id": rng.integers(0, U, n),
+        "post_id": rng.integers(0, P, n),
+        **{label: rng.integers(0, 2, n).astype(np.float32) for label in LABELS},
+    }
+    logs["topic"] = attrs.post_topic[logs["post_id"]]
+    logs["creator_id"] = attrs.post_creator[logs["post_id"]]
+    sums = preprocess.DailySums(attrs, N_DAYS, T)
+    for start in range(0, n, 64):
+        sums.add({k: v[start : start + 64] for k, v in logs.items()})
+    tables = sums.tables()
+    user = np.zeros((N_DAYS, U, 6))
+    np.add.at(user[..., 0], (logs["day"], logs["user_id"]), 1)
+    np.add.at(user[..., 5], (logs["day"], logs["user_id"]), logs["dwell"])
+    ut_likes = np.zeros((N_DAYS, U, T))
+    np.add.at(ut_likes, (logs["day"], logs["user_id"], logs["topic"]), logs["like"])
+    for d in range(N_DAYS):
+        got_user = _as_dense(tables.daily["user"][d], U)[:, [0, 5]]
+        np.testing.assert_allclose(got_user, user[d][:, [0, 5]], rtol=1e-6)
+        got = _as_dense(tables.daily["user_topic"][d], U * T).reshape(U, T, 2)[..., 1]
+        np.testing.assert_allclose(got, ut_likes[d])
+    seen, hidden = sums.pairs()
+    np.testing.assert_array_equal(seen, np.unique(logs["user_id"] * P + logs["post_id"]))
+    hid = logs["hide"] > 0
+    np.testing.assert_array_equal(
+        hidden, np.unique(logs["user_id"][hid] * C + logs["creator_id"][hid])
+    )
 
 
 def test_vocabulary_lookup() -> None:

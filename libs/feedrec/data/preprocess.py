@@ -17,6 +17,7 @@ log; ``random`` cuts each user's interactions at random by ratios (see :func:`ra
 from __future__ import annotations
 
 import functools
+import itertools
 import json
 import operator
 import time
@@ -35,12 +36,12 @@ from ray.data.expressions import Expr, col
 from feedrec.data.examples import EXAMPLE_SCHEMA, arrow_from_columns
 from feedrec.data.log_validation import LogValidation, validate_logs
 from feedrec.features.tables import (
-    CREATOR_STATS,
-    POST_STATS,
-    USER_STATS,
-    USER_TOPIC_STATS,
+    KIND_STATS,
+    DayStats,
     EntityAttributes,
+    FeatureSnapshot,
     FeatureTables,
+    SparseStats,
 )
 from feedrec.features.vocabulary import Vocabularies, Vocabulary
 from feedrec.schema.registry import LABELS, TABLES
@@ -77,6 +78,8 @@ class PreprocessConfig:
               not comparable.
         ratios: ``random`` split: train:valid:test shares (each > 0).
         seed: ``random`` split: shuffling seed.
+        join_memory_mb: how much of the per-day statistics the join keeps in the object store
+            at once; the logged days are joined in groups that fit (:func:`write_examples`).
     """
 
     world_dir: Path
@@ -87,6 +90,7 @@ class PreprocessConfig:
     split: SplitKind = "time"
     ratios: tuple[float, float, float] = (8.0, 1.0, 1.0)
     seed: int = 0
+    join_memory_mb: int = 1024
 
     def __post_init__(self) -> None:
         if self.valid_days < 1 or self.test_days < 1:
@@ -101,6 +105,8 @@ class PreprocessConfig:
             )
         if self.seed < 0:
             raise ValueError("preprocess config: seed must be >= 0")
+        if self.join_memory_mb < 1:
+            raise ValueError("preprocess config: join_memory_mb must be >= 1")
 
 
 @dataclass(frozen=True)
@@ -191,69 +197,101 @@ _STAT_SOURCE = {
     "hides": "hide",
     "dwell": "dwell",
 }
+#: Pending partial-sum rows (all kinds) that trigger a merge into the running sums, at least;
+#: merges also wait for half the running sums' size, so their total cost stays linear.
+_MERGE_ROWS = 4_000_000
 
 
-def accumulate_sums(
-    into: np.ndarray, batch: dict[str, np.ndarray], keys: tuple[str, ...], stats: tuple[str, ...]
-) -> None:
-    """``into[keys..., stat] += batch sums`` (unbuffered, so repeated keys add up)."""
-    n = len(batch["user_id"])
+def batch_sums(
+    batch: dict[str, np.ndarray], key: np.ndarray, stats: tuple[str, ...]
+) -> SparseStats:
+    """Sums of ``stats`` over the batch's rows per ``key`` [N] (float64 values)."""
+    n = len(key)
     columns = []
     for stat in stats:
         source = _STAT_SOURCE[stat]
         columns.append(np.ones(n) if source is None else np.asarray(batch[source], np.float64))
-    values = np.stack(columns, axis=1)
-    np.add.at(into, tuple(np.asarray(batch[k], np.int64) for k in keys), values)
+    return SparseStats.sum_of(key, np.stack(columns, axis=1), dtype=np.float64)
 
 
-@dataclass(frozen=True)
 class DailySums:
-    """Per-day sums from the logs. Shapes: user [D, U, 6], user_topic [D, U, T, 2],
-    post [D, P, 6], creator [D, C, 3] (stat order: ``feedrec.features.tables``)."""
+    """Per-day sums from the logs, sparse, folded batch by batch on the driver.
 
-    user: np.ndarray
-    user_topic: np.ndarray
-    post: np.ndarray
-    creator: np.ndarray
-    seen: np.ndarray  # int64 [K] sorted unique user_id * n_posts + post_id of logged impressions
-    # int64 [H] sorted unique user_id * n_creators + creator_id where the user hid a post of theirs
-    hidden: np.ndarray
+    Keys are ``day * n + entity`` with ``n`` the kind's number of entities (user_topic:
+    ``user_id * n_topics + topic`` of ``n_users * n_topics``). Partial sums of each batch wait
+    in a list and are merged into the running sums once they have ``_MERGE_ROWS`` rows and at
+    least half as many as the running sums: memory stays within about 1.5x the final sums.
+    """
 
-    @classmethod
-    def zeros(cls, attrs: EntityAttributes, n_days: int, n_topics: int) -> DailySums:
-        n_creators = len(attrs.creator_followers)
-        return cls(
-            user=np.zeros((n_days, attrs.n_users, len(USER_STATS))),
-            user_topic=np.zeros((n_days, attrs.n_users, n_topics, len(USER_TOPIC_STATS))),
-            post=np.zeros((n_days, attrs.n_posts, len(POST_STATS))),
-            creator=np.zeros((n_days, n_creators, len(CREATOR_STATS))),
-            seen=np.zeros(0, np.int64),
-            hidden=np.zeros(0, np.int64),
-        )
+    def __init__(self, attrs: EntityAttributes, n_days: int, n_topics: int) -> None:
+        self.attrs, self.n_days, self.n_topics = attrs, n_days, n_topics
+        self.size = {
+            "user": attrs.n_users,
+            "user_topic": attrs.n_users * n_topics,
+            "post": attrs.n_posts,
+            "creator": attrs.n_creators,
+        }
+        self._sums = {k: SparseStats.empty(len(s)) for k, s in KIND_STATS.items()}
+        self._pending: dict[str, list[SparseStats]] = {k: [] for k in KIND_STATS}
+        self._pending_rows = 0
+        self._seen: list[np.ndarray] = []
+        self._hidden: list[np.ndarray] = []
 
-    def add(self, batch: dict[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+    def add(self, batch: dict[str, np.ndarray]) -> None:
         """Fold log rows (``day``, ids, labels, plus their post's ``topic`` and
-        ``creator_id``) into the day arrays in place -> the batch's sorted unique seen and
-        hidden keys, which the caller merges (:meth:`with_pairs`)."""
-        accumulate_sums(self.user, batch, ("day", "user_id"), USER_STATS)
-        accumulate_sums(self.user_topic, batch, ("day", "user_id", "topic"), USER_TOPIC_STATS)
-        accumulate_sums(self.post, batch, ("day", "post_id"), POST_STATS)
-        accumulate_sums(self.creator, batch, ("day", "creator_id"), CREATOR_STATS)
-        users = batch["user_id"].astype(np.int64)
-        n_posts, n_creators = self.post.shape[1], self.creator.shape[1]
+        ``creator_id``) in."""
+        day = np.asarray(batch["day"], np.int64)
+        users = np.asarray(batch["user_id"], np.int64)
+        entity = {
+            "user": users,
+            "user_topic": users * self.n_topics + np.asarray(batch["topic"], np.int64),
+            "post": np.asarray(batch["post_id"], np.int64),
+            "creator": np.asarray(batch["creator_id"], np.int64),
+        }
+        for kind, stats in KIND_STATS.items():
+            part = batch_sums(batch, day * self.size[kind] + entity[kind], stats)
+            self._pending[kind].append(part)
+            self._pending_rows += len(part.keys)
+        merged = sum(len(s.keys) for s in self._sums.values())
+        if self._pending_rows > max(_MERGE_ROWS, merged // 2):
+            self._merge()
         hid = batch["hide"] > 0
-        return (
-            np.unique(users * n_posts + batch["post_id"]),
-            np.unique(users[hid] * n_creators + batch["creator_id"][hid]),
-        )
+        self._seen.append(np.unique(users * self.attrs.n_posts + entity["post"]))
+        self._hidden.append(np.unique(users[hid] * self.attrs.n_creators + entity["creator"][hid]))
 
-    def with_pairs(self, seen: list[np.ndarray], hidden: list[np.ndarray]) -> DailySums:
-        """These sums with the merged seen and hidden keys of every :meth:`add`."""
-        return replace(
-            self,
-            seen=np.unique(np.concatenate(seen)) if seen else self.seen,
-            hidden=np.unique(np.concatenate(hidden)) if hidden else self.hidden,
-        )
+    def _merge(self) -> None:
+        for kind, parts in self._pending.items():
+            if parts:
+                parts.insert(0, self._sums[kind])
+                self._sums[kind] = SparseStats.sum_of(
+                    np.concatenate([p.keys for p in parts]),
+                    np.concatenate([p.values for p in parts]),
+                    dtype=np.float64,
+                )
+                parts.clear()
+        self._pending_rows = 0
+
+    def tables(self) -> FeatureTables:
+        """The point-in-time tables of the sums so far."""
+        self._merge()
+        daily = {}
+        for kind, sums in self._sums.items():
+            n = self.size[kind]
+            cuts = np.searchsorted(sums.keys, np.arange(self.n_days + 1) * n)
+            daily[kind] = tuple(
+                SparseStats(sums.keys[a:b] - d * n, sums.values[a:b].astype(np.float32))
+                for d, (a, b) in enumerate(itertools.pairwise(cuts))
+            )
+        return FeatureTables(self.attrs, self.n_topics, daily)
+
+    def pairs(self) -> tuple[np.ndarray, np.ndarray]:
+        """(seen, hidden): int64 sorted unique ``user_id * n_posts + post_id`` of logged
+        impressions and ``user_id * n_creators + creator_id`` where the user hid a post of
+        theirs (serving filters both out)."""
+        seen = np.unique(np.concatenate(self._seen)) if self._seen else np.zeros(0, np.int64)
+        hidden = np.unique(np.concatenate(self._hidden)) if self._hidden else np.zeros(0, np.int64)
+        self._seen, self._hidden = [seen], [hidden]
+        return seen, hidden
 
 
 def daily_sums(
@@ -274,21 +312,18 @@ def daily_sums(
         return out
 
     # Each batch is folded as it arrives: the driver never holds more than one batch of logs.
-    sums = DailySums.zeros(attrs, n_days, n_topics)
-    seen, hidden = [], []
+    sums = DailySums(attrs, n_days, n_topics)
     stream = logs.select_columns(list(needed)).map_batches(with_entities, batch_format="numpy")
     for b in stream.iter_batches(batch_size=65536, batch_format="numpy"):
-        batch_seen, batch_hidden = sums.add(b)
-        seen.append(batch_seen)
-        hidden.append(batch_hidden)
-    return sums.with_pairs(seen, hidden)
+        sums.add(b)
+    return sums
 
 
-def fit_vocabularies(sums: DailySums, attrs: EntityAttributes, train_days: int) -> Vocabularies:
+def fit_vocabularies(tables: FeatureTables, train_days: int) -> Vocabularies:
     """Vocabularies of the entities seen in the training days only."""
-    users = np.flatnonzero(sums.user[:train_days, :, 0].sum(axis=0) > 0)
-    posts = np.flatnonzero(sums.post[:train_days, :, 0].sum(axis=0) > 0)
-    return vocabularies_of(users, posts, attrs)
+    users = np.concatenate([tables.daily["user"][d].keys for d in range(train_days)])
+    posts = np.concatenate([tables.daily["post"][d].keys for d in range(train_days)])
+    return vocabularies_of(users, posts, tables.attrs)
 
 
 def vocabularies_of(users: np.ndarray, posts: np.ndarray, attrs: EntityAttributes) -> Vocabularies:
@@ -386,7 +421,7 @@ def split_of(day: np.ndarray, n_days: int, valid_days: int, test_days: int) -> n
 
 
 def join_examples(
-    batch: dict[str, np.ndarray], tables: FeatureTables, split: np.ndarray
+    batch: dict[str, np.ndarray], tables: FeatureTables | FeatureSnapshot, split: np.ndarray
 ) -> dict[str, np.ndarray]:
     """Logged impressions -> example columns (raw features as of the impression, labels)."""
     out = tables.lookup(
@@ -397,6 +432,94 @@ def join_examples(
         out[name] = batch[name]
     out["split"] = split
     return out
+
+
+def day_chunks(tables: FeatureTables, days: list[int], budget_bytes: int) -> list[list[int]]:
+    """Consecutive groups of ``days`` whose join statistics (each day's :class:`DayStats`
+    restricted to that day's users and posts, about the size of its daily sums) fit
+    ``budget_bytes`` together; a day larger than the budget is a group of its own."""
+    chunks: list[list[int]] = []
+    used = budget_bytes + 1
+    for d in days:
+        # a day's restricted window statistics: about (window + 1) x its own daily sums
+        size = sum(p[d].nbytes for p in tables.daily.values()) * 2
+        if used + size > budget_bytes:
+            chunks.append([])
+            used = 0
+        chunks[-1].append(d)
+        used += size
+    return chunks
+
+
+def join_stats(tables: FeatureTables, day: int) -> DayStats:
+    """The statistics the join of ``day``'s impressions needs: that day's snapshot restricted
+    to the users and posts logged on it."""
+    return tables.day_stats(
+        day, users=tables.daily["user"][day].keys, posts=tables.daily["post"][day].keys
+    )
+
+
+def write_examples(
+    cfg: PreprocessConfig,
+    validation: LogValidation,
+    tables: FeatureTables,
+    assignment: RandomSplit | None,
+    out: PreprocessLayout,
+) -> None:
+    """The point-in-time join of every logged row -> ``examples/split=*/``.
+
+    Days are joined in groups (:func:`day_chunks`, ``cfg.join_memory_mb``): for each group the
+    driver builds each day's statistics (:func:`join_stats`), puts them in the object store,
+    and one streaming Ray Data pass reads that group's files and joins them. Small logs are one
+    group (one pass); large ones keep only a group's statistics in memory at a time.
+    """
+    n_days = tables.n_days
+    attrs_ref = ray.put(tables.attrs)
+    assignment_ref = ray.put(assignment)
+    schema = EXAMPLE_SCHEMA.append(pa.field("split", pa.string()))
+    by_day: dict[int, list[str]] = {}
+    for f in validation.files:
+        by_day.setdefault(file_day(f), []).append(f)
+    chunks = day_chunks(tables, sorted(by_day), cfg.join_memory_mb << 20)
+    for i, days in enumerate(chunks):
+        stats_refs = {d: ray.put(join_stats(tables, d)) for d in days}
+
+        def to_examples(batch: dict[str, np.ndarray], refs=stats_refs) -> pa.Table:
+            by_rows: RandomSplit | None = ray.get(assignment_ref)
+            if by_rows is None:
+                split = split_of(batch["day"], n_days, cfg.valid_days, cfg.test_days)
+            else:
+                split = by_rows.of(batch["impression_id"])
+            attrs = ray.get(attrs_ref)
+            day = np.asarray(batch["day"], np.int64)
+            parts, rows = [], []
+            for d in np.unique(day).tolist():
+                at = np.flatnonzero(day == d)
+                snap = FeatureSnapshot(ray.get(refs[d]), attrs)
+                part = {k: v[at] for k, v in batch.items()}
+                parts.append(join_examples(part, snap, split[at]))
+                rows.append(at)
+            order = np.argsort(np.concatenate(rows), kind="stable")
+            joined = {k: np.concatenate([p[k] for p in parts])[order] for k in parts[0]}
+            return arrow_from_columns(joined, schema)
+
+        files = [f for d in days for f in by_day[d]]
+        logs = read_logs(replace(validation, files=files))
+        examples = logs.map_batches(to_examples, batch_format="numpy", batch_size=16384)
+        examples.write_parquet(
+            str(out.root / "examples"),
+            partition_cols=["split"],
+            mode=SaveMode.OVERWRITE if i == 0 else SaveMode.APPEND,
+        )
+        del stats_refs
+
+
+def file_day(path: str) -> int:
+    """The day of a log file from its hive partition directory ``day=D``."""
+    name = Path(path).parent.name
+    if not name.startswith("day="):
+        raise ValueError(f"preprocess: {path} is not in a day=D directory")
+    return int(name.removeprefix("day="))
 
 
 def run_preprocess(cfg: PreprocessConfig) -> PreprocessLayout:
@@ -413,16 +536,23 @@ def run_preprocess(cfg: PreprocessConfig) -> PreprocessLayout:
         raise ValueError(f"preprocess: {n_days} days leave no training day")
 
     attrs = load_entity_attributes(world)
+    phases: dict[str, float] = {}
+    phase_start = time.perf_counter()
+
+    def phase(name: str) -> None:
+        nonlocal phase_start
+        now = time.perf_counter()
+        phases[name] = round(now - phase_start, 1)
+        phase_start = now
+
     validation = validate_logs(world.logs, n_days, attrs.n_users, attrs.n_posts, out.root)
+    phase("validate")
     logs = read_logs(validation)
     sums = daily_sums(logs, attrs, n_days, world_cfg.n_topics)
-    tables = FeatureTables.from_daily(
-        attrs,
-        user_daily=sums.user,
-        user_topic_daily=sums.user_topic,
-        post_daily=sums.post,
-        creator_daily=sums.creator,
-    )
+    tables = sums.tables()
+    seen, hidden = sums.pairs()
+    del sums
+    phase("daily_sums")
     assignment: RandomSplit | None = None
     if cfg.split == "random":
         rows = logged_rows(logs)
@@ -431,28 +561,15 @@ def run_preprocess(cfg: PreprocessConfig) -> PreprocessLayout:
         vocabs = vocabularies_of(rows["user_id"][train], rows["post_id"][train], attrs)
         del rows, train
     else:
-        vocabs = fit_vocabularies(sums, attrs, train_days)
+        vocabs = fit_vocabularies(tables, train_days)
     tables.save(out.tables)
     vocabs.save(out.vocabularies)
-    np.save(out.seen, sums.seen)
-    np.save(out.hidden, sums.hidden)
-
-    tables_ref = ray.put(tables)
-    assignment_ref = ray.put(assignment)
-    schema = EXAMPLE_SCHEMA.append(pa.field("split", pa.string()))
-
-    def to_examples(batch: dict[str, np.ndarray]) -> pa.Table:
-        by_rows: RandomSplit | None = ray.get(assignment_ref)
-        if by_rows is None:
-            split = split_of(batch["day"], n_days, cfg.valid_days, cfg.test_days)
-        else:
-            split = by_rows.of(batch["impression_id"])
-        return arrow_from_columns(join_examples(batch, ray.get(tables_ref), split), schema)
-
-    examples = logs.map_batches(to_examples, batch_format="numpy", batch_size=16384)
-    examples.write_parquet(
-        str(out.root / "examples"), partition_cols=["split"], mode=SaveMode.OVERWRITE
-    )
+    np.save(out.seen, seen)
+    np.save(out.hidden, hidden)
+    del seen, hidden
+    phase("tables_and_vocabularies")
+    write_examples(cfg, validation, tables, assignment, out)
+    phase("join")
     counts = {s: _count_rows(out.examples(s)) for s in SPLITS}
     empty = [s for s in SPLITS if not counts[s]]
     if empty:
@@ -504,6 +621,7 @@ def run_preprocess(cfg: PreprocessConfig) -> PreprocessLayout:
         "pairs": n_pairs,
         "vocab_rows": vocabs.num_rows(),
         "seconds": round(time.perf_counter() - started, 1),
+        "phase_seconds": phases,
     }
     out.meta.write_text(json.dumps(meta, indent=2))
     return out

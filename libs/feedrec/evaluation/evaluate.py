@@ -28,7 +28,7 @@ from feedrec.evaluation.metrics import (
     recall_at_k,
     top_k_excluding,
 )
-from feedrec.features.tables import FeatureTables
+from feedrec.features.tables import FeatureSnapshot
 from feedrec.features.transform import FeatureTransform
 from feedrec.models.batch import BINARY_TASKS
 from feedrec.models.predictor import RankerPredictor, TowerEncoder
@@ -126,7 +126,7 @@ def _engaged_users(cfg: EvaluationConfig, raw: dict[str, np.ndarray]) -> np.ndar
     return np.sort(rng.choice(users_all, size=min(cfg.max_users, len(users_all)), replace=False))
 
 
-def _corpus(tables: FeatureTables, day: int, lifetime: float) -> np.ndarray:
+def _corpus(tables: FeatureSnapshot, day: int, lifetime: float) -> np.ndarray:
     """Posts eligible on ``day``: created before it, within their lifetime."""
     created = tables.attrs.post_created_at
     return np.flatnonzero((created < day) & (created >= day - lifetime))
@@ -152,7 +152,7 @@ class _RetrievalSetup:
 def _retrieval_setup(
     cfg: EvaluationConfig,
     raw: dict[str, np.ndarray],
-    tables: FeatureTables,
+    tables: FeatureSnapshot,
     encoder: TowerEncoder,
     transform: FeatureTransform,
     gt: GroundTruth | None,
@@ -167,7 +167,7 @@ def _retrieval_setup(
     user_emb = encoder.users(
         transform(tables.user_columns(users, np.full(len(users), day)), "user_tower")
     )
-    likes = tables.post[day - tables.first_day, corpus, 1].astype(np.float64)
+    likes = tables.post_stat(corpus, "likes").astype(np.float64)
     scorers: dict[str, Callable[[np.ndarray], np.ndarray]] = {
         "model": lambda rows: user_emb[rows] @ items.T,
         "popularity": lambda rows: np.broadcast_to(likes, (len(rows), len(corpus))),
@@ -319,9 +319,9 @@ def evaluate(cfg: EvaluationConfig) -> dict[str, Any]:
     ranker_art, tower_art = load_artifact(cfg.ranker_dir), load_artifact(cfg.two_tower_dir)
     ranker = RankerPredictor.from_artifact(ranker_art)
     encoder = TowerEncoder.from_artifact(tower_art)
-    tables = FeatureTables.load(data.tables)
     world_cfg = load_world_config(world)
     day = _retrieval_day(meta)
+    tables = FeatureSnapshot.load(data.tables, day)
     tower_transform = FeatureTransform(tower_art.vocabs)
     lifetime = world_cfg.post_lifetime_days
     train_pairs = split_pairs(data, "train", tables.attrs.n_posts)

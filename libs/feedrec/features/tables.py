@@ -1,14 +1,24 @@
 """Point-in-time feature tables and the one join that turns (user, post, time) into raw features.
 
-The preprocess job (Ray Data, offline) and the feed service (online) both call
-:meth:`FeatureTables.lookup`; the service just holds the slice for the serving day. Values for day
-``d`` are computed only from days strictly before ``d`` (no leakage): user and creator aggregates
-over the trailing ``WINDOW_DAYS`` days, post aggregates over all earlier days.
+Everything is sparse: only entities (and user x topic pairs) with logged impressions have
+statistics, so memory grows with the logs, not with users x topics x days.
+
+* :class:`FeatureTables` keeps the per-day sums of every logged day (:class:`SparseStats` per
+  day and entity kind) and builds the statistics valid on any day from them.
+* :class:`FeatureSnapshot` is one day's statistics (optionally only for the users and posts a
+  caller will look up) plus the static attributes; its :meth:`~FeatureSnapshot.lookup` is the
+  join. The preprocess job (Ray Data, offline) joins each logged day against that day's
+  snapshot; the feed service (online) holds the serving day's.
+
+Values for day ``d`` are computed only from days strictly before ``d`` (no leakage): user,
+user x topic and creator statistics over the trailing ``WINDOW_DAYS`` days, post statistics over
+all earlier days.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields, replace
+import itertools
+from dataclasses import dataclass, fields
 from pathlib import Path
 
 import numpy as np
@@ -20,6 +30,80 @@ USER_STATS = ("imps", "likes", "comments", "shares", "hides", "dwell")
 POST_STATS = ("imps", "likes", "comments", "shares", "hides", "dwell")
 CREATOR_STATS = ("imps", "likes", "hides")
 USER_TOPIC_STATS = ("imps", "likes")
+
+#: Entity kinds -> their statistics. user_topic keys are ``user_id * n_topics + topic``.
+KIND_STATS: dict[str, tuple[str, ...]] = {
+    "user": USER_STATS,
+    "user_topic": USER_TOPIC_STATS,
+    "post": POST_STATS,
+    "creator": CREATOR_STATS,
+}
+#: Trailing window (days) of each kind's statistics; None: all earlier days.
+KIND_WINDOW: dict[str, int | None] = {
+    "user": WINDOW_DAYS,
+    "user_topic": WINDOW_DAYS,
+    "post": None,
+    "creator": WINDOW_DAYS,
+}
+#: Version of the saved layout (1 was dense [days, entities, stats] arrays).
+FORMAT = 2
+
+
+def members(sorted_keys: np.ndarray, keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Where ``keys`` [N] sit in ``sorted_keys`` [K] (sorted, unique) -> (index [N], found [N])."""
+    idx = np.searchsorted(sorted_keys, keys)
+    idx = np.minimum(idx, max(len(sorted_keys) - 1, 0))
+    found = sorted_keys[idx] == keys if len(sorted_keys) else np.zeros(len(keys), bool)
+    return idx, found
+
+
+@dataclass(frozen=True)
+class SparseStats:
+    """Statistics of the keys that have any.
+
+    Shapes: keys int64 [K] (sorted, unique), values float32 [K, S].
+    """
+
+    keys: np.ndarray
+    values: np.ndarray
+
+    @classmethod
+    def empty(cls, n_stats: int) -> SparseStats:
+        return cls(np.zeros(0, np.int64), np.zeros((0, n_stats), np.float32))
+
+    @classmethod
+    def sum_of(cls, keys: np.ndarray, values: np.ndarray, dtype: type = np.float32) -> SparseStats:
+        """Sum the rows of repeated keys. ``keys`` [N], ``values`` [N, S] -> values of ``dtype``.
+
+        The sort is stable and sums run in float64 in input order, so a key's sum depends only
+        on its own rows (in the order given), not on which other keys are present.
+        """
+        keys = np.asarray(keys, dtype=np.int64)
+        if not len(keys):
+            return cls(np.zeros(0, np.int64), np.zeros((0, values.shape[1]), dtype))
+        order = np.argsort(keys, kind="stable")
+        keys, values = keys[order], np.asarray(values, dtype=np.float64)[order]
+        starts = np.flatnonzero(np.r_[True, keys[1:] != keys[:-1]])
+        return cls(keys[starts], np.add.reduceat(values, starts, axis=0).astype(dtype))
+
+    @property
+    def n_stats(self) -> int:
+        return int(self.values.shape[1])
+
+    @property
+    def nbytes(self) -> int:
+        return int(self.keys.nbytes + self.values.nbytes)
+
+    def get(self, keys: np.ndarray) -> np.ndarray:
+        """float32 [N, S]: the statistics of ``keys`` [N], zeros for keys without any."""
+        idx, found = members(self.keys, np.asarray(keys, dtype=np.int64))
+        out = np.zeros((len(idx), self.n_stats), np.float32)
+        out[found] = self.values[idx[found]]
+        return out
+
+    def where(self, keep: np.ndarray) -> SparseStats:
+        """Only the rows where ``keep`` (bool [K])."""
+        return SparseStats(self.keys[keep], self.values[keep])
 
 
 @dataclass(frozen=True)
@@ -46,6 +130,10 @@ class EntityAttributes:
     def n_posts(self) -> int:
         return len(self.post_creator)
 
+    @property
+    def n_creators(self) -> int:
+        return len(self.creator_followers)
+
     def post_columns(self, post_id: np.ndarray) -> dict[str, np.ndarray]:
         """Static raw columns of posts (the item side; no user or time needed)."""
         return {
@@ -56,78 +144,73 @@ class EntityAttributes:
             "content_emb": self.post_content[post_id].astype(np.float32),
         }
 
+    def check_ids(self, user_id: np.ndarray, post_id: np.ndarray) -> None:
+        if user_id.size and (user_id.min() < 0 or user_id.max() >= self.n_users):
+            raise ValueError("unknown user_id in feature lookup")
+        if post_id.size and (post_id.min() < 0 or post_id.max() >= self.n_posts):
+            raise ValueError("unknown post_id in feature lookup")
+
 
 @dataclass(frozen=True)
-class FeatureTables:
-    """Per-day point-in-time statistics.
+class DayStats:
+    """The statistics valid on ``day`` (from earlier days only), per entity kind.
 
-    Shapes (D = number of days held, starting at ``first_day``): user [D, U, 6],
-    user_topic [D, U, T, 2], post [D, P, 6], creator [D, C, 3].
+    Small enough to ship to Ray Data workers without the attributes (which every day shares).
     """
 
-    first_day: int
-    user: np.ndarray
-    user_topic: np.ndarray
-    post: np.ndarray
-    creator: np.ndarray
-    attrs: EntityAttributes
-
-    @classmethod
-    def from_daily(
-        cls,
-        attrs: EntityAttributes,
-        *,
-        user_daily: np.ndarray,
-        user_topic_daily: np.ndarray,
-        post_daily: np.ndarray,
-        creator_daily: np.ndarray,
-    ) -> FeatureTables:
-        """Build tables for days 0..n_days (inclusive: the last is the serving day).
-
-        Args:
-            *_daily: per-day sums, first axis n_days, e.g. user_daily [n_days, U, 6].
-        """
-        zero = np.zeros_like
-
-        def prior(daily: np.ndarray, window: int | None) -> np.ndarray:
-            cum = np.concatenate([zero(daily[:1]), np.cumsum(daily, axis=0, dtype=np.float64)])
-            if window is None:
-                return cum.astype(np.float32)
-            lagged = np.concatenate([zero(cum[:window]), cum[:-window]])
-            return (cum - lagged).astype(np.float32)
-
-        return cls(
-            first_day=0,
-            user=prior(user_daily, WINDOW_DAYS),
-            user_topic=prior(user_topic_daily, WINDOW_DAYS),
-            post=prior(post_daily, None),
-            creator=prior(creator_daily, WINDOW_DAYS),
-            attrs=attrs,
-        )
+    day: int
+    n_topics: int
+    user: SparseStats
+    user_topic: SparseStats
+    post: SparseStats
+    creator: SparseStats
 
     @property
-    def days(self) -> range:
-        return range(self.first_day, self.first_day + self.user.shape[0])
+    def nbytes(self) -> int:
+        return sum(getattr(self, k).nbytes for k in KIND_STATS)
 
-    def as_of(self, day: int) -> FeatureTables:
-        """Only the statistics valid on ``day`` (what the online store keeps in memory)."""
-        if day not in self.days:
-            raise ValueError(f"no feature snapshot for day {day} (have {self.days})")
-        i = day - self.first_day
-        return replace(
-            self,
-            first_day=day,
-            user=self.user[i : i + 1].copy(),
-            user_topic=self.user_topic[i : i + 1].copy(),
-            post=self.post[i : i + 1].copy(),
-            creator=self.creator[i : i + 1].copy(),
-        )
+
+@dataclass(frozen=True)
+class FeatureSnapshot:
+    """One day's statistics with the entity attributes: the join for impressions of that day."""
+
+    stats: DayStats
+    attrs: EntityAttributes
+
+    @property
+    def day(self) -> int:
+        return self.stats.day
+
+    @classmethod
+    def load(cls, path: Path, day: int) -> FeatureSnapshot:
+        """The full snapshot of ``day`` from saved tables (what a store serving that day holds)."""
+        return FeatureTables.load(path).snapshot(day)
+
+    def post_stat(self, post_id: np.ndarray, name: str) -> np.ndarray:
+        """float32 [N]: statistic ``name`` (one of ``POST_STATS``) of posts [N] on this day."""
+        return self.stats.post.get(post_id)[:, POST_STATS.index(name)]
+
+    def topic_likes(self, user_id: np.ndarray) -> np.ndarray:
+        """float32 [N, T, 2]: each user's (imps, likes) per topic in the window."""
+        t = self.stats.n_topics
+        ut = self.stats.user_topic
+        user_id = np.asarray(user_id, dtype=np.int64)
+        out = np.zeros((len(user_id), t, ut.n_stats), np.float32)
+        lo = np.searchsorted(ut.keys, user_id * t)
+        hi = np.searchsorted(ut.keys, user_id * t + t)
+        counts = hi - lo
+        rows = np.repeat(np.arange(len(user_id)), counts)
+        at = np.arange(counts.sum()) - np.repeat(np.cumsum(counts) - counts, counts)
+        src = np.repeat(lo, counts) + at
+        out[rows, ut.keys[src] % t] = ut.values[src]
+        return out
 
     def user_columns(self, user_id: np.ndarray, day: np.ndarray) -> dict[str, np.ndarray]:
-        """Raw user-side columns for aligned user ids [N] and days [N]."""
-        d = self._day_index(day)
-        stats = self.user[d, user_id]
-        likes_by_topic = self.user_topic[d, user_id, :, 1]  # [N, T]
+        """Raw user-side columns for aligned user ids [N] and days [N] (all this snapshot's)."""
+        user_id = np.asarray(user_id, dtype=np.int64)
+        self._check_day(day)
+        stats = self.stats.user.get(user_id)
+        likes_by_topic = self.topic_likes(user_id)[:, :, 1]  # [N, T]
         # Topics the user liked most in the window (stable order on ties), -1 padded.
         order = np.argsort(-likes_by_topic, axis=1, kind="stable")[:, :HISTORY_LEN]
         top_likes = np.take_along_axis(likes_by_topic, order, axis=1)
@@ -135,7 +218,7 @@ class FeatureTables:
         if recent.shape[1] < HISTORY_LEN:
             pad = np.full((len(recent), HISTORY_LEN - recent.shape[1]), -1, dtype=np.int64)
             recent = np.concatenate([recent, pad], axis=1)
-        out = {"user_id": user_id.astype(np.int64)}
+        out = {"user_id": user_id}
         out["user_segment"] = self.attrs.user_segment[user_id].astype(np.int64)
         out.update({f"u_{name}": stats[:, i] for i, name in enumerate(USER_STATS)})
         out["u_recent_topics"] = recent
@@ -153,62 +236,183 @@ class FeatureTables:
 
         Args:
             user_id, post_id: int64 [N] raw ids (must be known entities).
-            day: int64 [N] day whose snapshot applies (the impression's day).
+            day: int64 [N] day whose snapshot applies (the impression's day; this one's).
             ts: float64 [N] impression time in days (for the post's age).
             position: [N] feed position (serving passes 0).
         """
         user_id = np.asarray(user_id, dtype=np.int64)
         post_id = np.asarray(post_id, dtype=np.int64)
-        day = np.asarray(day, dtype=np.int64)
-        self._check_ids(user_id, post_id)
-        d = self._day_index(day)
+        self.attrs.check_ids(user_id, post_id)
         out = self.user_columns(user_id, day)
         out.update(self.attrs.post_columns(post_id))
         topic = out["topic"]
-        ut = self.user_topic[d, user_id, topic]
+        ut = self.stats.user_topic.get(user_id * self.stats.n_topics + topic)
         out["ut_imps"], out["ut_likes"] = ut[:, 0], ut[:, 1]
-        post = self.post[d, post_id]
+        post = self.stats.post.get(post_id)
         out.update({f"p_{name}": post[:, i] for i, name in enumerate(POST_STATS)})
         age = np.asarray(ts, dtype=np.float64) - self.attrs.post_created_at[post_id]
         out["p_age_days"] = age.astype(np.float32)
-        creator = self.creator[d, out["creator_id"]]
+        creator = self.stats.creator.get(out["creator_id"])
         out.update({f"c_{name}": creator[:, i] for i, name in enumerate(CREATOR_STATS)})
         out["c_followers"] = self.attrs.creator_followers[out["creator_id"]].astype(np.float32)
         out["position"] = np.asarray(position, dtype=np.float32)
         return out
 
-    def _day_index(self, day: np.ndarray) -> np.ndarray:
-        d = np.asarray(day, dtype=np.int64) - self.first_day
-        if d.size and (d.min() < 0 or d.max() >= self.user.shape[0]):
-            raise ValueError(f"day outside the feature snapshot range {self.days}")
-        return d
+    def _check_day(self, day: np.ndarray) -> None:
+        day = np.asarray(day, dtype=np.int64)
+        if day.size and (day.min() != self.day or day.max() != self.day):
+            raise ValueError(f"day outside the feature snapshot (it holds day {self.day})")
 
-    def _check_ids(self, user_id: np.ndarray, post_id: np.ndarray) -> None:
-        if user_id.size and (user_id.min() < 0 or user_id.max() >= self.attrs.n_users):
-            raise ValueError("unknown user_id in feature lookup")
-        if post_id.size and (post_id.min() < 0 or post_id.max() >= self.attrs.n_posts):
-            raise ValueError("unknown post_id in feature lookup")
+
+@dataclass(frozen=True)
+class FeatureTables:
+    """Per-day sums of every logged day, sparse, and the snapshots built from them.
+
+    ``daily[kind][d]`` holds the sums of day ``d`` (``d`` in ``0 .. n_days - 1``); snapshots
+    exist for days ``0 .. n_days`` (the last is the serving day).
+    """
+
+    attrs: EntityAttributes
+    n_topics: int
+    daily: dict[str, tuple[SparseStats, ...]]
+
+    def __post_init__(self) -> None:
+        if set(self.daily) != set(KIND_STATS):
+            raise ValueError(f"feature tables: daily sums must have kinds {sorted(KIND_STATS)}")
+        if len({len(v) for v in self.daily.values()}) != 1:
+            raise ValueError("feature tables: every kind needs the same number of days")
+
+    @property
+    def n_days(self) -> int:
+        """Logged days."""
+        return len(self.daily["user"])
+
+    @property
+    def days(self) -> range:
+        """Days that have a snapshot (the logged days and the serving day after them)."""
+        return range(self.n_days + 1)
+
+    def snapshot(
+        self, day: int, users: np.ndarray | None = None, posts: np.ndarray | None = None
+    ) -> FeatureSnapshot:
+        """Statistics valid on ``day``, optionally only for ``users`` / ``posts`` (int64, sorted
+        unique; the creators are those of the posts). A restricted snapshot gives exactly the
+        values of the full one for the entities it keeps."""
+        return FeatureSnapshot(self.day_stats(day, users, posts), self.attrs)
+
+    def day_stats(
+        self, day: int, users: np.ndarray | None = None, posts: np.ndarray | None = None
+    ) -> DayStats:
+        """The statistics part of :meth:`snapshot`."""
+        if day not in self.days:
+            raise ValueError(f"no feature snapshot for day {day} (have {self.days})")
+        t = self.n_topics
+        keep: dict[str, np.ndarray | None] = {"user": users, "post": posts}
+        keep["user_topic"] = None if users is None else users
+        keep["creator"] = None if posts is None else np.unique(self.attrs.post_creator[posts])
+        stats = {}
+        for kind, window in KIND_WINDOW.items():
+            first = 0 if window is None else max(0, day - window)
+            parts = []
+            for d in range(first, day):
+                part = self.daily[kind][d]
+                only = keep[kind]
+                if only is not None:
+                    owner = part.keys // t if kind == "user_topic" else part.keys
+                    part = part.where(members(only, owner)[1])
+                parts.append(part)
+            if not parts:
+                stats[kind] = SparseStats.empty(len(KIND_STATS[kind]))
+                continue
+            stats[kind] = SparseStats.sum_of(
+                np.concatenate([p.keys for p in parts]), np.concatenate([p.values for p in parts])
+            )
+        return DayStats(day=day, n_topics=t, **stats)
+
+    def as_of(self, day: int) -> FeatureSnapshot:
+        """The full snapshot of ``day`` (what the online store keeps in memory)."""
+        return self.snapshot(day)
+
+    def lookup(
+        self,
+        user_id: np.ndarray,
+        post_id: np.ndarray,
+        day: np.ndarray,
+        ts: np.ndarray,
+        position: np.ndarray,
+    ) -> dict[str, np.ndarray]:
+        """:meth:`FeatureSnapshot.lookup` for rows of any days (arrays [N]): each day's rows
+        are joined against that day's snapshot, restricted to their users and posts."""
+        user_id = np.asarray(user_id, dtype=np.int64)
+        post_id = np.asarray(post_id, dtype=np.int64)
+        day = np.asarray(day, dtype=np.int64)
+        self.attrs.check_ids(user_id, post_id)
+        parts, rows = [], []
+        for d in np.unique(day).tolist():
+            at = np.flatnonzero(day == d)
+            users, posts = user_id[at], post_id[at]
+            snap = self.snapshot(d, np.unique(users), np.unique(posts))
+            parts.append(snap.lookup(users, posts, day[at], ts[at], np.asarray(position)[at]))
+            rows.append(at)
+        if not parts:
+            empty = self.snapshot(0)
+            return empty.lookup(user_id, post_id, day, ts, position)
+        order = np.argsort(np.concatenate(rows), kind="stable")
+        return {k: np.concatenate([p[k] for p in parts])[order] for k in parts[0]}
 
     def save(self, path: Path) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
-        arrays = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "attrs"}
-        arrays.update({f"attr_{f.name}": getattr(self.attrs, f.name) for f in fields(self.attrs)})
-        arrays["first_day"] = np.asarray(self.first_day)
+        arrays = {f"attr_{f.name}": getattr(self.attrs, f.name) for f in fields(self.attrs)}
+        arrays["format"] = np.asarray(FORMAT)
+        arrays["n_topics"] = np.asarray(self.n_topics)
+        for kind, days in self.daily.items():
+            arrays[f"{kind}_offsets"] = np.cumsum([0] + [len(p.keys) for p in days])
+            arrays[f"{kind}_keys"] = np.concatenate([p.keys for p in days])
+            arrays[f"{kind}_values"] = np.concatenate([p.values for p in days])
         np.savez(path, **arrays)
 
     @classmethod
-    def load(cls, path: Path, *, day: int | None = None) -> FeatureTables:
-        """Load tables; with ``day`` keep only that day's snapshot."""
+    def load(cls, path: Path) -> FeatureTables:
         with np.load(path, allow_pickle=False) as z:
+            if "format" not in z or int(z["format"]) != FORMAT:
+                raise ValueError(
+                    f"{path}: feature tables of an older layout; run `feedrec preprocess` again"
+                )
             attrs = EntityAttributes(
                 **{f.name: z[f"attr_{f.name}"] for f in fields(EntityAttributes)}
             )
-            tables = cls(
-                first_day=int(z["first_day"]),
-                user=z["user"],
-                user_topic=z["user_topic"],
-                post=z["post"],
-                creator=z["creator"],
-                attrs=attrs,
-            )
-        return tables if day is None else tables.as_of(day)
+            daily = {}
+            for kind in KIND_STATS:
+                offsets, keys, values = (z[f"{kind}_{a}"] for a in ("offsets", "keys", "values"))
+                daily[kind] = tuple(
+                    SparseStats(keys[a:b], values[a:b]) for a, b in itertools.pairwise(offsets)
+                )
+            return cls(attrs, int(z["n_topics"]), daily)
+
+    @classmethod
+    def from_dense(
+        cls,
+        attrs: EntityAttributes,
+        *,
+        user_daily: np.ndarray,
+        user_topic_daily: np.ndarray,
+        post_daily: np.ndarray,
+        creator_daily: np.ndarray,
+    ) -> FeatureTables:
+        """Tables from dense per-day sums (small worlds and tests), e.g. user_daily
+        [n_days, U, 6], user_topic_daily [n_days, U, T, 2]; all-zero rows count as absent."""
+        n_topics = user_topic_daily.shape[2]
+        dense = {
+            "user": user_daily,
+            "user_topic": user_topic_daily.reshape(len(user_topic_daily), -1, 2),
+            "post": post_daily,
+            "creator": creator_daily,
+        }
+        daily = {}
+        for kind, a in dense.items():
+            days = []
+            for day in a:
+                keys = np.flatnonzero(np.abs(day).sum(axis=1) > 0)
+                days.append(SparseStats(keys.astype(np.int64), day[keys].astype(np.float32)))
+            daily[kind] = tuple(days)
+        return cls(attrs, n_topics, daily)

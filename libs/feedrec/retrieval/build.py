@@ -9,7 +9,7 @@ import numpy as np
 
 from feedrec.artifacts import ModelArtifact, load_artifact, save_artifact
 from feedrec.data.preprocess import PreprocessLayout, load_entity_attributes
-from feedrec.features.tables import FeatureTables
+from feedrec.features.tables import FeatureSnapshot
 from feedrec.features.transform import FeatureTransform
 from feedrec.models.predictor import TowerEncoder
 from feedrec.retrieval.post_index import EXACT_MAX_POSTS, PostIndex
@@ -40,7 +40,7 @@ def build_retrieval_artifact(
     queries = None
     if len(posts) > EXACT_MAX_POSTS:  # only large corpora get the sweep: skip the work otherwise
         # Sample viewers as of the serving day: the queries the sweep tunes recall for.
-        tables = FeatureTables.load(data.tables, day=day)
+        tables = FeatureSnapshot.load(data.tables, day)
         users = np.random.default_rng(0).choice(attrs.n_users, min(SWEEP_QUERIES, attrs.n_users))
         queries = encoder.users(
             transform(tables.user_columns(users, np.full(len(users), day)), "user_tower")

@@ -1,6 +1,6 @@
 """The embedded online feature store: the serving day's slice of the point-in-time tables.
 
-It holds exactly what the offline join used for that day (``FeatureTables.as_of``), so a
+It holds exactly what the offline join used for that day (``FeatureSnapshot``), so a
 (user, post) pair scored online gets the same raw features as the offline example would.
 """
 
@@ -14,7 +14,7 @@ import numpy as np
 import pyarrow.parquet as pq
 
 from feedrec.data.preprocess import PreprocessLayout
-from feedrec.features.tables import FeatureTables
+from feedrec.features.tables import FeatureSnapshot
 from feedrec.serving.rerank import Candidates
 from feedrec.world.generator import load_world_config
 from feedrec.world.layout import WorldLayout
@@ -35,7 +35,7 @@ class OnlineFeatureStore:
     """Features of users and posts as of ``now`` (days on the world clock).
 
     Attributes:
-        tables: point-in-time tables holding only the serving day.
+        tables: the serving day's feature snapshot.
         now: request time used for post ages (start of the serving day).
         eligible: int64 [E] posts that may be suggested (created within the post lifetime).
         popular: int64 [E] the eligible posts by likes so far, most liked first.
@@ -49,7 +49,7 @@ class OnlineFeatureStore:
             with every served feed so training rows are rebuilt from the same features.
     """
 
-    tables: FeatureTables
+    tables: FeatureSnapshot
     now: float
     eligible: np.ndarray
     popular: np.ndarray
@@ -69,12 +69,12 @@ class OnlineFeatureStore:
     ) -> OnlineFeatureStore:
         data, world = PreprocessLayout(Path(data_dir)), WorldLayout(Path(world_dir))
         day = int(data.read_meta()["serving_day"])
-        tables = FeatureTables.load(data.tables, day=day)
+        tables = FeatureSnapshot.load(data.tables, day)
         attrs = tables.attrs
         lifetime = load_world_config(world).post_lifetime_days
         created = attrs.post_created_at
         eligible = np.flatnonzero((created < day) & (created >= day - lifetime))
-        likes = tables.post[0, eligible, 1]
+        likes = tables.post_stat(eligible, "likes")
         popular = eligible[np.argsort(-likes, kind="stable")]
         follows = pq.read_table(world.follows)
         follow_keys = np.sort(
@@ -87,13 +87,14 @@ class OnlineFeatureStore:
         h_ptr, h_cols = _csr(np.load(data.hidden, allow_pickle=False), attrs.n_users, n_creators)
         followers = attrs.creator_followers
         small = followers <= np.quantile(followers, small_quantile)
-        # user_topic [1, U, T, (imps, likes)] -> per segment; +1 like / +20 imps smoothing.
-        ut = tables.user_topic[0]
+        # user x topic (imps, likes) -> per segment; +1 like / +20 imps smoothing.
+        ut, n_topics = tables.stats.user_topic, tables.stats.n_topics
         n_seg = int(attrs.user_segment.max()) + 1 if attrs.n_users else 0
-        imps = np.zeros((n_seg + 1, ut.shape[1]))
+        imps = np.zeros((n_seg + 1, n_topics))
         likes = np.zeros_like(imps)
-        np.add.at(imps, attrs.user_segment, ut[:, :, 0])
-        np.add.at(likes, attrs.user_segment, ut[:, :, 1])
+        at = (attrs.user_segment[ut.keys // n_topics], ut.keys % n_topics)
+        np.add.at(imps, at, ut.values[:, 0])
+        np.add.at(likes, at, ut.values[:, 1])
         imps[n_seg], likes[n_seg] = imps[:n_seg].sum(axis=0), likes[:n_seg].sum(axis=0)
         rate = (likes + 1.0) / (imps + 20.0)
         return cls(
@@ -114,7 +115,7 @@ class OnlineFeatureStore:
 
     @property
     def day(self) -> int:
-        return self.tables.first_day
+        return self.tables.day
 
     def knows_user(self, user_id: int) -> bool:
         return 0 <= user_id < self.tables.attrs.n_users
@@ -182,7 +183,8 @@ class OnlineFeatureStore:
         posts = self.popular[: max(20 * n, 500)]
         topics = self.tables.attrs.post_topic[posts]
         row = self.n_segments if segment is None else segment
-        score = (1.0 + self.tables.post[0, posts, 1]) * self.segment_topic_rate[row, topics]
+        likes = self.tables.post_stat(posts, "likes")
+        score = (1.0 + likes) * self.segment_topic_rate[row, topics]
         score = score * np.where(np.isin(topics, interests), 2.0, 1.0)
         order = np.argsort(-score, kind="stable")[:n]
         return posts[order], score[order]

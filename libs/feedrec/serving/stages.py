@@ -261,7 +261,7 @@ class FeedPipeline:
             posts = posts[self.store.allowed(user_id, posts, np.asarray(blocked, np.int64))]
         else:
             posts = posts[~np.isin(self.store.post_creator(posts), blocked)]
-        likes = self.store.tables.post[0, posts[:count], 1]
+        likes = self.store.tables.post_stat(posts[:count], "likes")
         return [
             FeedItem(post_id=int(p), score=float(s), scores={})
             for p, s in zip(posts[:count], likes, strict=True)
