@@ -18,7 +18,8 @@ Each side runs in its own subprocess. Its peak memory is the largest sum of RSS 
 tree, sampled every 0.2 s. For Ray the tree holds the driver, GCS, raylet and workers; pages of
 the shared object store count once per process that maps them.
 
-Prints both side by side and writes ``bench/results/data.json``:
+Prints both side by side and writes ``bench/results/data.json`` (``data_<preset>.json`` for
+another preset than ``small``):
 ``{"ray_data_rows_per_s", "single_rows_per_s", "ratio", "peak_mb", "rows", ...}``.
 """
 
@@ -28,6 +29,7 @@ import argparse
 import json
 import os
 import platform
+import resource
 import subprocess
 import sys
 import threading
@@ -35,7 +37,15 @@ import time
 from pathlib import Path
 from typing import Any
 
-RESULTS = Path(__file__).resolve().parent / "results" / "data.json"
+RESULTS_DIR = Path(__file__).resolve().parent / "results"
+
+
+def results_path(preset: str) -> Path:
+    """``data.json`` for the standard ``small`` run (what the report reads), else
+    ``data_<preset>.json``."""
+    return RESULTS_DIR / ("data.json" if preset == "small" else f"data_{preset}.json")
+
+
 GOAL = 0.8
 
 
@@ -60,6 +70,13 @@ def _tree_rss_mb(root: int) -> float:
         tree.update(kids)
         frontier = kids
     return sum(rss.get(p, 0) for p in tree) / 1024.0
+
+
+def _machine_used_mb() -> float:
+    """MemTotal - MemAvailable (MiB): memory in use machine-wide, shared pages counted once."""
+    with open("/proc/meminfo") as f:
+        info = {line.split(":")[0]: int(line.split()[1]) for line in f}
+    return (info["MemTotal"] - info["MemAvailable"]) / 1024.0
 
 
 def _prepare(run_dir: Path, preset: str) -> None:
@@ -184,17 +201,32 @@ def _single_side(run_dir: Path) -> dict[str, Any]:
     return {"seconds": time.perf_counter() - started, "rows": rows, "examples": counts}
 
 
-def _measure(side: str, run_dir: Path) -> dict[str, Any]:
-    """Run one side in a subprocess; its result plus the peak RSS of its process tree."""
+def _measure(side: str, run_dir: Path, limit_gb: float | None = None) -> dict[str, Any]:
+    """Run one side in a subprocess; its result plus the peak RSS of its process tree.
+
+    With ``limit_gb`` the subprocess gets that address-space limit (RLIMIT_AS, Arrow on the
+    system allocator so that reserved and used memory agree): a side that needs more fails
+    with MemoryError instead of driving the machine out of memory. Its result is then
+    ``{"failed": ...}`` with the peak reached.
+    """
     cmd = [sys.executable, "-m", "bench.data", "--side", side, "--run-dir", str(run_dir)]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True)
-    peak = 0.0
+    env, limit = dict(os.environ), None
+    if limit_gb is not None:
+        env["ARROW_DEFAULT_MEMORY_POOL"] = "system"
+        size = int(limit_gb * (1 << 30))
+
+        def limit() -> None:
+            resource.setrlimit(resource.RLIMIT_AS, (size, size))
+
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True, env=env, preexec_fn=limit)
+    peak, machine_peak, machine_base = 0.0, 0.0, _machine_used_mb()
     stop = threading.Event()
 
     def sample() -> None:
-        nonlocal peak
+        nonlocal peak, machine_peak
         while not stop.is_set():
             peak = max(peak, _tree_rss_mb(proc.pid))
+            machine_peak = max(machine_peak, _machine_used_mb() - machine_base)
             stop.wait(0.2)
 
     sampler = threading.Thread(target=sample, daemon=True)
@@ -203,10 +235,42 @@ def _measure(side: str, run_dir: Path) -> dict[str, Any]:
     stop.set()
     sampler.join()
     if proc.returncode != 0:
+        if limit_gb is not None:
+            failed = f"exit {proc.returncode} at a {limit_gb} GB limit"
+            return {"failed": failed, "peak_mb": peak, "machine_peak_mb": machine_peak}
         raise RuntimeError(f"the {side} side failed (exit {proc.returncode})")
     result: dict[str, Any] = json.loads(stdout.strip().splitlines()[-1])
     result["peak_mb"] = peak
+    result["machine_peak_mb"] = machine_peak
     return result
+
+
+def _write_failed_single(
+    preset: str, single: dict[str, Any], ray_data: dict[str, Any], started: float
+) -> None:
+    """Results when the single process could not finish within its memory limit."""
+    result = {
+        "ray_data_rows_per_s": round(ray_data["rows"] / ray_data["seconds"], 1),
+        "single_failed": single["failed"],
+        "rows": ray_data["rows"],
+        "examples": ray_data["examples"],
+        "seconds": {"ray_data": round(ray_data["seconds"], 1)},
+        "peak_mb": {"ray_data": round(ray_data["peak_mb"]), "single": round(single["peak_mb"])},
+        "machine_peak_mb": {
+            "ray_data": round(ray_data["machine_peak_mb"]),
+            "single": round(single["machine_peak_mb"]),
+        },
+        "preset": preset,
+        "host": {"cpus": os.cpu_count(), "machine": platform.machine()},
+        "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+        "bench_seconds": round(time.perf_counter() - started, 1),
+    }
+    print(f"single process: {single['failed']} (peak {single['peak_mb']:.0f} MB)")
+    rate, peak = result["ray_data_rows_per_s"], ray_data["peak_mb"]
+    print(f"Ray Data: {rate:.0f} rows/s, peak {peak:.0f} MB")
+    out = results_path(preset)
+    out.write_text(json.dumps(result, indent=2) + "\n")
+    print(f"wrote {out}")
 
 
 def main() -> None:
@@ -214,6 +278,12 @@ def main() -> None:
     parser.add_argument("--preset", default="small", choices=["debug", "small", "large"])
     parser.add_argument("--run-dir", type=Path, default=Path("runs/bench-data"))
     parser.add_argument("--side", choices=["ray", "single"], help=argparse.SUPPRESS)
+    parser.add_argument(
+        "--single-limit-gb",
+        type=float,
+        default=None,
+        help="address-space limit of the single process (large presets: fail, not OOM)",
+    )
     args = parser.parse_args()
     if args.side:
         side = _ray_side if args.side == "ray" else _single_side
@@ -221,8 +291,11 @@ def main() -> None:
         return
     _prepare(args.run_dir, args.preset)
     started = time.perf_counter()
-    single = _measure("single", args.run_dir)
+    single = _measure("single", args.run_dir, args.single_limit_gb)
     ray_data = _measure("ray", args.run_dir)
+    if "failed" in single:
+        _write_failed_single(args.preset, single, ray_data, started)
+        return
     if single["examples"] != ray_data["examples"]:
         raise RuntimeError(f"the sides disagree: {single['examples']} vs {ray_data['examples']}")
     rates = {name: r["rows"] / r["seconds"] for name, r in (("ray", ray_data), ("single", single))}
@@ -239,21 +312,29 @@ def main() -> None:
             "single": round(single["seconds"], 1),
         },
         "peak_mb": {"ray_data": round(ray_data["peak_mb"]), "single": round(single["peak_mb"])},
+        "machine_peak_mb": {
+            "ray_data": round(ray_data["machine_peak_mb"]),
+            "single": round(single["machine_peak_mb"]),
+        },
         "preset": args.preset,
         "host": {"cpus": os.cpu_count(), "machine": platform.machine()},
         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
         "bench_seconds": round(time.perf_counter() - started, 1),
     }
-    print(f"{'':26}{'rows/s':>12}{'seconds':>10}{'peak MB':>10}")
+    print(f"{'':26}{'rows/s':>12}{'seconds':>10}{'peak MB':>10}{'machine MB':>12}")
     for name, row, rate in (
         ("single process (pyarrow)", single, rates["single"]),
         ("Ray Data preprocess", ray_data, rates["ray"]),
     ):
-        print(f"{name:26}{rate:>12.0f}{row['seconds']:>10.1f}{row['peak_mb']:>10.0f}")
+        print(
+            f"{name:26}{rate:>12.0f}{row['seconds']:>10.1f}{row['peak_mb']:>10.0f}"
+            f"{row['machine_peak_mb']:>12.0f}"
+        )
     print(f"ratio (Ray Data / single): {ratio:.2f}x (goal >= {GOAL}x); {result['rows']:,} rows")
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS.write_text(json.dumps(result, indent=2) + "\n")
-    print(f"wrote {RESULTS}")
+    out = results_path(args.preset)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2) + "\n")
+    print(f"wrote {out}")
 
 
 if __name__ == "__main__":

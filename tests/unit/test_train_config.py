@@ -15,6 +15,7 @@ from feedrec.training.config import PRESETS, TrainConfig
         ("batch_size", 0),
         ("checkpoint_every_steps", -1),
         ("max_failures", -1),
+        ("steps_per_epoch", -1),
         ("fault_drill_step", 0),
         ("dense_lr", 0.0),
     ],

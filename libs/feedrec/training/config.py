@@ -19,6 +19,8 @@ class TrainConfig:
     Args:
         model: which model.
         epochs: passes over the training split.
+        steps_per_epoch: stop each epoch after this many steps (0 = a full pass over the
+            split): bounds the time of runs on worlds too large for full epochs here.
         batch_size: rows per worker per step (global batch = batch_size x num_workers).
         dense_lr: Adam learning rate of the dense layers.
         sparse_lr: row-wise Adagrad learning rate fused into the embedding backward.
@@ -42,6 +44,7 @@ class TrainConfig:
 
     model: ModelKind
     epochs: int = 2
+    steps_per_epoch: int = 0
     batch_size: int = 1024
     dense_lr: float = 2e-3
     sparse_lr: float = 0.05
@@ -62,8 +65,9 @@ class TrainConfig:
         for name in ("epochs", "batch_size", "num_workers"):
             if getattr(self, name) < 1:
                 raise ValueError(f"train config: {name} must be >= 1")
-        if self.checkpoint_every_steps < 0 or self.max_failures < 0:
-            raise ValueError("train config: checkpoint_every_steps and max_failures must be >= 0")
+        for name in ("checkpoint_every_steps", "max_failures", "steps_per_epoch"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"train config: {name} must be >= 0")
         if self.fault_drill_step is not None and self.fault_drill_step < 1:
             raise ValueError("train config: fault_drill_step must be >= 1 (or None)")
         if self.placement_strategy not in PLACEMENT_STRATEGIES:

@@ -175,6 +175,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             # ranks is not bit-deterministic, so these are as many batches, not the same rows.
             if i < skip:
                 continue
+            if cfg.steps_per_epoch and i >= cfg.steps_per_epoch:
+                break  # every rank stops at the same batch: the shards are equal-sized
             _fault_drill(cfg, state, rank, world)
             started = started or time.perf_counter()
             batch = collate(cols).to(device)
