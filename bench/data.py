@@ -275,7 +275,9 @@ def _write_failed_single(
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--preset", default="small", choices=["debug", "small", "large"])
+    parser.add_argument(
+        "--preset", default="small", choices=["debug", "small", "large", "large_tables"]
+    )
     parser.add_argument("--run-dir", type=Path, default=Path("runs/bench-data"))
     parser.add_argument("--side", choices=["ray", "single"], help=argparse.SUPPRESS)
     parser.add_argument(

@@ -75,7 +75,9 @@ def _ray_dmp(run_dir: Path, preset: str) -> dict[str, float]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--preset", default="small", choices=["debug", "small", "large"])
+    parser.add_argument(
+        "--preset", default="small", choices=["debug", "small", "large", "large_tables"]
+    )
     parser.add_argument("--run-dir", type=Path, default=Path("runs/bench"))
     parser.add_argument("--single-max-steps", type=int, default=None, help="cap the baseline")
     parser.add_argument("--single-only", action="store_true", help=argparse.SUPPRESS)

@@ -37,7 +37,8 @@ from typing import Any
 import click
 
 DEFAULT_RUN_DIR = Path("runs/default")
-PRESET_NAMES = ("debug", "small", "large")
+#: World and training presets (the same names in both; a unit test keeps them in step).
+PRESET_NAMES = ("debug", "small", "large", "large_tables")
 
 
 def _run(run_dir: Path) -> Any:
@@ -160,9 +161,9 @@ def _parse_ratios(ctx: click.Context, param: click.Parameter, value: str) -> tup
     "--join-memory-mb",
     default=1024,
     show_default=True,
-    type=click.IntRange(min=1),
+    type=click.IntRange(min=0),
     help="Per-day feature statistics the join keeps in the object store at once; logged days "
-    "are joined in groups that fit.",
+    "are joined in groups that fit (0: one day per pass).",
 )
 @ray_option
 def preprocess(

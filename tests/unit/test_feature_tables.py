@@ -200,3 +200,20 @@ def test_vocabulary_lookup() -> None:
     v = Vocabulary.fit(np.array([5, 3, 3, 9, -1]))
     assert v.num_rows == 4
     assert v.lookup(np.array([3, 5, 9, 4, -1, 100])).tolist() == [1, 2, 3, 0, -1, 0]
+
+
+def test_join_day_groups_fit_the_budget() -> None:
+    t = _tables()
+    days = list(range(N_DAYS))
+    assert preprocess.day_chunks(t, days, 0) == [[d] for d in days]
+    assert preprocess.day_chunks(t, days, 1 << 30) == [days]
+    per_day = 2 * sum(p[3].nbytes for p in t.daily.values())
+    groups = preprocess.day_chunks(t, days, 3 * per_day)
+    assert [d for g in groups for d in g] == days and 1 < len(groups) < N_DAYS
+    # join statistics: the day's snapshot, only for the users and posts logged that day
+    stats = preprocess.join_stats(t, 5)
+    np.testing.assert_array_equal(stats.user.keys, t.daily["user"][5].keys)
+    full = t.snapshot(5).stats.post
+    np.testing.assert_array_equal(
+        stats.post.values, full.values[np.isin(full.keys, stats.post.keys)]
+    )

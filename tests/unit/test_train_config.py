@@ -34,3 +34,10 @@ def test_train_state_round_trip() -> None:
     state = TrainState(epoch=1, batches_done=7, global_step=38, history=[{"valid_loss": 0.5}])
     state.plan = [{"table": "ranker_user", "sharding": "table_wise", "ranks": [0]}]
     assert TrainState.from_json(state.to_json()) == state
+
+
+def test_world_and_training_presets_share_their_names() -> None:
+    from feedrec.cli import PRESET_NAMES
+    from feedrec.world.config import PRESETS as WORLD_PRESETS
+
+    assert set(PRESET_NAMES) == set(WORLD_PRESETS) == set(PRESETS)

@@ -79,7 +79,8 @@ class PreprocessConfig:
         ratios: ``random`` split: train:valid:test shares (each > 0).
         seed: ``random`` split: shuffling seed.
         join_memory_mb: how much of the per-day statistics the join keeps in the object store
-            at once; the logged days are joined in groups that fit (:func:`write_examples`).
+            at once; the logged days are joined in groups that fit (:func:`write_examples`);
+            0 joins one day per pass.
     """
 
     world_dir: Path
@@ -105,8 +106,8 @@ class PreprocessConfig:
             )
         if self.seed < 0:
             raise ValueError("preprocess config: seed must be >= 0")
-        if self.join_memory_mb < 1:
-            raise ValueError("preprocess config: join_memory_mb must be >= 1")
+        if self.join_memory_mb < 0:
+            raise ValueError("preprocess config: join_memory_mb must be >= 0")
 
 
 @dataclass(frozen=True)

@@ -109,4 +109,8 @@ PRESETS: dict[str, dict[ModelKind, TrainConfig]] = {
         "ranker": TrainConfig("ranker", epochs=1, batch_size=8192),
         "two_tower": TrainConfig("two_tower", epochs=2, batch_size=4096),
     },
+    "large_tables": {
+        "ranker": TrainConfig("ranker", epochs=1, batch_size=8192),
+        "two_tower": TrainConfig("two_tower", epochs=2, batch_size=4096),
+    },
 }

@@ -96,4 +96,14 @@ PRESETS: dict[str, WorldConfig] = {
         impressions_per_day=1_700_000,
         n_topics=64,
     ),
+    # `large`'s log volume over 6M users and 10M posts: >= 10M embedding rows seen in the
+    # training days, to check that big tables train on CPU within this machine's memory
+    "large_tables": WorldConfig(
+        n_users=6_000_000,
+        n_creators=100_000,
+        n_posts=10_000_000,
+        n_days=30,
+        impressions_per_day=1_700_000,
+        n_topics=64,
+    ),
 }

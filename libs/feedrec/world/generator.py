@@ -101,14 +101,24 @@ def _entities(
     return truth, extra
 
 
+#: Follows whose topic draws are computed at once in :func:`_follows`.
+_FOLLOW_SLICE = 1_000_000
+
+
 def _follows(
     cfg: WorldConfig, rng: np.random.Generator, truth: GroundTruth, main_topic: np.ndarray
 ) -> tuple[np.ndarray, np.ndarray]:
     """Follows: a topic drawn from the user's interests, then a creator of it by quality."""
     n_follow = rng.poisson(cfg.follows_per_user, size=cfg.n_users)
     users = np.repeat(np.arange(cfg.n_users), n_follow)
-    cum_theta = np.cumsum(truth.theta[users], axis=1)
-    topics = (cum_theta < rng.random((len(users), 1)) * cum_theta[:, -1:]).sum(axis=1)
+    draw = rng.random((len(users), 1))
+    topics = np.empty(len(users), dtype=np.int64)
+    # In slices of follows: [follows, topics] cumulative interests for all of them at once
+    # would be 12 GB at 6M users.
+    for a in range(0, len(users), _FOLLOW_SLICE):
+        cum_theta = np.cumsum(truth.theta[users[a : a + _FOLLOW_SLICE]], axis=1)
+        chosen = cum_theta < draw[a : a + _FOLLOW_SLICE] * cum_theta[:, -1:]
+        topics[a : a + _FOLLOW_SLICE] = chosen.sum(axis=1)
     topics = np.minimum(topics, cfg.n_topics - 1)
     order = np.argsort(main_topic, kind="stable")
     weights = np.exp(truth.quality[order]).astype(np.float64)
