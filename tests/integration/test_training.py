@@ -38,18 +38,3 @@ def test_retrieval_artifact_has_index(trained_run: Path) -> None:
     art = load_artifact(RunLayout(trained_run).retrieval)
     index = load_post_index(art)
     assert len(index) == art.metadata["index"]["posts"] > 0
-
-
-def test_steps_per_epoch_caps_every_epoch(debug_run: Path, tmp_path: Path) -> None:
-    """Runs on worlds too large for full epochs here stop each epoch after N steps."""
-    from feedrec.data import PreprocessLayout
-    from feedrec.training.config import PRESETS
-    from feedrec.training.trainer import train_model
-
-    cfg = PRESETS["debug"]["ranker"].with_overrides(epochs=2, steps_per_epoch=3)
-    out = train_model(
-        cfg, PreprocessLayout(RunLayout(debug_run).data), tmp_path / "m", storage_dir=tmp_path
-    )
-    meta = load_artifact(out).metadata
-    assert meta["global_steps"] == 6
-    assert [h["step"] for h in meta["history"]] == [3, 6]

@@ -42,6 +42,7 @@ from feedrec.features.tables import (
     FeatureSnapshot,
     FeatureTables,
     SparseStats,
+    by_day,
 )
 from feedrec.features.vocabulary import Vocabularies, Vocabulary
 from feedrec.schema.registry import LABELS, TABLES
@@ -478,10 +479,10 @@ def write_examples(
     attrs_ref = ray.put(tables.attrs)
     assignment_ref = ray.put(assignment)
     schema = EXAMPLE_SCHEMA.append(pa.field("split", pa.string()))
-    by_day: dict[int, list[str]] = {}
+    files_of: dict[int, list[str]] = {}
     for f in validation.files:
-        by_day.setdefault(file_day(f), []).append(f)
-    chunks = day_chunks(tables, sorted(by_day), cfg.join_memory_mb << 20)
+        files_of.setdefault(file_day(f), []).append(f)
+    chunks = day_chunks(tables, sorted(files_of), cfg.join_memory_mb << 20)
     for i, days in enumerate(chunks):
         stats_refs = {d: ray.put(join_stats(tables, d)) for d in days}
 
@@ -492,19 +493,15 @@ def write_examples(
             else:
                 split = by_rows.of(batch["impression_id"])
             attrs = ray.get(attrs_ref)
-            day = np.asarray(batch["day"], np.int64)
-            parts, rows = [], []
-            for d in np.unique(day).tolist():
-                at = np.flatnonzero(day == d)
-                snap = FeatureSnapshot(ray.get(refs[d]), attrs)
-                part = {k: v[at] for k, v in batch.items()}
-                parts.append(join_examples(part, snap, split[at]))
-                rows.append(at)
-            order = np.argsort(np.concatenate(rows), kind="stable")
-            joined = {k: np.concatenate([p[k] for p in parts])[order] for k in parts[0]}
+
+            def one_day(joined_day: int, at: np.ndarray) -> dict[str, np.ndarray]:
+                snap = FeatureSnapshot(ray.get(refs[joined_day]), attrs)
+                return join_examples({k: v[at] for k, v in batch.items()}, snap, split[at])
+
+            joined = by_day(np.asarray(batch["day"], np.int64), one_day)
             return arrow_from_columns(joined, schema)
 
-        files = [f for d in days for f in by_day[d]]
+        files = [f for d in days for f in files_of[d]]
         logs = read_logs(replace(validation, files=files))
         examples = logs.map_batches(to_examples, batch_format="numpy", batch_size=16384)
         examples.write_parquet(

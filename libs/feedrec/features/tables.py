@@ -18,6 +18,7 @@ all earlier days.
 from __future__ import annotations
 
 import itertools
+from collections.abc import Callable
 from dataclasses import dataclass, fields
 from pathlib import Path
 
@@ -55,6 +56,20 @@ def members(sorted_keys: np.ndarray, keys: np.ndarray) -> tuple[np.ndarray, np.n
     idx = np.minimum(idx, max(len(sorted_keys) - 1, 0))
     found = sorted_keys[idx] == keys if len(sorted_keys) else np.zeros(len(keys), bool)
     return idx, found
+
+
+def by_day(
+    day: np.ndarray, join: Callable[[int, np.ndarray], dict[str, np.ndarray]]
+) -> dict[str, np.ndarray]:
+    """Columns for rows of several days: ``join(d, rows)`` gives the columns of the rows (int
+    indices) of day ``d``; the results are put back in row order. ``day`` [N], N > 0."""
+    parts, rows = [], []
+    for d in np.unique(day).tolist():
+        at = np.flatnonzero(day == d)
+        parts.append(join(d, at))
+        rows.append(at)
+    order = np.argsort(np.concatenate(rows), kind="stable")
+    return {k: np.concatenate([p[k] for p in parts])[order] for k in parts[0]}
 
 
 @dataclass(frozen=True)
@@ -347,18 +362,16 @@ class FeatureTables:
         post_id = np.asarray(post_id, dtype=np.int64)
         day = np.asarray(day, dtype=np.int64)
         self.attrs.check_ids(user_id, post_id)
-        parts, rows = [], []
-        for d in np.unique(day).tolist():
-            at = np.flatnonzero(day == d)
+        if not len(day):
+            return self.snapshot(0).lookup(user_id, post_id, day, ts, position)
+        ts, position = np.asarray(ts), np.asarray(position)
+
+        def one_day(d: int, at: np.ndarray) -> dict[str, np.ndarray]:
             users, posts = user_id[at], post_id[at]
             snap = self.snapshot(d, np.unique(users), np.unique(posts))
-            parts.append(snap.lookup(users, posts, day[at], ts[at], np.asarray(position)[at]))
-            rows.append(at)
-        if not parts:
-            empty = self.snapshot(0)
-            return empty.lookup(user_id, post_id, day, ts, position)
-        order = np.argsort(np.concatenate(rows), kind="stable")
-        return {k: np.concatenate([p[k] for p in parts])[order] for k in parts[0]}
+            return snap.lookup(users, posts, day[at], ts[at], position[at])
+
+        return by_day(day, one_day)
 
     def save(self, path: Path) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
