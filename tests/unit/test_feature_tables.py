@@ -122,11 +122,11 @@ def test_lookup_matches_a_dense_reference() -> None:
         np.testing.assert_array_equal(raw["u_recent_topics"][i], expected)
 
 
-def test_as_of_slice_and_restricted_snapshots_give_the_same_lookup() -> None:
+def test_full_and_restricted_snapshots_give_the_same_lookup() -> None:
     t = _tables()
     args = (np.array([1]), np.array([2]))
     full = t.lookup(*args, np.array([7]), np.array([7.0]), np.array([0]))
-    sliced = t.as_of(7).lookup(*args, np.array([7]), np.array([7.0]), np.array([0]))
+    sliced = t.snapshot(7).lookup(*args, np.array([7]), np.array([7.0]), np.array([0]))
     restricted = t.snapshot(7, users=np.array([1]), posts=np.array([2]))
     assert len(restricted.stats.user.keys) == 1
     kept = restricted.lookup(*args, np.array([7]), np.array([7.0]), np.array([0]))
@@ -134,7 +134,7 @@ def test_as_of_slice_and_restricted_snapshots_give_the_same_lookup() -> None:
         np.testing.assert_array_equal(full[k], sliced[k])
         np.testing.assert_array_equal(full[k], kept[k])
     with pytest.raises(ValueError, match="day"):
-        t.as_of(7).lookup(*args, np.array([6]), np.array([6.0]), np.array([0]))
+        t.snapshot(7).lookup(*args, np.array([6]), np.array([6.0]), np.array([0]))
 
 
 def test_unknown_ids_are_refused() -> None:

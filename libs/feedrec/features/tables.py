@@ -322,9 +322,9 @@ class FeatureTables:
         if day not in self.days:
             raise ValueError(f"no feature snapshot for day {day} (have {self.days})")
         t = self.n_topics
-        keep: dict[str, np.ndarray | None] = {"user": users, "post": posts}
-        keep["user_topic"] = None if users is None else users
-        keep["creator"] = None if posts is None else np.unique(self.attrs.post_creator[posts])
+        creators = None if posts is None else np.unique(self.attrs.post_creator[posts])
+        # user x topic rows belong to their user (keys // n_topics)
+        keep = {"user": users, "user_topic": users, "post": posts, "creator": creators}
         stats = {}
         for kind, window in KIND_WINDOW.items():
             first = 0 if window is None else max(0, day - window)
@@ -343,10 +343,6 @@ class FeatureTables:
                 np.concatenate([p.keys for p in parts]), np.concatenate([p.values for p in parts])
             )
         return DayStats(day=day, n_topics=t, **stats)
-
-    def as_of(self, day: int) -> FeatureSnapshot:
-        """The full snapshot of ``day`` (what the online store keeps in memory)."""
-        return self.snapshot(day)
 
     def lookup(
         self,
