@@ -159,7 +159,7 @@ def main() -> None:
     started = time.perf_counter()
     run = RunLayout(args.run_dir.resolve())
     store = OnlineFeatureStore.load(run.data, run.world)
-    users = np.arange(store.tables.attrs.n_users)
+    users = np.arange(store.attrs.n_users)
     stack = ServingStack(
         StackConfig(
             run_dir=run.root,

@@ -19,19 +19,22 @@ from fastapi import FastAPI, HTTPException
 
 from feedrec.serving.api import FeedRequest, FeedResponse
 from feedrec.serving.config import ServiceConfig
-from feedrec.serving.online_store import OnlineFeatureStore
+from feedrec.serving.online_store import OnlineFeatureStore, UserFeatures
 from feedrec.serving.stages import FeedPipeline, RequestError, Reranker, Retriever, Scorer
 
 
 def twin_app(cfg: ServiceConfig) -> FastAPI:
     store = OnlineFeatureStore.load(
-        cfg.data_dir, cfg.world_dir, small_quantile=cfg.small_creator_quantile
+        cfg.data_dir,
+        cfg.world_dir,
+        small_quantile=cfg.small_creator_quantile,
+        feature_store=cfg.feature_store,
     )
     retriever, scorer, reranker = Retriever(cfg, store), Scorer(cfg, store), Reranker(cfg, store)
 
-    async def retrieve(user_id: int, k: int, blocked: list[int]) -> Any:
-        hits = retriever.search([user_id])[0]
-        return (*retriever.allowed(user_id, hits, k, blocked), retriever.label)
+    async def retrieve(user: UserFeatures, k: int, blocked: list[int]) -> Any:
+        hits = retriever.search([user])[0]
+        return (*retriever.allowed(user, hits, k, blocked), retriever.label)
 
     async def select(
         post_ids: list[int], predictions: np.ndarray, count: int, debug: bool, interest: Any

@@ -111,7 +111,7 @@ def main() -> None:
     from feedrec.serving.stack import APP_NAME, ServingStack, StackConfig
 
     run = RunLayout(args.run_dir.resolve())
-    users = np.arange(OnlineFeatureStore.load(run.data, run.world).tables.attrs.n_users)
+    users = np.arange(OnlineFeatureStore.load(run.data, run.world).attrs.n_users)
     before, after = 20.0, 60.0
     phases = [
         (args.base, before),

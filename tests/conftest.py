@@ -2,12 +2,19 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
+import shutil
+import signal
+import socket
+import subprocess
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
+import redis
 
 os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
@@ -147,3 +154,92 @@ class BusRecords:
 @pytest.fixture
 def bus_records() -> BusRecords:
     return BusRecords()
+
+
+REDIS_SERVER = shutil.which("redis-server")
+INSTALL = "redis-server is not installed: apt-get install -y redis-server (CI's .ci/run does)"
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+class RedisServer:
+    """A ``redis-server`` of a test: AOF on, fsync before every reply, no RDB snapshots,
+    data under ``root``. Started, SIGKILLed and restarted (same dir, same port) by PID."""
+
+    def __init__(self, root: Path) -> None:
+        assert REDIS_SERVER is not None
+        self.root = root
+        self.root.mkdir(parents=True, exist_ok=True)
+        self.port = _free_port()
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def url(self, stream: str = "events") -> str:
+        return f"redis://127.0.0.1:{self.port}/0?stream={stream}"
+
+    def start(self) -> None:
+        assert self.proc is None
+        self.proc = subprocess.Popen(
+            [
+                str(REDIS_SERVER),
+                *("--port", str(self.port), "--bind", "127.0.0.1", "--dir", str(self.root)),
+                *("--appendonly", "yes", "--appendfsync", "always", "--save", ""),
+                *("--logfile", str(self.root / "redis.log")),
+            ],
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        client = redis.Redis(port=self.port, socket_connect_timeout=0.5, socket_timeout=2)
+        deadline = time.monotonic() + 20
+        while True:
+            try:
+                if client.ping():
+                    client.close()
+                    return
+            except redis.RedisError:
+                pass
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                log = (self.root / "redis.log").read_text()[-2000:]
+                self.kill()
+                raise RuntimeError(f"redis-server on port {self.port} did not start:\n{log}")
+            time.sleep(0.02)
+
+    def kill(self) -> None:
+        """SIGKILL: no shutdown, no final AOF rewrite, exactly what a crash leaves."""
+        if self.proc is not None:
+            if self.proc.poll() is None:
+                os.kill(self.proc.pid, signal.SIGKILL)
+            self.proc.wait()
+            self.proc = None
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                self.proc.wait(timeout=10)
+        self.kill()
+
+
+@pytest.fixture
+def redis_server(tmp_path: Path) -> Iterator[RedisServer]:
+    if REDIS_SERVER is None:
+        pytest.skip(INSTALL)
+    server = RedisServer(tmp_path / "redis")
+    server.start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="module")
+def module_redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
+    """One ``redis-server`` for a whole test module (e.g. the one a Serve stack reads)."""
+    if REDIS_SERVER is None:
+        pytest.skip(INSTALL)
+    server = RedisServer(tmp_path_factory.mktemp("redis"))
+    server.start()
+    yield server
+    server.stop()

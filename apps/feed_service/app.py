@@ -32,7 +32,7 @@ from feedrec.serving.api import FeedRequest, FeedResponse, PromoteRequest, Shado
 from feedrec.serving.config import ServiceConfig
 from feedrec.serving.feed_metrics import FeedMetrics
 from feedrec.serving.model_watcher import ModelWatcher
-from feedrec.serving.online_store import OnlineFeatureStore
+from feedrec.serving.online_store import OnlineFeatureStore, UserFeatures
 from feedrec.serving.realtime_signals import RealtimeSignals
 from feedrec.serving.request_limits import install_request_limits
 from feedrec.serving.stages import FeedPipeline, RequestError, Reranker, Scorer, retrievers
@@ -46,7 +46,10 @@ logger = logging.getLogger("feedrec.serve")
 
 def _store(cfg: ServiceConfig) -> OnlineFeatureStore:
     return OnlineFeatureStore.load(
-        cfg.data_dir, cfg.world_dir, small_quantile=cfg.small_creator_quantile
+        cfg.data_dir,
+        cfg.world_dir,
+        small_quantile=cfg.small_creator_quantile,
+        feature_store=cfg.feature_store,
     )
 
 
@@ -60,18 +63,19 @@ class Retrieval:
         self.retrievers = retrievers(cfg, _store(cfg))
 
     @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.002)
-    async def _search(self, user_ids: list[int]) -> list[tuple[np.ndarray, str]]:
-        """Concurrent requests' users in one user-tower pass and one faiss search."""
+    async def _search(self, users: list[UserFeatures]) -> list[tuple[np.ndarray, str]]:
+        """Concurrent requests' viewers in one user-tower pass and one faiss search."""
         retriever = self.retrievers.current
-        return [(hits, retriever.label) for hits in retriever.search(user_ids)]
+        return [(hits, retriever.label) for hits in retriever.search(users)]
 
     async def candidates(
-        self, user_id: int, k: int, blocked: list[int]
+        self, user: UserFeatures, k: int, blocked: list[int]
     ) -> tuple[list[int], dict[str, int], str]:
         """Up to ``k`` allowed post ids, best first, how many hits each filter removed, and
-        the label of the retrieval version that found them."""
-        hits, label = await self._search(user_id)
-        return (*self.retrievers.current.allowed(user_id, hits, k, blocked), label)
+        the label of the retrieval version that found them (``user``: the viewer's features,
+        fetched once by the Ingress)."""
+        hits, label = await self._search(user)
+        return (*self.retrievers.current.allowed(user, hits, k, blocked), label)
 
 
 @serve.deployment(ray_actor_options=_SMALL)
@@ -82,14 +86,14 @@ class Ranking:
         cfg = ServiceConfig(**config)
         self.stage = Scorer(cfg, _store(cfg))
 
-    async def score(self, user_id: int, post_ids: list[int]) -> tuple[np.ndarray, str]:
-        return await self.stage.score(user_id, post_ids)
+    async def score(self, user: UserFeatures, post_ids: list[int]) -> tuple[np.ndarray, str]:
+        return await self.stage.score(user, post_ids)
 
     async def shadow_score(
-        self, user_id: int, post_ids: list[int]
+        self, user: UserFeatures, post_ids: list[int]
     ) -> tuple[np.ndarray, str] | None:
         """The registry's shadow ranker (None while none is set or Triton lacks it)."""
-        return await self.stage.shadow_score(user_id, post_ids)
+        return await self.stage.shadow_score(user, post_ids)
 
 
 api = FastAPI(title="feedrec", description="Suggested posts from accounts you don't follow.")
@@ -112,11 +116,11 @@ class Ingress:
         store = _store(cfg)
         reranker = Reranker(cfg, store)
 
-        async def retrieve(user_id: int, k: int, blocked: list[int]) -> Any:
-            return await retrieval.candidates.remote(user_id, k, blocked)
+        async def retrieve(user: UserFeatures, k: int, blocked: list[int]) -> Any:
+            return await retrieval.candidates.remote(user, k, blocked)
 
-        async def rank(user_id: int, post_ids: list[int]) -> Any:
-            return await ranking.score.remote(user_id, post_ids)
+        async def rank(user: UserFeatures, post_ids: list[int]) -> Any:
+            return await ranking.score.remote(user, post_ids)
 
         async def select(
             post_ids: list[int], predictions: Any, count: int, debug: bool, interest: Any
@@ -137,10 +141,10 @@ class Ingress:
             else None
         )
 
-        async def shadow(user_id: int, post_ids: list[int]) -> Any:
+        async def shadow(user: UserFeatures, post_ids: list[int]) -> Any:
             if self.shadow_pointer is None or self.shadow_pointer.current is None:
                 return None
-            return await ranking.shadow_score.remote(user_id, post_ids)
+            return await ranking.shadow_score.remote(user, post_ids)
 
         self.metrics = FeedMetrics()
         self.pipeline = FeedPipeline(
@@ -162,9 +166,7 @@ class Ingress:
             self.pipeline.on_shadow = self.recorder.shadow
         if self.recorder is not None and cfg.realtime:
             # This replica follows the bus it writes to: hot topics and velocities within ~1 s.
-            signals = RealtimeSignals(
-                store.tables.attrs.post_topic, store.tables.attrs.user_segment
-            )
+            signals = RealtimeSignals(store.attrs.post_topic, store.attrs.user_segment)
             signals.follow(self.recorder.log)
             self.pipeline.realtime = signals
         self.admin = AdminAuth.from_file(cfg.admin_token_file)

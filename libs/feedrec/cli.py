@@ -1052,6 +1052,52 @@ def capacity(dau: int | None, overrides: tuple[str, ...], bench_dir: Path, out: 
 
 
 @main.group()
+def features() -> None:
+    """The online feature store of the feed service."""
+
+
+@features.command("publish")
+@run_dir_option
+@click.option(
+    "--to",
+    "url",
+    required=True,
+    help="The Redis server: redis://[user:password@]host[:port][/db][?prefix=NAME] "
+    "(prefix default feedrec:features). Serve replicas read it with feature_store=URL.",
+)
+@click.option(
+    "--keep",
+    type=click.IntRange(min=1),
+    default=2,
+    show_default=True,
+    help="Snapshots kept in Redis: older ones are deleted after this one is complete.",
+)
+def features_publish(run_dir: Path, url: str, keep: int) -> None:
+    """Write the serving day's per-entity features (users, posts, creators) of RUN_DIR's
+    preprocess output to Redis, as a snapshot of its own: replicas serving the previous one
+    are unaffected until they are redeployed."""
+    from feedrec.serving.online_store import FeatureStoreError
+    from feedrec.serving.redis_feature_source import RedisFeatureSource
+
+    run = _run(run_dir)
+    if not run.data.joinpath("meta.json").is_file():
+        raise click.BadParameter(
+            f"{run.data}: no preprocess output (run `feedrec preprocess`)", param_hint="--run-dir"
+        )
+    try:
+        report = RedisFeatureSource.publish(url, run.data, run.world, keep=keep)
+    except ValueError as e:
+        raise click.BadParameter(str(e), param_hint="--to") from e
+    except FeatureStoreError as e:
+        raise click.UsageError(str(e)) from e
+    click.echo(
+        f"published {report.snapshot}: {report.users} users, {report.posts} posts, "
+        f"{report.creators} creators in {report.seconds:.1f} s"
+        + (f"; dropped {', '.join(report.dropped)}" if report.dropped else "")
+    )
+
+
+@main.group()
 def events() -> None:
     """The event bus of the feed service: served feeds and client events."""
 

@@ -8,6 +8,9 @@
 2. Hand-written hostile requests (huge and deep bodies, wrong content types, malformed JSON,
    bad numbers, unicode, NaN, ...): each a 4xx whose detail says what is wrong.
 3. After all that the service still serves a valid feed.
+4. The stack of this module reads its online features from Redis (``feature_store``), so all
+   of the above runs through the Redis store; a Redis outage then gives flagged fallback feeds
+   (200, never a 5xx), and personalised feeds come back when Redis does.
 
 The counts (cases sent, status-code histogram) are printed: run with ``-s`` to see them.
 """
@@ -19,7 +22,8 @@ import time
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Any
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import httpx
 import numpy as np
@@ -40,8 +44,12 @@ from schemathesis.specs.openapi.checks import (
 from feedrec.runtime import RunLayout
 from feedrec.serving.api import MAX_BLOCKED, MAX_ID, MAX_INTERESTS
 from feedrec.serving.online_store import OnlineFeatureStore
+from feedrec.serving.redis_feature_source import RedisFeatureSource
 from feedrec.serving.request_limits import RequestLimits
-from feedrec.serving.stack import ServingStack
+from feedrec.serving.stack import ServingStack, StackConfig
+
+if TYPE_CHECKING:
+    from conftest import RedisServer  # the shared fixture's type (tests/conftest.py)
 
 # The first test of the module also waits for the session's trained run and the stack (~9-11 min
 # on the loaded 2-core box) and then fuzzes for ~2 min: more than the default 900 s under load.
@@ -410,6 +418,21 @@ HOSTILE: list[tuple[str, dict[str, Any], int, tuple[str, ...]]] = [
 
 
 @pytest.fixture(scope="module")
+def stack(
+    trained_run: Path, http_port: int, module_redis_server: RedisServer
+) -> Iterator[ServingStack]:
+    """The debug run served with its online features in Redis (published first)."""
+    run = RunLayout(trained_run)
+    url = f"redis://127.0.0.1:{module_redis_server.port}/0"
+    RedisFeatureSource.publish(url, run.data, run.world, progress=False)
+    config = StackConfig(
+        run_dir=trained_run, http_port=http_port, service_overrides={"feature_store": url}
+    )
+    with ServingStack(config) as s:
+        yield s
+
+
+@pytest.fixture(scope="module")
 def client(stack: ServingStack) -> Iterator[httpx.Client]:
     with httpx.Client(base_url=stack.url, timeout=60) as c:
         yield c
@@ -466,10 +489,26 @@ def test_still_serves_after_hostile_input(stack: ServingStack) -> None:
     _serves_a_valid_feed(stack)
 
 
+def test_a_feature_store_outage_is_a_fallback_feed_until_redis_is_back(
+    stack: ServingStack, module_redis_server: RedisServer
+) -> None:
+    module_redis_server.kill()
+    try:
+        for user in range(3):
+            resp = httpx.post(
+                f"{stack.url}/v1/feed", json={"user_id": user, "count": 5}, timeout=60
+            )
+            assert resp.status_code == 200, resp.text
+            assert resp.json()["fallback"] is True and len(resp.json()["items"]) == 5
+    finally:
+        module_redis_server.start()  # same port and dir: the AOF has the snapshot
+    _serves_a_valid_feed(stack)
+
+
 def _serves_a_valid_feed(stack: ServingStack) -> None:
     run = RunLayout(stack.config.run_dir)
     store = OnlineFeatureStore.load(run.data, run.world)
-    user = int(np.flatnonzero(np.diff(store.seen_indptr) > 0)[0])
+    user = int(np.flatnonzero(np.diff(store.source.seen_indptr) > 0)[0])
     resp = httpx.post(f"{stack.url}/v1/feed", json={"user_id": user, "count": 10}, timeout=60)
     assert resp.status_code == 200, resp.text
     body = resp.json()

@@ -63,7 +63,7 @@ def test_health(stack: ServingStack) -> None:
 def test_feed_for_a_known_user_obeys_the_rules(stack: ServingStack, trained_run: Path) -> None:
     run = RunLayout(trained_run)
     store = OnlineFeatureStore.load(run.data, run.world)
-    user = int(np.flatnonzero(np.diff(store.seen_indptr) > 0)[0])
+    user = int(np.flatnonzero(np.diff(store.source.seen_indptr) > 0)[0])
     resp = _feed(stack, user_id=user, count=10, debug=True)
     assert resp.status_code == 200, resp.text
     body = resp.json()
@@ -71,7 +71,7 @@ def test_feed_for_a_known_user_obeys_the_rules(stack: ServingStack, trained_run:
     assert body["model_version"] == load_artifact(run.ranker).version
     posts = np.array([item["post_id"] for item in body["items"]])
     assert 0 < len(posts) <= 10 and len(set(posts)) == len(posts)
-    assert store.allowed(user, posts).all()  # no followed/hidden creators, nothing seen
+    assert store.allowed(store.user(user), posts).all()  # no followed/hidden creators, nothing seen
     _, per_creator = np.unique(store.post_creator(posts), return_counts=True)
     assert per_creator.max() <= 2
     # Scores fall down the feed, except where a rule (fair slot, topic window) moved a post.
@@ -159,7 +159,7 @@ def test_served_scores_equal_offline_scores(stack: ServingStack, trained_run: Pa
     data = PreprocessLayout(run.data)
     day = data.read_meta()["serving_day"]
     store = OnlineFeatureStore.load(run.data, run.world)
-    user = int(np.flatnonzero(np.diff(store.seen_indptr) > 0)[3])
+    user = int(np.flatnonzero(np.diff(store.source.seen_indptr) > 0)[3])
     items = _feed(stack, user_id=user, count=8).json()["items"]
     posts = np.array([i["post_id"] for i in items])
     offline = FeatureTables.load(data.tables)

@@ -81,3 +81,39 @@ def test_config_events_bus_replaces_events_dir_and_is_checked_at_load(tmp_path: 
     assert _config(tmp_path, events_dir=None).event_bus_location() is None
     with pytest.raises(ValidationError, match=r"events_bus(.|\n)*needs exactly one \?stream"):
         _config(tmp_path, events_bus="redis://127.0.0.1:6379/0")
+
+
+@pytest.mark.parametrize(
+    ("location", "names"),
+    [
+        ("http://host/0", "scheme must be redis://"),
+        ("redis://host:6379/db", "database must be an integer"),
+        ("redis://host/0?prefix=a&prefix=b", "at most one ?prefix=NAME"),
+        ("redis://host/0?prefix=a*", "prefix must match"),
+        ("redis://host/0?stream=e", "unknown parameter(s) stream"),
+        ("redis://app:hunter2@host/0?x=1", "redis://app:***@host/0?x=1"),
+    ],
+)
+def test_a_malformed_feature_store_is_refused_at_config_load(location: str, names: str) -> None:
+    with pytest.raises(ValidationError) as info:
+        ServiceConfig.from_run(Path("run"), feature_store=location)
+    text = str(info.value)
+    assert "feature_store" in text and "feature store" in text and names in text
+    assert "hunter2" not in text
+
+
+def test_a_feature_store_url_needs_no_prefix() -> None:
+    from feedrec.serving.redis_feature_source import DEFAULT_PREFIX, parse_location
+
+    cfg = ServiceConfig.from_run(Path("run"), feature_store="redis://cache:6380/3")
+    assert cfg.feature_store == "redis://cache:6380/3"
+    where = parse_location("redis://cache:6380/3")
+    assert (where.host, where.port, where.db, where.key) == ("cache", 6380, 3, DEFAULT_PREFIX)
+    assert parse_location("redis://cache?prefix={feed}x").key == "{feed}x"
+
+
+def test_config_errors_never_show_a_password() -> None:
+    for field in ("events_bus", "feature_store"):
+        with pytest.raises(ValidationError) as info:
+            ServiceConfig.from_run(Path("run"), **{field: "redis://app:hunter2@host/0?x=1"})
+        assert field in str(info.value) and "hunter2" not in str(info.value)

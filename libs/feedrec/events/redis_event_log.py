@@ -37,7 +37,6 @@ from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, cast
-from urllib.parse import parse_qsl, unquote, urlsplit
 
 import redis
 from redis.backoff import NoBackoff
@@ -50,11 +49,10 @@ from feedrec.events.event_log import (
     EventLogError,
     LogRecord,
 )
+from feedrec.runtime.redis_url import SCHEME, RedisUrl, redact
 
-SCHEME = "redis"
-DEFAULT_PORT = 6379
-#: A stream name: a Redis key (``{...}`` hash tags allowed, for Redis Cluster slots).
-STREAM_PATTERN = re.compile(r"^[A-Za-z0-9_.:{}/-]{1,200}$")
+__all__ = ["SCHEME", "EventBusUnavailable", "RedisEventLog", "RedisLocation", "redact"]
+
 PAYLOAD_FIELD = "payload"
 MIN_VERSION = (7, 0)
 #: XRANGE page size while reading (a record is one event or one served feed: a few KiB).
@@ -132,49 +130,13 @@ class RedisLocation:
     def parse(cls, url: str) -> RedisLocation:
         """Raises ValueError naming the part that is wrong (scheme, host, port, database,
         stream, an unknown parameter)."""
-        shown = redact(url)
-        parts = urlsplit(url)
-        if parts.scheme != SCHEME:
-            raise ValueError(f"event bus {shown}: scheme must be {SCHEME}://, got {parts.scheme!r}")
-        if not parts.hostname:
-            raise ValueError(f"event bus {shown}: no host (redis://host:port/db?stream=NAME)")
-        try:
-            port = parts.port or DEFAULT_PORT
-        except ValueError:
-            raise ValueError(f"event bus {shown}: port must be an integer 1-65535") from None
-        path = parts.path.strip("/")
-        if not (path == "" or (path.isdigit() and path.isascii())):
-            raise ValueError(f"event bus {shown}: database must be an integer, got {path!r}")
-        if parts.fragment:
-            raise ValueError(f"event bus {shown}: unexpected fragment #{parts.fragment}")
-        params = parse_qsl(parts.query, keep_blank_values=True)
-        unknown = sorted({k for k, _ in params} - {"stream"})
-        if unknown:
-            raise ValueError(f"event bus {shown}: unknown parameter(s) {', '.join(unknown)}")
-        streams = [v for k, v in params if k == "stream"]
-        if len(streams) != 1:
-            raise ValueError(f"event bus {shown}: needs exactly one ?stream=NAME")
-        if not STREAM_PATTERN.match(streams[0]):
-            raise ValueError(
-                f"event bus {shown}: stream must match {STREAM_PATTERN.pattern}, got {streams[0]!r}"
-            )
-        return cls(
-            host=parts.hostname,
-            port=port,
-            db=int(path or 0),
-            stream=streams[0],
-            username=unquote(parts.username) if parts.username else None,
-            password=unquote(parts.password) if parts.password else None,
-        )
+        u = RedisUrl.parse(url, what="event bus", param="stream")
+        return cls(u.host, u.port, u.db, u.key, u.username, u.password)
 
     def __str__(self) -> str:
-        auth = "***@" if self.password else ""
-        return f"redis://{auth}{self.host}:{self.port}/{self.db}?stream={self.stream}"
-
-
-def redact(url: str) -> str:
-    """The URL with any password replaced, for error messages."""
-    return re.sub(r"(//[^/@:]*:)[^/@]*@", r"\1***@", url)
+        return RedisUrl(
+            self.host, self.port, self.db, self.stream, self.username, self.password
+        ).show("stream")
 
 
 def _seq(entry_id: str) -> int:

@@ -241,7 +241,8 @@ def ranker_policy(
             return []
         sizes = np.array([len(pool) for pool in logged.pool])
         # Every feed's pool in one lookup and one predictor pass, then re-ranked feed by feed.
-        users = np.repeat(np.asarray(logged.user_id, np.int64), sizes)
+        viewers = store.users(logged.user_id.tolist())
+        users = [viewer for viewer, size in zip(viewers, sizes, strict=True) for _ in range(size)]
         raw = store.ranker_raw(users, np.concatenate(logged.pool).astype(np.int64))
         predictions = np.split(predictor.predict(transform(raw, "ranker")), np.cumsum(sizes)[:-1])
         out = []

@@ -382,14 +382,8 @@ class FeatureTables:
 
     @classmethod
     def load(cls, path: Path) -> FeatureTables:
+        attrs = cls.load_attributes(path)
         with np.load(path, allow_pickle=False) as z:
-            if "format" not in z or int(z["format"]) != FORMAT:
-                raise ValueError(
-                    f"{path}: feature tables of an older layout; run `feedrec preprocess` again"
-                )
-            attrs = EntityAttributes(
-                **{f.name: z[f"attr_{f.name}"] for f in fields(EntityAttributes)}
-            )
             daily = {}
             for kind in KIND_STATS:
                 offsets, keys, values = (z[f"{kind}_{a}"] for a in ("offsets", "keys", "values"))
@@ -397,6 +391,18 @@ class FeatureTables:
                     SparseStats(keys[a:b], values[a:b]) for a, b in itertools.pairwise(offsets)
                 )
             return cls(attrs, int(z["n_topics"]), daily)
+
+    @staticmethod
+    def load_attributes(path: Path) -> EntityAttributes:
+        """Only the static attributes of saved tables (the daily sums stay on disk)."""
+        with np.load(path, allow_pickle=False) as z:
+            if "format" not in z or int(z["format"]) != FORMAT:
+                raise ValueError(
+                    f"{path}: feature tables of an older layout; run `feedrec preprocess` again"
+                )
+            return EntityAttributes(
+                **{f.name: z[f"attr_{f.name}"] for f in fields(EntityAttributes)}
+            )
 
     @classmethod
     def from_dense(

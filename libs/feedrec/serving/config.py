@@ -27,7 +27,9 @@ class StageTimeouts(BaseModel):
 class ServiceConfig(BaseModel):
     """Everything the Serve application needs. Build one with :meth:`from_run`."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    # Inputs stay out of errors: a redis:// URL may carry a password (the messages of the
+    # URL validators show it redacted).
+    model_config = ConfigDict(extra="forbid", frozen=True, hide_input_in_errors=True)
 
     world_dir: Path
     data_dir: Path
@@ -56,6 +58,12 @@ class ServiceConfig(BaseModel):
         description="another event bus, replacing events_dir when set: "
         "redis://host:port/db?stream=NAME (Redis Streams; the server must run appendonly yes "
         "and appendfsync always) or a directory (the embedded log)",
+    )
+    feature_store: str | None = Field(
+        default=None,
+        description="where the per-entity online features are read: None (default) holds "
+        "them in each replica (embedded, from data_dir); redis://host:port/db[?prefix=NAME] "
+        "reads them from Redis, filled by `feedrec features publish` from the same data_dir",
     )
     experiment: Experiment | None = Field(
         default=None, description="an online experiment: users are split between its variants"
@@ -95,6 +103,15 @@ class ServiceConfig(BaseModel):
     def _bus_location_parses(cls, value: str | None) -> str | None:
         if value is not None:
             bus_location(value)  # a malformed redis:// URL fails here, naming its bad part
+        return value
+
+    @field_validator("feature_store")
+    @classmethod
+    def _feature_store_parses(cls, value: str | None) -> str | None:
+        if value is not None:
+            from feedrec.serving.redis_feature_source import parse_location
+
+            parse_location(value)  # a malformed URL fails here, naming its bad part
         return value
 
     def event_bus_location(self) -> str | Path | None:

@@ -1,23 +1,53 @@
-"""The embedded online feature store: the serving day's slice of the point-in-time tables.
+"""The online feature store: the serving day's slice of the point-in-time tables.
 
-It holds exactly what the offline join used for that day (``FeatureSnapshot``), so a
-(user, post) pair scored online gets the same raw features as the offline example would.
+Two parts, so that where the per-entity features live is a configuration choice:
+
+* the catalog, held by every replica: static entity attributes (creator, topic, content
+  embedding, ...), the eligible and popular posts, the per-segment topic like rates;
+* a :class:`FeatureSource` of per-entity features: a viewer's :class:`UserFeatures` (window
+  statistics, topic history, follows, seen posts, hidden creators) and the statistics of
+  candidate posts and their creators. :class:`SnapshotSource` (embedded) holds them in memory;
+  ``feedrec.serving.redis_feature_source.RedisFeatureSource`` reads them from a Redis server
+  that ``feedrec features publish`` filled.
+
+Either way the raw features are computed by the one join (:meth:`FeatureSnapshot.lookup`) on
+a snapshot restricted to the fetched entities, which gives exactly the values of the full one:
+a (user, post) pair scored online gets the same raw features as the offline example would.
+
+A request's viewer is fetched once (:meth:`OnlineFeatureStore.user`) and the same
+:class:`UserFeatures` is handed to retrieval, ranking and the filters.
 """
 
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol
 
 import numpy as np
 import pyarrow.parquet as pq
 
 from feedrec.data.preprocess import PreprocessLayout
-from feedrec.features.tables import FeatureSnapshot
+from feedrec.features.tables import (
+    CREATOR_STATS,
+    POST_STATS,
+    USER_STATS,
+    USER_TOPIC_STATS,
+    DayStats,
+    EntityAttributes,
+    FeatureSnapshot,
+    FeatureTables,
+    SparseStats,
+)
 from feedrec.serving.rerank import Candidates
 from feedrec.world.generator import load_world_config
 from feedrec.world.layout import WorldLayout
+
+
+class FeatureStoreError(RuntimeError):
+    """The feature source could not answer (e.g. Redis unreachable): the request falls back."""
 
 
 def _csr(keys: np.ndarray, n_rows: int, n_cols: int) -> tuple[np.ndarray, np.ndarray]:
@@ -27,117 +57,335 @@ def _csr(keys: np.ndarray, n_rows: int, n_cols: int) -> tuple[np.ndarray, np.nda
 
 
 def _row(indptr: np.ndarray, cols: np.ndarray, row: int) -> np.ndarray:
+    if not 0 <= row < len(indptr) - 1:
+        return cols[:0]
     return cols[indptr[row] : indptr[row + 1]]
 
 
-@dataclass(frozen=True)
-class OnlineFeatureStore:
-    """Features of users and posts as of ``now`` (days on the world clock).
+_I64, _F32 = np.dtype("<i8"), np.dtype("<f4")
 
-    Attributes:
-        tables: the serving day's feature snapshot.
-        now: request time used for post ages (start of the serving day).
-        eligible: int64 [E] posts that may be suggested (created within the post lifetime).
-        popular: int64 [E] the eligible posts by likes so far, most liked first.
-        follows_*, seen_*, hidden_*: CSR rows per user of followed creators, posts already
-            shown, and creators of posts the user hid.
-        small_creators: bool [C] creators at or below the ``small_quantile`` of followers (the
-            ones re-ranking guarantees a share of exposure).
-        segment_topic_rate: float [S + 1, T] smoothed like rate per impression by user segment
-            and post topic over the feature window; row S is all users (unknown segment).
-        snapshot: names the feature snapshot served (serving day + preprocess run), recorded
-            with every served feed so training rows are rebuilt from the same features.
+
+@dataclass(frozen=True)
+class UserFeatures:
+    """One viewer's per-entity online features on the serving day.
+
+    Shapes: stats float32 [len(USER_STATS)] (window sums); topics int64 [K] (topics with window
+    statistics, ascending); topic_stats float32 [K, len(USER_TOPIC_STATS)]; follows and hidden
+    int64 creator ids, seen int64 post ids (each ascending). A user with no history has all of
+    them empty / zero.
     """
 
-    tables: FeatureSnapshot
-    now: float
-    eligible: np.ndarray
-    popular: np.ndarray
+    user_id: int
+    stats: np.ndarray
+    topics: np.ndarray
+    topic_stats: np.ndarray
+    follows: np.ndarray
+    seen: np.ndarray
+    hidden: np.ndarray
+
+    @classmethod
+    def empty(cls, user_id: int) -> UserFeatures:
+        none = np.zeros(0, np.int64)
+        return cls(
+            user_id,
+            np.zeros(len(USER_STATS), np.float32),
+            none,
+            np.zeros((0, len(USER_TOPIC_STATS)), np.float32),
+            none,
+            none,
+            none,
+        )
+
+    def to_bytes(self) -> bytes:
+        """Little-endian: int64 counts [4] (topics, follows, seen, hidden), the int64 id
+        arrays in that order, then float32 stats and topic_stats."""
+        ids = (self.topics, self.follows, self.seen, self.hidden)
+        head = np.asarray([len(a) for a in ids], _I64)
+        parts = [head, *(np.asarray(a, _I64) for a in ids)]
+        parts += [np.asarray(self.stats, _F32), np.asarray(self.topic_stats, _F32)]
+        return b"".join(a.tobytes() for a in parts)
+
+    @classmethod
+    def from_bytes(cls, user_id: int, blob: bytes) -> UserFeatures:
+        n_topics, n_follows, n_seen, n_hidden = np.frombuffer(blob, _I64, 4).tolist()
+        at = 32
+        ids = []
+        for n in (n_topics, n_follows, n_seen, n_hidden):
+            ids.append(np.frombuffer(blob, _I64, n, at).astype(np.int64))
+            at += 8 * n
+        n_stats, n_ut = len(USER_STATS), len(USER_TOPIC_STATS)
+        stats = np.frombuffer(blob, _F32, n_stats, at).astype(np.float32)
+        at += 4 * n_stats
+        topic_stats = np.frombuffer(blob, _F32, n_topics * n_ut, at).reshape(n_topics, n_ut)
+        if at + topic_stats.nbytes != len(blob):
+            raise FeatureStoreError(f"user {user_id}: malformed feature record ({len(blob)} B)")
+        return cls(user_id, stats, ids[0], topic_stats.astype(np.float32), *ids[1:])
+
+
+class FeatureSource(Protocol):
+    """Where the per-entity features of the serving day live."""
+
+    def users(self, user_ids: Sequence[int]) -> list[UserFeatures]:
+        """The features of ``user_ids`` (known users), in order."""
+        ...
+
+    def entity_stats(
+        self, post_ids: np.ndarray, creator_ids: np.ndarray
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """float32 [N, len(POST_STATS)] of posts [N] and [M, len(CREATOR_STATS)] of creators
+        [M] (zeros for entities without statistics), in one round trip."""
+        ...
+
+
+@dataclass(frozen=True)
+class SnapshotSource:
+    """The embedded source: the full snapshot of the serving day plus CSR rows per user of
+    followed creators, seen posts and hidden creators, all in this process."""
+
+    snapshot: FeatureSnapshot
     follows_indptr: np.ndarray
     follows: np.ndarray
     seen_indptr: np.ndarray
     seen: np.ndarray
     hidden_indptr: np.ndarray
     hidden: np.ndarray
-    small_creators: np.ndarray
-    segment_topic_rate: np.ndarray
-    snapshot: str = ""
 
     @classmethod
-    def load(
-        cls, data_dir: Path, world_dir: Path, small_quantile: float = 0.25
-    ) -> OnlineFeatureStore:
+    def load(cls, snapshot: FeatureSnapshot, data_dir: Path, world_dir: Path) -> SnapshotSource:
         data, world = PreprocessLayout(Path(data_dir)), WorldLayout(Path(world_dir))
-        day = int(data.read_meta()["serving_day"])
-        tables = FeatureSnapshot.load(data.tables, day)
-        attrs = tables.attrs
-        lifetime = load_world_config(world).post_lifetime_days
-        created = attrs.post_created_at
-        eligible = np.flatnonzero((created < day) & (created >= day - lifetime))
-        likes = tables.post_stat(eligible, "likes")
-        popular = eligible[np.argsort(-likes, kind="stable")]
+        attrs = snapshot.attrs
         follows = pq.read_table(world.follows)
+        n_creators = attrs.n_creators
         follow_keys = np.sort(
-            follows.column("user_id").to_numpy() * len(attrs.creator_followers)
+            follows.column("user_id").to_numpy() * n_creators
             + follows.column("creator_id").to_numpy()
         )
-        n_creators = len(attrs.creator_followers)
         f_ptr, f_cols = _csr(follow_keys, attrs.n_users, n_creators)
         s_ptr, s_cols = _csr(np.load(data.seen, allow_pickle=False), attrs.n_users, attrs.n_posts)
         h_ptr, h_cols = _csr(np.load(data.hidden, allow_pickle=False), attrs.n_users, n_creators)
-        followers = attrs.creator_followers
-        small = followers <= np.quantile(followers, small_quantile)
+        return cls(snapshot, f_ptr, f_cols, s_ptr, s_cols, h_ptr, h_cols)
+
+    def users(self, user_ids: Sequence[int]) -> list[UserFeatures]:
+        stats = self.snapshot.stats
+        t, ut = stats.n_topics, stats.user_topic
+        out = []
+        for user_id in (int(u) for u in user_ids):
+            lo, hi = np.searchsorted(ut.keys, [user_id * t, user_id * t + t])
+            out.append(
+                UserFeatures(
+                    user_id,
+                    stats.user.get(np.asarray([user_id]))[0],
+                    ut.keys[lo:hi] % t,
+                    ut.values[lo:hi],
+                    _row(self.follows_indptr, self.follows, user_id),
+                    _row(self.seen_indptr, self.seen, user_id),
+                    _row(self.hidden_indptr, self.hidden, user_id),
+                )
+            )
+        return out
+
+    def entity_stats(
+        self, post_ids: np.ndarray, creator_ids: np.ndarray
+    ) -> tuple[np.ndarray, np.ndarray]:
+        stats = self.snapshot.stats
+        return stats.post.get(post_ids), stats.creator.get(creator_ids)
+
+
+def _sparse(keys: np.ndarray, values: np.ndarray) -> SparseStats:
+    """Rows of ``keys`` [N] (repeats allowed, same values) -> SparseStats of the unique keys."""
+    keys = np.asarray(keys, np.int64)
+    unique, first = np.unique(keys, return_index=True)
+    return SparseStats(unique, np.asarray(values, np.float32)[first])
+
+
+@dataclass(frozen=True)
+class Catalog:
+    """What every replica holds whatever the source: the serving day's aggregates.
+
+    Attributes:
+        day: the serving day (features from earlier days only).
+        n_topics: topics in the world.
+        eligible: int64 [E] posts that may be suggested (created within the post lifetime).
+        popular: int64 [E] the eligible posts by likes so far, most liked first.
+        popular_likes: float32 [E] their likes.
+        segment_topic_rate: float [S + 1, T] smoothed like rate per impression by user segment
+            and post topic over the feature window; row S is all users (unknown segment).
+        snapshot: names the feature snapshot served (serving day + preprocess run), recorded
+            with every served feed so training rows are rebuilt from the same features.
+    """
+
+    day: int
+    n_topics: int
+    eligible: np.ndarray
+    popular: np.ndarray
+    popular_likes: np.ndarray
+    segment_topic_rate: np.ndarray
+    snapshot: str
+
+    @classmethod
+    def of(cls, snapshot: FeatureSnapshot, lifetime_days: float, name: str) -> Catalog:
+        attrs, day = snapshot.attrs, snapshot.day
+        created = attrs.post_created_at
+        eligible = np.flatnonzero((created < day) & (created >= day - lifetime_days))
+        likes = snapshot.post_stat(eligible, "likes")
+        order = np.argsort(-likes, kind="stable")
         # user x topic (imps, likes) -> per segment; +1 like / +20 imps smoothing.
-        ut, n_topics = tables.stats.user_topic, tables.stats.n_topics
+        ut, n_topics = snapshot.stats.user_topic, snapshot.stats.n_topics
         n_seg = int(attrs.user_segment.max()) + 1 if attrs.n_users else 0
         imps = np.zeros((n_seg + 1, n_topics))
-        likes = np.zeros_like(imps)
+        liked = np.zeros_like(imps)
         at = (attrs.user_segment[ut.keys // n_topics], ut.keys % n_topics)
         np.add.at(imps, at, ut.values[:, 0])
-        np.add.at(likes, at, ut.values[:, 1])
-        imps[n_seg], likes[n_seg] = imps[:n_seg].sum(axis=0), likes[:n_seg].sum(axis=0)
-        rate = (likes + 1.0) / (imps + 20.0)
-        return cls(
-            tables,
-            float(day),
-            eligible,
-            popular,
-            f_ptr,
-            f_cols,
-            s_ptr,
-            s_cols,
-            h_ptr,
-            h_cols,
-            small,
-            rate,
-            f"day{day}-{hashlib.sha256(data.meta.read_bytes()).hexdigest()[:12]}",
-        )
+        np.add.at(liked, at, ut.values[:, 1])
+        imps[n_seg], liked[n_seg] = imps[:n_seg].sum(axis=0), liked[:n_seg].sum(axis=0)
+        rate = (liked + 1.0) / (imps + 20.0)
+        return cls(day, n_topics, eligible, eligible[order], likes[order], rate, name)
+
+
+def snapshot_name(data_dir: Path) -> str:
+    """The feature snapshot a preprocess output serves: ``day<D>-<hash of its meta>``."""
+    data = PreprocessLayout(Path(data_dir))
+    day = int(data.read_meta()["serving_day"])
+    return f"day{day}-{hashlib.sha256(data.meta.read_bytes()).hexdigest()[:12]}"
+
+
+@dataclass(frozen=True)
+class OnlineFeatureStore:
+    """Features of users and posts as of the start of the serving day.
+
+    Attributes:
+        attrs: static entity attributes (indexed by raw id).
+        catalog: the serving day's aggregates (see :class:`Catalog`).
+        source: the per-entity features (embedded or Redis).
+        small_creators: bool [C] creators at or below the ``small_quantile`` of followers (the
+            ones re-ranking guarantees a share of exposure).
+    """
+
+    attrs: EntityAttributes
+    catalog: Catalog
+    source: FeatureSource
+    small_creators: np.ndarray
+
+    @classmethod
+    def load(
+        cls,
+        data_dir: Path,
+        world_dir: Path,
+        small_quantile: float = 0.25,
+        feature_store: str | None = None,
+    ) -> OnlineFeatureStore:
+        """The store of a preprocess output: embedded (``feature_store`` None) or reading the
+        per-entity features from Redis (``redis://host:port/db[?prefix=NAME]``, published by
+        ``feedrec features publish`` from the same output)."""
+        data = PreprocessLayout(Path(data_dir))
+        name = snapshot_name(data_dir)
+        source: FeatureSource
+        if feature_store is None:
+            day = int(data.read_meta()["serving_day"])
+            snapshot = FeatureSnapshot.load(data.tables, day)
+            lifetime = load_world_config(WorldLayout(Path(world_dir))).post_lifetime_days
+            catalog = Catalog.of(snapshot, lifetime, name)
+            attrs = snapshot.attrs
+            source = SnapshotSource.load(snapshot, data_dir, world_dir)
+        else:
+            from feedrec.serving.redis_feature_source import RedisFeatureSource
+
+            attrs = FeatureTables.load_attributes(data.tables)
+            redis_source = RedisFeatureSource.open(feature_store, name, attrs)
+            catalog, source = redis_source.catalog, redis_source
+        followers = attrs.creator_followers
+        small = followers <= np.quantile(followers, small_quantile)
+        return cls(attrs, catalog, source, small)
 
     @property
     def day(self) -> int:
-        return self.tables.day
+        return self.catalog.day
+
+    @property
+    def now(self) -> float:
+        """Request time used for post ages (start of the serving day)."""
+        return float(self.catalog.day)
+
+    @property
+    def snapshot(self) -> str:
+        return self.catalog.snapshot
+
+    @property
+    def popular(self) -> np.ndarray:
+        return self.catalog.popular
+
+    @property
+    def segment_topic_rate(self) -> np.ndarray:
+        return self.catalog.segment_topic_rate
 
     def knows_user(self, user_id: int) -> bool:
-        return 0 <= user_id < self.tables.attrs.n_users
+        return 0 <= user_id < self.attrs.n_users
 
-    def user_raw(self, user_ids: np.ndarray) -> dict[str, np.ndarray]:
-        """Raw user-side columns for users [B] (the user tower's inputs)."""
-        return self.tables.user_columns(user_ids, np.full(len(user_ids), self.day))
+    def user(self, user_id: int) -> UserFeatures:
+        """A known viewer's features (one fetch; hand the result to every stage)."""
+        return self.users([user_id])[0]
 
-    def ranker_raw(self, user_id: int | np.ndarray, post_ids: np.ndarray) -> dict[str, np.ndarray]:
-        """Raw columns for scoring ``post_ids`` [N] for one user (or ``user_id`` [N], a user per
-        row), at the top of the feed."""
-        n = len(post_ids)
-        return self.tables.lookup(
-            np.full(n, user_id),
-            post_ids,
-            np.full(n, self.day),
-            np.full(n, self.now),
-            np.zeros(n),
+    def users(self, user_ids: Sequence[int]) -> list[UserFeatures]:
+        """Known users' features, in order. Raises ValueError for an unknown id and
+        :class:`FeatureStoreError` when the source cannot answer."""
+        ids = np.asarray(user_ids, np.int64)
+        self.attrs.check_ids(ids, ids[:0])
+        return self.source.users(ids.tolist())
+
+    def _snapshot(
+        self, users: Sequence[UserFeatures], post_ids: np.ndarray | None = None
+    ) -> FeatureSnapshot:
+        """The serving day's snapshot restricted to ``users`` and ``post_ids`` (and their
+        creators): the fetched rows only, so the join gives the full snapshot's values."""
+        t = self.catalog.n_topics
+        users = list({u.user_id: u for u in users}.values())  # a viewer per row repeats
+        user_ids = np.asarray([u.user_id for u in users], np.int64)
+        stats = np.stack([u.stats for u in users]) if users else np.zeros((0, len(USER_STATS)))
+        ut_keys = [u.user_id * t + u.topics for u in users]
+        ut_values = [u.topic_stats for u in users]
+        posts = np.unique(post_ids) if post_ids is not None else np.zeros(0, np.int64)
+        creators = np.unique(self.attrs.post_creator[posts])
+        post_stats, creator_stats = (
+            self.source.entity_stats(posts, creators)
+            if len(posts)
+            else (np.zeros((0, len(POST_STATS))), np.zeros((0, len(CREATOR_STATS))))
         )
+        day_stats = DayStats(
+            day=self.day,
+            n_topics=t,
+            user=_sparse(user_ids, stats),
+            user_topic=_sparse(
+                np.concatenate([np.zeros(0, np.int64), *ut_keys]),
+                np.concatenate([np.zeros((0, len(USER_TOPIC_STATS))), *ut_values]),
+            ),
+            post=_sparse(posts, post_stats),
+            creator=_sparse(creators, creator_stats),
+        )
+        return FeatureSnapshot(day_stats, self.attrs)
+
+    def user_raw(self, users: Sequence[UserFeatures]) -> dict[str, np.ndarray]:
+        """Raw user-side columns for users [B] (the user tower's inputs)."""
+        ids = np.asarray([u.user_id for u in users], np.int64)
+        return self._snapshot(users).user_columns(ids, np.full(len(ids), self.day))
+
+    def ranker_raw(
+        self, user: UserFeatures | Sequence[UserFeatures], post_ids: np.ndarray
+    ) -> dict[str, np.ndarray]:
+        """Raw columns for scoring ``post_ids`` [N] for one viewer (or ``user`` [N], a viewer
+        per row), at the top of the feed."""
+        post_ids = np.asarray(post_ids, np.int64)
+        n = len(post_ids)
+        users = [user] if isinstance(user, UserFeatures) else list(user)
+        ids = np.full(n, users[0].user_id if users else 0)
+        if not isinstance(user, UserFeatures):
+            ids = np.asarray([u.user_id for u in users], np.int64)
+        self.attrs.check_ids(ids, post_ids)
+        snapshot = self._snapshot(users, post_ids)
+        day, now = np.full(n, self.day), np.full(n, self.now)
+        return snapshot.lookup(ids, post_ids, day, now, np.zeros(n))
 
     def exclusions(
-        self, user_id: int, post_ids: np.ndarray, blocked_creators: np.ndarray | None = None
+        self, user: UserFeatures, post_ids: np.ndarray, blocked_creators: np.ndarray | None = None
     ) -> dict[str, np.ndarray]:
         """Why each of ``post_ids`` [N] must not be suggested: reason -> bool [N].
 
@@ -145,20 +393,20 @@ class OnlineFeatureStore:
         before; hidden: from a creator one of whose posts the user hid; blocked: from a creator
         in ``blocked_creators`` (the request's block list).
         """
-        creators = self.tables.attrs.post_creator[post_ids]
+        creators = self.attrs.post_creator[post_ids]
         blocked = np.asarray(blocked_creators if blocked_creators is not None else [], np.int64)
         return {
-            "followed": np.isin(creators, _row(self.follows_indptr, self.follows, user_id)),
-            "seen": np.isin(post_ids, _row(self.seen_indptr, self.seen, user_id)),
-            "hidden": np.isin(creators, _row(self.hidden_indptr, self.hidden, user_id)),
+            "followed": np.isin(creators, user.follows),
+            "seen": np.isin(post_ids, user.seen),
+            "hidden": np.isin(creators, user.hidden),
             "blocked": np.isin(creators, blocked),
         }
 
     def allowed(
-        self, user_id: int, post_ids: np.ndarray, blocked_creators: np.ndarray | None = None
+        self, user: UserFeatures, post_ids: np.ndarray, blocked_creators: np.ndarray | None = None
     ) -> np.ndarray:
         """bool [N]: none of :meth:`exclusions` applies."""
-        excluded = self.exclusions(user_id, post_ids, blocked_creators).values()
+        excluded = self.exclusions(user, post_ids, blocked_creators).values()
         return ~np.logical_or.reduce(list(excluded))
 
     @property
@@ -180,27 +428,27 @@ class OnlineFeatureStore:
         bad = [t for t in interests if not 0 <= t < n_topics]
         if bad:
             raise ValueError(f"interests: {bad} are not topics (0..{n_topics - 1})")
-        posts = self.popular[: max(20 * n, 500)]
-        topics = self.tables.attrs.post_topic[posts]
+        top = max(20 * n, 500)
+        posts, likes = self.popular[:top], self.catalog.popular_likes[:top]
+        topics = self.attrs.post_topic[posts]
         row = self.n_segments if segment is None else segment
-        likes = self.tables.post_stat(posts, "likes")
         score = (1.0 + likes) * self.segment_topic_rate[row, topics]
         score = score * np.where(np.isin(topics, interests), 2.0, 1.0)
         order = np.argsort(-score, kind="stable")[:n]
         return posts[order], score[order]
 
     def post_topic(self, post_ids: np.ndarray) -> np.ndarray:
-        return self.tables.attrs.post_topic[post_ids]
+        return self.attrs.post_topic[post_ids]
 
     def small_creator(self, post_ids: np.ndarray) -> np.ndarray:
         """bool [N]: the post's creator is small (see ``small_creators``)."""
-        return self.small_creators[self.tables.attrs.post_creator[post_ids]]
+        return self.small_creators[self.attrs.post_creator[post_ids]]
 
     def post_age_days(self, post_ids: np.ndarray) -> np.ndarray:
-        return self.now - self.tables.attrs.post_created_at[post_ids]
+        return self.now - self.attrs.post_created_at[post_ids]
 
     def post_creator(self, post_ids: np.ndarray) -> np.ndarray:
-        return self.tables.attrs.post_creator[post_ids]
+        return self.attrs.post_creator[post_ids]
 
     def candidates(
         self, post_ids: np.ndarray, predictions: np.ndarray, interest: np.ndarray | None = None

@@ -30,7 +30,7 @@ from feedrec.serving.experiment import NO_EXPERIMENT, Variant
 from feedrec.serving.exploration import SlateLog
 from feedrec.serving.feed_metrics import FeedMetrics
 from feedrec.serving.model_watcher import ModelWatcher, NotReady
-from feedrec.serving.online_store import OnlineFeatureStore
+from feedrec.serving.online_store import OnlineFeatureStore, UserFeatures
 from feedrec.serving.ranker_client import TritonRankerClient
 from feedrec.serving.realtime_signals import RealtimeSignals
 from feedrec.serving.rerank import rerank
@@ -51,17 +51,17 @@ class Retriever:
         self.index = load_post_index(artifact)
         self.fetch = min(3 * cfg.retrieve_k, len(self.index))  # over-fetch: hits get filtered
 
-    def search(self, user_ids: list[int]) -> list[np.ndarray]:
-        """[B] users -> B x [fetch] post ids, nearest first (one tower pass, one faiss call)."""
-        users = self.transform(self.store.user_raw(np.asarray(user_ids)), "user_tower")
-        _, ids = self.index.search(self.encoder.users(users), self.fetch)
+    def search(self, users: list[UserFeatures]) -> list[np.ndarray]:
+        """[B] viewers -> B x [fetch] post ids, nearest first (one tower pass, one faiss call)."""
+        inputs = self.transform(self.store.user_raw(users), "user_tower")
+        _, ids = self.index.search(self.encoder.users(inputs), self.fetch)
         return [row[row >= 0] for row in ids]
 
     def allowed(
-        self, user_id: int, hits: np.ndarray, k: int, blocked: list[int]
+        self, user: UserFeatures, hits: np.ndarray, k: int, blocked: list[int]
     ) -> tuple[list[int], dict[str, int]]:
         """The first ``k`` allowed ``hits`` and how many each filter removed."""
-        excluded = self.store.exclusions(user_id, hits, np.asarray(blocked, np.int64))
+        excluded = self.store.exclusions(user, hits, np.asarray(blocked, np.int64))
         keep = ~np.logical_or.reduce(list(excluded.values()))
         return [int(p) for p in hits[keep][:k]], {r: int(m.sum()) for r, m in excluded.items()}
 
@@ -138,23 +138,24 @@ class Scorer:
         self.models = ranker_models(cfg, self.client)
         self.shadow = shadow_rankers(cfg, self.client)
 
-    async def score(self, user_id: int, post_ids: list[int]) -> tuple[np.ndarray, str]:
+    async def score(self, user: UserFeatures, post_ids: list[int]) -> tuple[np.ndarray, str]:
         """[N] candidates -> ([N, len(TASKS)] predictions, label of the ranker version used)."""
-        return await self._score(self.models.current, user_id, post_ids)
+        return await self._score(self.models.current, user, post_ids)
 
     async def shadow_score(
-        self, user_id: int, post_ids: list[int]
+        self, user: UserFeatures, post_ids: list[int]
     ) -> tuple[np.ndarray, str] | None:
         """The registry's shadow ranker on ``post_ids`` like :meth:`score`; None while no
         shadow version is set (or Triton has not loaded it yet)."""
         model = self.shadow.current
-        return None if model is None else await self._score(model, user_id, post_ids)
+        return None if model is None else await self._score(model, user, post_ids)
 
     async def _score(
-        self, model: RankerModel, user_id: int, post_ids: list[int]
+        self, model: RankerModel, user: UserFeatures, post_ids: list[int]
     ) -> tuple[np.ndarray, str]:
         # `model` is read once by the caller: vocabularies and weights of the same version.
-        raw = self.store.ranker_raw(user_id, np.asarray(post_ids, dtype=np.int64))
+        # The candidates' statistics: one fetch (one Redis round trip with that store).
+        raw = self.store.ranker_raw(user, np.asarray(post_ids, dtype=np.int64))
         inputs = model.transform(raw, "ranker")
         scores = await self.client.score(
             inputs.single_ids,
@@ -201,16 +202,19 @@ class RequestError(ValueError):
     """A request the models cannot serve as asked (HTTP 422 with this message)."""
 
 
-#: (user, k, blocked creators) -> (candidate post ids, hits removed per filter, retrieval label)
-Retrieve = Callable[[int, int, list[int]], Awaitable[tuple[list[int], dict[str, int], str]]]
-Rank = Callable[[int, list[int]], Awaitable[tuple[np.ndarray, str]]]
+#: (viewer, k, blocked creators) -> (candidate post ids, hits removed per filter, retrieval
+#: label). The viewer's features are fetched once by the pipeline and handed to every stage.
+Retrieve = Callable[
+    [UserFeatures, int, list[int]], Awaitable[tuple[list[int], dict[str, int], str]]
+]
+Rank = Callable[[UserFeatures, list[int]], Awaitable[tuple[np.ndarray, str]]]
 #: (candidates, predictions, count, debug, real-time interest [N] or None) -> (items, demoted)
 Rerank = Callable[[list[int], np.ndarray, int, bool, np.ndarray | None], Awaitable[Any]]
 
 
 #: (user, candidates) -> the shadow ranker's ([N, len(TASKS)] predictions, label), or None
 #: while no shadow version is set.
-ShadowRank = Callable[[int, list[int]], Awaitable[tuple[np.ndarray, str] | None]]
+ShadowRank = Callable[[UserFeatures, list[int]], Awaitable[tuple[np.ndarray, str] | None]]
 
 
 @dataclass
@@ -231,11 +235,14 @@ class FeedPipeline:
     on_shadow: Callable[[ShadowFeed], Awaitable[None]] | None = None
     _shadow_tasks: set[asyncio.Task[ShadowFeed | None]] = field(default_factory=set)
 
-    def with_realtime(self, user_id: int, candidates: list[int], blocked: list[int]) -> list[int]:
+    def with_realtime(
+        self, user: UserFeatures, candidates: list[int], blocked: list[int]
+    ) -> list[int]:
         """Retrieved candidates minus posts the viewer just engaged with or hid, plus up to
         ``realtime_candidates`` posts of their hot topics (by engagement velocity, then
         likes), at most ``rank_k`` in all."""
         assert self.realtime is not None
+        user_id = user.user_id
         engaged = self.realtime.engaged_posts(user_id)
         kept = [p for p in candidates if p not in engaged]
         topics = self.realtime.hot_topics(user_id)
@@ -244,7 +251,7 @@ class FeedPipeline:
             return kept[: self.cfg.rank_k]
         popular = self.store.popular
         pool = popular[np.isin(self.store.post_topic(popular), topics)]
-        pool = pool[self.store.allowed(user_id, pool, np.asarray(blocked, np.int64))]
+        pool = pool[self.store.allowed(user, pool, np.asarray(blocked, np.int64))]
         present = set(kept) | engaged
         pool = np.asarray([p for p in pool.tolist() if p not in present], np.int64)
         order = np.argsort(-self.realtime.velocity(pool), kind="stable")  # ties: likes order
@@ -255,20 +262,28 @@ class FeedPipeline:
         if self.metrics is not None:
             self.metrics.outcome(outcome)
 
-    def popular(self, user_id: int, count: int, blocked: list[int]) -> list[FeedItem]:
+    def popular(self, user: UserFeatures | None, count: int, blocked: list[int]) -> list[FeedItem]:
+        """The most liked eligible posts the viewer may see (``user`` None: their features
+        could not be fetched, so only the request's block list applies)."""
         posts = self.store.popular[: count * 20]
-        if self.store.knows_user(user_id):
-            posts = posts[self.store.allowed(user_id, posts, np.asarray(blocked, np.int64))]
+        likes = self.store.catalog.popular_likes[: count * 20]
+        blocked_ids = np.asarray(blocked, np.int64)
+        if user is not None:
+            keep = self.store.allowed(user, posts, blocked_ids)
         else:
-            posts = posts[~np.isin(self.store.post_creator(posts), blocked)]
-        likes = self.store.tables.post_stat(posts[:count], "likes")
+            keep = ~np.isin(self.store.post_creator(posts), blocked_ids)
         return [
             FeedItem(post_id=int(p), score=float(s), scores={})
-            for p, s in zip(posts[:count], likes, strict=True)
+            for p, s in zip(posts[keep][:count], likes[keep][:count], strict=True)
         ]
 
     def popularity_response(
-        self, req: Any, request_id: str, variant: str, failure: Exception | None = None
+        self,
+        req: Any,
+        request_id: str,
+        variant: str,
+        user: UserFeatures | None,
+        failure: Exception | None = None,
     ) -> FeedResponse:
         """The popularity feed: an experiment's baseline arm, or (``failure`` given) the
         flagged fallback after a stage failed."""
@@ -276,7 +291,7 @@ class FeedPipeline:
             request_id=request_id,
             variant=variant,
             user_id=req.user_id,
-            items=self.popular(req.user_id, req.count, req.blocked_creator_ids),
+            items=self.popular(user, req.count, req.blocked_creator_ids),
             model_version="popularity",
             fallback=failure is not None,
             debug={"error": repr(failure)} if req.debug and failure is not None else None,
@@ -342,28 +357,32 @@ class FeedPipeline:
                 raise
             self._count("cold_start")
             return response
-        if variant.policy == "popularity":  # an experiment's baseline arm, not a failure
-            self._count("popularity")
-            return self.popularity_response(req, request_id, variant.name)
         t = self.cfg.timeouts
         timings: dict[str, float] = {}
+        user: UserFeatures | None = None
         try:
             t0 = time.perf_counter()
+            user = self.store.user(req.user_id)  # once, for every stage
+            timings["features_ms"] = (time.perf_counter() - t0) * 1e3
+            if variant.policy == "popularity":  # an experiment's baseline arm, not a failure
+                self._count("popularity")
+                return self.popularity_response(req, request_id, variant.name, user)
+            t0 = time.perf_counter()
             candidates, filtered, retrieval_version = await asyncio.wait_for(
-                self.retrieve(req.user_id, self.cfg.retrieve_k, req.blocked_creator_ids),
+                self.retrieve(user, self.cfg.retrieve_k, req.blocked_creator_ids),
                 t.retrieval_s,
             )
             timings["retrieval_ms"] = (time.perf_counter() - t0) * 1e3
             retrieved = len(candidates)
             interest = None
             if self.realtime is not None:
-                candidates = self.with_realtime(req.user_id, candidates, req.blocked_creator_ids)
+                candidates = self.with_realtime(user, candidates, req.blocked_creator_ids)
                 topics = self.store.post_topic(np.asarray(candidates, np.int64))
                 interest = self.realtime.topic_share(req.user_id, topics)
             candidates = candidates[: self.cfg.rank_k]
             t0 = time.perf_counter()
             predictions, model_version = await asyncio.wait_for(
-                self.rank(req.user_id, candidates), t.ranking_s
+                self.rank(user, candidates), t.ranking_s
             )
             timings["ranking_ms"] = (time.perf_counter() - t0) * 1e3
             t0 = time.perf_counter()
@@ -387,7 +406,7 @@ class FeedPipeline:
         except Exception as e:  # any stage failure or timeout -> flagged popularity feed
             logger.warning("feed for user %s fell back: %r", req.user_id, e)
             self._count("fallback")
-            return self.popularity_response(req, request_id, variant.name, failure=e)
+            return self.popularity_response(req, request_id, variant.name, user, failure=e)
         timings["total_ms"] = (time.perf_counter() - started) * 1e3
         if self.metrics is not None:
             self.metrics.personalised(
@@ -420,7 +439,7 @@ class FeedPipeline:
             ),
         )
         if self.shadow is not None and self.mirrored(request_id):
-            self._start_shadow(req, response, candidates, interest)
+            self._start_shadow(req, user, response, candidates, interest)
         if exploration.enabled:
             response.with_slate(
                 SlateLog(
@@ -437,10 +456,15 @@ class FeedPipeline:
         return int(request_id[:8], 16) < self.cfg.shadow_share * 16**8
 
     def _start_shadow(
-        self, req: Any, response: FeedResponse, candidates: list[int], interest: Any
+        self,
+        req: Any,
+        user: UserFeatures,
+        response: FeedResponse,
+        candidates: list[int],
+        interest: Any,
     ) -> None:
         task = asyncio.get_running_loop().create_task(
-            self.shadow_feed(req, response, candidates, interest)
+            self.shadow_feed(req, user, response, candidates, interest)
         )
         self._shadow_tasks.add(task)  # the event loop keeps only a weak reference
         task.add_done_callback(self._shadow_tasks.discard)
@@ -448,6 +472,7 @@ class FeedPipeline:
     async def shadow_feed(
         self,
         req: Any,
+        user: UserFeatures,
         response: FeedResponse,
         candidates: list[int],
         interest: np.ndarray | None = None,
@@ -460,7 +485,7 @@ class FeedPipeline:
         t = self.cfg.timeouts
         started = time.perf_counter()
         try:
-            scored = await asyncio.wait_for(self.shadow(req.user_id, candidates), t.ranking_s)
+            scored = await asyncio.wait_for(self.shadow(user, candidates), t.ranking_s)
             if scored is None:
                 return None
             predictions, label = scored
