@@ -3,7 +3,7 @@ SHELL := /bin/bash
 PY := .venv/bin/python
 STAMP := .venv/.feedrec-installed
 
-.PHONY: venv demo test lint format clean-run bench bench-report bench-train bench-ann bench-serve bench-spike bench-data
+.PHONY: venv demo test lint format clean-run bench bench-report bench-train bench-ann bench-serve bench-spike bench-data bench-features
 
 venv: $(STAMP)
 
@@ -42,6 +42,11 @@ bench-ann: venv
 bench-data: venv
 	$(PY) -m bench.data --preset small --run-dir runs/bench-data
 
+# The online-feature work of a feed request, embedded store vs Redis (needs `make demo` and
+# redis-server) -> bench/results/feature_store.json.
+bench-features: venv
+	$(PY) -m bench.feature_store --run-dir runs/demo
+
 # Every benchmark, one after the other (never in parallel: they would share the cores they
 # measure), then bench/REPORT.md. bench-serve and bench-spike need `make demo` first.
 bench: venv
@@ -50,6 +55,7 @@ bench: venv
 	$(MAKE) bench-serve
 	$(MAKE) bench-spike
 	$(MAKE) bench-data
+	$(MAKE) bench-features
 	$(PY) -m bench.report
 
 # bench/REPORT.md from the results already in bench/results (absent ones: "not run").

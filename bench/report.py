@@ -11,7 +11,7 @@ lacks a key the report needs is an error naming the file and key (nothing is wri
 Sources: ``train.json`` (``make bench-train``); ``serve.json`` top level (``make bench-serve``),
 its ``ann`` section (``make bench-ann``) and ``spike`` section (``make bench-spike``);
 ``data.json`` (the Ray Data benchmark): ``ratio`` plus its first two ``*_per_s`` keys, read as
-the measured side and the baseline.
+the measured side and the baseline; ``feature_store.json`` (``make bench-features``).
 """
 
 from __future__ import annotations
@@ -177,6 +177,22 @@ def _data(doc: _Doc) -> Row:
     )
 
 
+def _features(doc: _Doc) -> Row:
+    rps, base = doc.num("redis.requests_per_s"), doc.num("embedded.requests_per_s")
+    work = doc.get("workload") or {}
+    return Row(
+        "features",
+        "feature_store.json",
+        f"Redis store: {_n(rps)} req/s (p50 {doc.num('redis.p50_ms'):.2f} ms)",
+        f"embedded store: {_n(base)} req/s (p50 {doc.num('embedded.p50_ms'):.2f} ms)",
+        rps / base,
+        "none stated (the cost of moving features out of the replicas)",
+        None,
+        f"online-feature work per request, filters over {work.get('retrieve_k', '?')}, "
+        f"ranker columns of {work.get('rank_k', '?')}; {_host(doc)}",
+    )
+
+
 # (name, file, section or None, goal shown when not run, builder)
 BENCHMARKS: tuple[tuple[str, str, str | None, str, Callable[[_Doc], Row]], ...] = (
     ("train", "train.json", None, f"ratio >= {TRAIN_RATIO_GOAL}", _train),
@@ -184,6 +200,7 @@ BENCHMARKS: tuple[tuple[str, str, str | None, str, Callable[[_Doc], Row]], ...] 
     ("ann", "serve.json", "ann", f"recall@100 >= {ANN_RECALL_GOAL}", _ann),
     ("spike", "serve.json", "spike", "none stated", _spike),
     ("data", "data.json", None, f"ratio >= {DATA_RATIO_GOAL}", _data),
+    ("features", "feature_store.json", None, "none stated", _features),
 )
 
 

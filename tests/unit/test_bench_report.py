@@ -33,6 +33,13 @@ SPIKE = {
 }
 
 
+FEATURES = {
+    "embedded": {"requests_per_s": 800.0, "p50_ms": 1.2},
+    "redis": {"requests_per_s": 400.0, "p50_ms": 2.4},
+    "workload": {"retrieve_k": 1000, "rank_k": 500},
+}
+
+
 def _write(d: Path, **files: Any) -> Path:
     for name, doc in files.items():
         (d / f"{name}.json").write_text(doc if isinstance(doc, str) else json.dumps(doc))
@@ -43,9 +50,12 @@ def test_rows_compare_with_baselines_and_goals(tmp_path: Path) -> None:
     data = {"ray_data_rows_per_s": 70.0, "single_rows_per_s": 100.0, "ratio": 0.7}
     serve = {**SERVE, "ann": ANN, "spike": SPIKE}
     rows = {
-        r.name: r for r in report.collect(_write(tmp_path, train=TRAIN, data=data, serve=serve))
+        r.name: r
+        for r in report.collect(
+            _write(tmp_path, train=TRAIN, data=data, serve=serve, feature_store=FEATURES)
+        )
     }
-    assert [r.name for r in rows.values()] == ["train", "serve", "ann", "spike", "data"]
+    assert [r.name for r in rows.values()] == ["train", "serve", "ann", "spike", "data", "features"]
     assert rows["train"].ratio == pytest.approx(1.3) and rows["train"].met is True  # >= 1.3
     assert "1,300 samples/s" in rows["train"].headline
     assert "1,000 samples/s" in rows["train"].baseline
@@ -56,6 +66,8 @@ def test_rows_compare_with_baselines_and_goals(tmp_path: Path) -> None:
     assert rows["spike"].ratio == pytest.approx(3.0) and rows["spike"].met is None
     assert rows["data"].ratio == pytest.approx(0.7) and rows["data"].met is False  # < 0.8
     assert "`ray_data_rows_per_s` 70" in rows["data"].headline
+    assert rows["features"].ratio == pytest.approx(0.5) and rows["features"].met is None
+    assert "400 req/s (p50 2.40 ms)" in rows["features"].headline
 
 
 def test_goals_not_met(tmp_path: Path) -> None:
@@ -76,6 +88,7 @@ def test_missing_benchmarks_are_not_run(tmp_path: Path) -> None:
         "ann": status["ann"],
         "spike": "not run",
         "data": "not run",
+        "features": "not run",
     }
     assert status["ann"].startswith("IVF64,Flat")
     text = report.render(rows, "2 CPUs", dt.date(2026, 1, 2), tmp_path)
@@ -90,6 +103,7 @@ def test_missing_benchmarks_are_not_run(tmp_path: Path) -> None:
         ({"train": "{oops"}, r"train\.json: not valid JSON"),
         ({"serve": {**SERVE, "twin_rps": "fast"}}, r"'twin_rps' must be a number, got 'fast'"),
         ({"serve": {"ann": 3}}, r"serve\.json: ann: expected a JSON object"),
+        ({"feature_store": {"redis": {}}}, r"feature_store\.json: key 'redis\.requests_per_s'"),
     ],
 )
 def test_ill_formed_files_name_file_and_key(
