@@ -10,6 +10,10 @@ writes ``bench/results/serve.json``: ``{"rps_at_p99_100ms", "twin_rps", "ratio",
 "p99_ms", ...}`` (other sections of the file, e.g. ``ann``, are kept).
 
 The load generator runs on the same cores as the servers (2 here); both sides pay that cost.
+
+``--feature-store redis`` serves both sides' online features from a ``redis-server`` this
+script starts and fills (``feedrec features publish``'s code) and writes
+``bench/results/serve_redis.json`` instead.
 """
 
 from __future__ import annotations
@@ -22,13 +26,16 @@ import platform
 import subprocess
 import sys
 import time
+from contextlib import ExitStack
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 import httpx
 import numpy as np
 
 RESULTS = Path(__file__).resolve().parent / "results" / "serve.json"
+RESULTS_REDIS = RESULTS.with_name("serve_redis.json")
 P99_TARGET_MS = 100.0
 
 
@@ -135,6 +142,48 @@ def max_rps(
     return good, runs
 
 
+def _measure(
+    stack: Any, run: Any, users: np.ndarray, args: argparse.Namespace, overrides: dict[str, Any]
+) -> tuple[Any, list[LoadResult], Any, list[LoadResult]]:
+    """Max RPS of the Serve chain, then of the twin against the same Triton."""
+    from feedrec.serving.feed_client import wait_healthy
+
+    with stack:
+        assert stack.triton is not None
+        print(f"Ray Serve chain at {stack.url}", flush=True)
+        serve_best, serve_runs = max_rps(stack.url, users, args.count, args.seconds, "serve")
+        twin_url = f"http://127.0.0.1:{args.twin_port}"
+        root = Path(__file__).resolve().parents[1]
+        store_flag = (
+            [f"--feature-store={overrides['feature_store']}"]
+            if "feature_store" in overrides
+            else []
+        )
+        twin = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "bench.serve_twin",
+                f"--run-dir={run.root}",
+                f"--triton-url={stack.triton.grpc_url}",
+                f"--port={args.twin_port}",
+                f"--retrieve-k={args.retrieve_k}",
+                f"--rank-k={args.rank_k}",
+                *store_flag,
+            ],
+            cwd=root,
+            env={**os.environ, "PYTHONPATH": f"{root}{os.pathsep}{root / 'libs'}"},
+        )
+        try:
+            wait_healthy(twin_url, 300.0)
+            print(f"FastAPI twin at {twin_url}", flush=True)
+            twin_best, twin_runs = max_rps(twin_url, users, args.count, args.seconds, "twin")
+        finally:
+            twin.terminate()
+            twin.wait(timeout=30)
+    return serve_best, serve_runs, twin_best, twin_runs
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--run-dir", type=Path, default=Path("runs/demo"))
@@ -147,12 +196,17 @@ def main() -> None:
     parser.add_argument("--rank-k", type=int, default=500)
     parser.add_argument("--serve-port", type=int, default=8000)
     parser.add_argument("--twin-port", type=int, default=8100)
+    parser.add_argument(
+        "--feature-store",
+        choices=("embedded", "redis"),
+        default="embedded",
+        help="where both sides read the online features (redis: a local redis-server)",
+    )
     args = parser.parse_args()
     if not (args.run_dir / "models").is_dir():
         parser.error(f"--run-dir {args.run_dir}: no trained models (run `make demo` first)")
 
     from feedrec.runtime import RunLayout
-    from feedrec.serving.feed_client import wait_healthy
     from feedrec.serving.online_store import OnlineFeatureStore
     from feedrec.serving.stack import ServingStack, StackConfig
 
@@ -160,42 +214,26 @@ def main() -> None:
     run = RunLayout(args.run_dir.resolve())
     store = OnlineFeatureStore.load(run.data, run.world)
     users = np.arange(store.attrs.n_users)
-    stack = ServingStack(
-        StackConfig(
-            run_dir=run.root,
-            http_port=args.serve_port,
-            export_portable=False,
-            ranker_runtime=args.ranker_runtime,
-            service_overrides={"retrieve_k": args.retrieve_k, "rank_k": args.rank_k},
+    results_file = RESULTS if args.feature_store == "embedded" else RESULTS_REDIS
+    with ExitStack() as stack_of:
+        overrides: dict[str, object] = {"retrieve_k": args.retrieve_k, "rank_k": args.rank_k}
+        if args.feature_store == "redis":
+            from bench.feature_store import redis_server
+            from feedrec.serving.redis_feature_source import RedisFeatureSource
+
+            url = f"redis://127.0.0.1:{stack_of.enter_context(redis_server())}/0"
+            RedisFeatureSource.publish(url, run.data, run.world, progress=False)
+            overrides["feature_store"] = url
+        stack = ServingStack(
+            StackConfig(
+                run_dir=run.root,
+                http_port=args.serve_port,
+                export_portable=False,
+                ranker_runtime=args.ranker_runtime,
+                service_overrides=overrides,
+            )
         )
-    )
-    with stack:
-        assert stack.triton is not None
-        print(f"Ray Serve chain at {stack.url}", flush=True)
-        serve_best, serve_runs = max_rps(stack.url, users, args.count, args.seconds, "serve")
-        twin_url = f"http://127.0.0.1:{args.twin_port}"
-        root = Path(__file__).resolve().parents[1]
-        twin = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "bench.serve_twin",
-                f"--run-dir={run.root}",
-                f"--triton-url={stack.triton.grpc_url}",
-                f"--port={args.twin_port}",
-                f"--retrieve-k={args.retrieve_k}",
-                f"--rank-k={args.rank_k}",
-            ],
-            cwd=root,
-            env={**os.environ, "PYTHONPATH": f"{root}{os.pathsep}{root / 'libs'}"},
-        )
-        try:
-            wait_healthy(twin_url, 300.0)
-            print(f"FastAPI twin at {twin_url}", flush=True)
-            twin_best, twin_runs = max_rps(twin_url, users, args.count, args.seconds, "twin")
-        finally:
-            twin.terminate()
-            twin.wait(timeout=30)
+        serve_best, serve_runs, twin_best, twin_runs = _measure(stack, run, users, args, overrides)
     serve_rps = serve_best.offered_rps if serve_best else 0.0
     twin_rps = twin_best.offered_rps if twin_best else 0.0
     ratio = serve_rps / twin_rps if twin_rps else None
@@ -207,7 +245,7 @@ def main() -> None:
             print(f"{name:8}{'none met the target':>18}")
     shown = "n/a" if ratio is None else f"{ratio:.2f}"
     print(f"ratio (Serve / twin): {shown} (goal >= 0.7); Serve goal >= 150 RPS")
-    results = json.loads(RESULTS.read_text()) if RESULTS.exists() else {}
+    results = json.loads(results_file.read_text()) if results_file.exists() else {}
     results.update(
         {
             "rps_at_p99_100ms": round(serve_rps, 1),
@@ -221,7 +259,8 @@ def main() -> None:
             },
             "workload": {
                 "run_dir": str(args.run_dir),
-                "posts": len(store.eligible),
+                "posts": len(store.catalog.eligible),
+                "feature_store": args.feature_store,
                 "count": args.count,
                 "ranker_runtime": args.ranker_runtime,
                 "retrieve_k": args.retrieve_k,
@@ -232,9 +271,9 @@ def main() -> None:
             "bench_seconds": round(time.perf_counter() - started, 1),
         }
     )
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS.write_text(json.dumps(results, indent=2) + "\n")
-    print(f"wrote {RESULTS}")
+    results_file.parent.mkdir(parents=True, exist_ok=True)
+    results_file.write_text(json.dumps(results, indent=2) + "\n")
+    print(f"wrote {results_file}")
 
 
 if __name__ == "__main__":

@@ -73,9 +73,14 @@ def main() -> None:
         "--retrieve-k", type=int, default=ServiceConfig.model_fields["retrieve_k"].default
     )
     parser.add_argument("--rank-k", type=int, default=ServiceConfig.model_fields["rank_k"].default)
+    parser.add_argument("--feature-store", default=None, help="redis://... (default: embedded)")
     args = parser.parse_args()
     cfg = ServiceConfig.from_run(
-        args.run_dir, triton_url=args.triton_url, retrieve_k=args.retrieve_k, rank_k=args.rank_k
+        args.run_dir,
+        triton_url=args.triton_url,
+        retrieve_k=args.retrieve_k,
+        rank_k=args.rank_k,
+        feature_store=args.feature_store,
     )
     uvicorn.run(twin_app(cfg), host="127.0.0.1", port=args.port, log_level="warning")
 

@@ -501,18 +501,45 @@ serve_registry_option = click.option(
 )
 
 
+def _check_feature_store(ctx: click.Context, param: click.Parameter, value: str | None) -> Any:
+    if value is not None:
+        from feedrec.serving.redis_feature_source import parse_location
+
+        try:
+            parse_location(value)
+        except ValueError as e:
+            raise click.BadParameter(str(e)) from e
+    return value
+
+
+serve_feature_store_option = click.option(
+    "--feature-store",
+    default=None,
+    callback=_check_feature_store,
+    help="Read the online features from Redis: redis://host:port/db[?prefix=NAME], filled by "
+    "`feedrec features publish` (default: embedded in each replica).",
+)
+
+
 @serve.command("run")
 @run_dir_option
 @click.option("--host", default="127.0.0.1", show_default=True)
 @click.option("--port", default=8000, show_default=True, type=click.IntRange(1, 65535))
 @serve_registry_option
+@serve_feature_store_option
 @ray_option
 def serve_run(
-    run_dir: Path, host: str, port: int, registry_dir: Path | None, ray_address: str | None
+    run_dir: Path,
+    host: str,
+    port: int,
+    registry_dir: Path | None,
+    feature_store: str | None,
+    ray_address: str | None,
 ) -> None:
     """Run the stack in the foreground until SIGINT/SIGTERM."""
     from feedrec.serving.stack import ServingStack, StackConfig
 
+    overrides = {} if feature_store is None else {"feature_store": feature_store}
     stack = ServingStack(
         StackConfig(
             run_dir=run_dir,
@@ -520,6 +547,7 @@ def serve_run(
             http_port=port,
             ray_address=ray_address,
             registry=registry_dir,
+            service_overrides=overrides,
         )
     )
     stopping = False
@@ -543,6 +571,7 @@ def serve_run(
 @click.option("--port", default=8000, show_default=True, type=click.IntRange(1, 65535))
 @click.option("--timeout", default=600.0, show_default=True, help="Seconds to wait for health.")
 @serve_registry_option
+@serve_feature_store_option
 @ray_option
 def serve_up(
     run_dir: Path,
@@ -550,6 +579,7 @@ def serve_up(
     port: int,
     timeout: float,
     registry_dir: Path | None,
+    feature_store: str | None,
     ray_address: str | None,
 ) -> None:
     """Start the stack in the background (PID file in <run>/serve) and wait until healthy."""
@@ -576,6 +606,8 @@ def serve_up(
         cmd += ["--ray-address", ray_address]
     if registry_dir:
         cmd += ["--registry", str(registry_dir)]
+    if feature_store:
+        cmd += ["--feature-store", feature_store]
     with log_file.open("wb") as log:
         proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     pid_file.write_text(str(proc.pid))

@@ -90,3 +90,22 @@ def test_off_policy_command_names_a_bad_candidate_and_a_log_without_exploration(
     ope = ["experiments", "ope", "--run-dir", str(tmp_path), "--candidate", str(model)]
     res = CliRunner().invoke(main, ope)
     assert res.exit_code == 2 and "exploration.epsilon > 0" in res.output, res.output
+
+
+def test_feature_store_commands_name_a_bad_url_or_a_missing_preprocess(tmp_path: Path) -> None:
+    res = CliRunner().invoke(
+        main, ["features", "publish", "--run-dir", str(tmp_path), "--to", "redis://h:1/0"]
+    )
+    assert res.exit_code == 2 and "no preprocess output" in res.output and "--run-dir" in res.output
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "meta.json").write_text("{}")
+    res = CliRunner().invoke(
+        main, ["features", "publish", "--run-dir", str(tmp_path), "--to", "redis://h/x"]
+    )
+    assert (
+        res.exit_code == 2 and "--to" in res.output and "database must be an integer" in res.output
+    )
+    res = CliRunner().invoke(main, ["serve", "up", "--feature-store", "redis://h/0?prefix="])
+    assert (
+        res.exit_code == 2 and "--feature-store" in res.output and "prefix must match" in res.output
+    )

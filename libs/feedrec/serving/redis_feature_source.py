@@ -47,6 +47,7 @@ from feedrec.serving.online_store import (
     OnlineFeatureStore,
     SnapshotSource,
     UserFeatures,
+    snapshot_name,
 )
 
 PARAM, DEFAULT_PREFIX = "prefix", "feedrec:features"
@@ -201,19 +202,19 @@ class RedisFeatureSource:
             raise ValueError(f"keep: must be >= 1, got {keep}")
         location = parse_location(url)
         started = time.perf_counter()
+        writer = RedisFeatureSource(location, snapshot_name(data_dir), timeout_s=30.0)
+        base, client = writer._base, writer._client
+        with writer._errors("connect"):
+            client.ping()  # before the tables are read: on `large` that takes half a minute
         store = OnlineFeatureStore.load(data_dir, world_dir)
         source = cast(SnapshotSource, store.source)
         stats, attrs, catalog = source.snapshot.stats, store.attrs, store.catalog
-        writer = RedisFeatureSource(location, catalog.snapshot, timeout_s=30.0)
-        base, client = writer._base, writer._client
         has_rows = np.diff(source.follows_indptr) + np.diff(source.seen_indptr)
         has_rows = has_rows + np.diff(source.hidden_indptr)
         users = np.union1d(
             np.union1d(stats.user.keys, stats.user_topic.keys // stats.n_topics),
             np.flatnonzero(has_rows > 0),
         )
-        with writer._errors("connect"):
-            client.ping()
         bar = tqdm(
             total=len(users) + len(stats.post.keys) + len(stats.creator.keys),
             desc=f"publish {catalog.snapshot}",
