@@ -1,6 +1,6 @@
 """Feed requests end to end: Ray Serve chain vs its single-process FastAPI twin, same machine.
 
-    make bench-serve      # = python -m bench.serve --run-dir runs/demo
+    make bench-serve      # = python -m bench.serve --run-dir runs/serve1m (posts_1m world)
 
 Starts the serving stack (Triton ranker + Ray Serve app, ``feedrec serve up``'s code) on a
 trained run, finds the highest offered load whose p99 stays <= 100 ms with no errors (open-loop

@@ -38,7 +38,7 @@ import click
 
 DEFAULT_RUN_DIR = Path("runs/default")
 #: World and training presets (the same names in both; a unit test keeps them in step).
-PRESET_NAMES = ("debug", "small", "large", "large_tables")
+PRESET_NAMES = ("debug", "small", "posts_1m", "large", "large_tables")
 
 
 def _run(run_dir: Path) -> Any:

@@ -105,6 +105,10 @@ PRESETS: dict[str, dict[ModelKind, TrainConfig]] = {
         "ranker": TrainConfig("ranker", epochs=1, batch_size=2048),
         "two_tower": TrainConfig("two_tower", epochs=2, batch_size=512, dense_lr=3e-3),
     },
+    "posts_1m": {
+        "ranker": TrainConfig("ranker", epochs=1, batch_size=2048),
+        "two_tower": TrainConfig("two_tower", epochs=2, batch_size=512, dense_lr=3e-3),
+    },
     "large": {
         "ranker": TrainConfig("ranker", epochs=1, batch_size=8192),
         "two_tower": TrainConfig("two_tower", epochs=2, batch_size=4096),

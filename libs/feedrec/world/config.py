@@ -87,6 +87,15 @@ PRESETS: dict[str, WorldConfig] = {
         n_days=14,
         impressions_per_day=80_000,
     ),
+    # `small`'s log over 3M posts, 1M of them eligible on the serving day (created in the
+    # last post_lifetime_days of a 21-day span): the serving benchmark's 1M-post world
+    "posts_1m": WorldConfig(
+        n_users=20_000,
+        n_creators=1_500,
+        n_posts=3_000_000,
+        n_days=14,
+        impressions_per_day=80_000,
+    ),
     # >= 50M impressions, generated day by day
     "large": WorldConfig(
         n_users=2_000_000,
