@@ -5,10 +5,14 @@ records, a SIGKILLed writer) is tested on both in tests/integration/test_event_b
 
 from __future__ import annotations
 
+import json
+import struct
+import zlib
 from pathlib import Path
 
 import pytest
 
+from feedrec.events import event_log
 from feedrec.events.event_log import EventLog, EventLogError
 
 
@@ -62,6 +66,23 @@ def test_damage_in_the_middle_of_the_log_is_an_error_not_silence(tmp_path: Path)
         EventLog(tmp_path).append([{"idempotency_key": "after"}])
 
 
+def test_a_writer_catches_up_from_its_own_offset_and_cuts_a_torn_tail_there(
+    tmp_path: Path,
+) -> None:
+    """Another writer's records and torn tail, after the point this writer had read to."""
+    a, b = EventLog(tmp_path), EventLog(tmp_path)
+    a.append([{"idempotency_key": "a-1", "pad": "x" * 100}])
+    b.append([{"idempotency_key": "b-1"}])
+    (_, segment), *_ = a.segments()
+    good = segment.read_bytes()
+    b.append([{"idempotency_key": "b-torn"}])
+    segment.write_bytes(segment.read_bytes()[: len(good) + 10])  # b killed mid-record
+    result = a.append([{"idempotency_key": "b-1"}, {"idempotency_key": "a-2"}])
+    assert result.seqs == (1, 2) and result.duplicates == (True, False)
+    assert _keys(EventLog(tmp_path)) == ["a-1", "b-1", "a-2"]
+    assert segment.read_bytes().startswith(good) and EventLog(tmp_path).end_seq() == 3
+
+
 def test_a_polling_reader_reads_only_new_bytes_and_sees_every_record(tmp_path: Path) -> None:
     writer, reader = EventLog(tmp_path, segment_bytes=2048), EventLog(tmp_path)
     seen: list[int] = []
@@ -75,3 +96,33 @@ def test_a_polling_reader_reads_only_new_bytes_and_sees_every_record(tmp_path: P
     assert reader._cursor is not None and reader._cursor[0] == 80
     # A read from elsewhere (not the cursor) scans from the segment's start, still correct.
     assert [r.seq for r in reader.records(5)][:3] == [5, 6, 7]
+
+
+def test_a_catching_up_writer_finds_keys_first_or_not_and_never_a_nested_one(
+    tmp_path: Path,
+) -> None:
+    """Records written here put their key first (read without parsing the body); a record
+    whose key comes later (another producer's) is parsed in full."""
+    body = json.dumps(
+        {"x": {"idempotency_key": "nested"}, "idempotency_key": "late"}, separators=(",", ":")
+    ).encode()
+    header = event_log._HEADER.pack(
+        event_log.MAGIC, len(body), zlib.crc32(struct.pack("<Q", 0) + body), 0
+    )
+    (tmp_path / event_log._segment_name(0)).write_bytes(header + body)
+    first = EventLog(tmp_path).append(
+        [
+            {"idempotency_key": "late"},
+            {"idempotency_key": "nested"},
+            {"x": {"idempotency_key": "inner"}, "idempotency_key": "written"},
+        ]
+    )
+    assert first.duplicates == (True, False, False) and first.seqs == (0, 1, 2)
+    again = EventLog(tmp_path).append(
+        [{"idempotency_key": "written"}, {"idempotency_key": "inner"}]
+    )
+    assert again.duplicates == (True, False) and again.seqs == (2, 3)
+    assert next(r.payload for r in EventLog(tmp_path).records(2)) == {
+        "idempotency_key": "written",
+        "x": {"idempotency_key": "inner"},
+    }
