@@ -250,6 +250,12 @@ class EventLog:
         if self._segment is None:  # empty log, or every record dropped by retention
             self._next_seq = max(self._next_seq, segments[-1][0] if segments else 0)
 
+    def catch_up(self) -> None:
+        """Index the keys of everything written so far now (a writer's first append would
+        otherwise read the whole active segment while holding the lock)."""
+        with self._locked():
+            self._catch_up()
+
     def append(self, payloads: Sequence[Mapping[str, Any]]) -> AppendResult:
         """Write the records not already in the log (by ``KEY_FIELD``) and fsync; returns once
         they are durable. Raises EventLogError (nothing written) for an unencodable record."""

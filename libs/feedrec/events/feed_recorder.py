@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from feedrec.events.event_bus import EventBus, open_event_bus
+from feedrec.events.event_log import EventLog
 from feedrec.events.feed_event import (
     EventBatch,
     EventsAck,
@@ -41,6 +42,8 @@ class FeedRecorder:
 
     def __init__(self, bus: str | Path, *, serving_day: int, snapshot: str) -> None:
         self.log: EventBus = open_event_bus(bus)
+        if isinstance(self.log, EventLog):
+            self.log.catch_up()  # at replica start, not in its first request
         self.serving_day = serving_day
         self.snapshot = snapshot
 
