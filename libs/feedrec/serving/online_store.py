@@ -375,9 +375,10 @@ class OnlineFeatureStore:
         per row), at the top of the feed."""
         post_ids = np.asarray(post_ids, np.int64)
         n = len(post_ids)
-        users = [user] if isinstance(user, UserFeatures) else list(user)
-        ids = np.full(n, users[0].user_id if users else 0)
-        if not isinstance(user, UserFeatures):
+        if isinstance(user, UserFeatures):
+            users, ids = [user], np.full(n, user.user_id, np.int64)
+        else:
+            users = list(user)
             ids = np.asarray([u.user_id for u in users], np.int64)
         self.attrs.check_ids(ids, post_ids)
         snapshot = self._snapshot(users, post_ids)
