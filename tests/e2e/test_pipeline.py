@@ -50,10 +50,11 @@ def test_pipeline_wrote_every_stage(trained_run: Path) -> None:
     metrics = json.loads((run.eval / "metrics.json").read_text())
     for task in ("like", "comment", "share", "hide"):
         assert metrics["ranking"][task]["oracle"]["auc"] > 0.7  # the world is learnable
-    assert (
-        metrics["retrieval"]["oracle"]["recall@100"]
-        > metrics["retrieval"]["popularity"]["recall@100"]
-    )
+    recall = {s: metrics["retrieval"][s]["recall@100"] for s in ("oracle", "history_oracle")}
+    popularity = metrics["retrieval"]["popularity"]["recall@100"]
+    # The truth ranks best; the truth as far as the logs show it still beats popularity.
+    assert recall["oracle"] > popularity and recall["history_oracle"] > popularity
+    assert "history_oracle" in summary
 
 
 def test_health(stack: ServingStack) -> None:

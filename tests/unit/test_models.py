@@ -87,3 +87,27 @@ def test_two_tower_embeddings_are_unit_norm_and_loss_finite() -> None:
     plain, same_logits = TwoTowerTrain(model, logq_correction=False)(PairBatch(u, v, log_q))
     torch.testing.assert_close(logits, same_logits)  # correction changes the loss only
     assert not torch.isclose(loss, plain)
+
+
+def test_two_tower_random_negatives_join_the_candidates_and_get_gradients() -> None:
+    from feedrec.models.batch import PairBatch
+
+    model = TwoTower(TwoTowerConfig(num_rows=ROWS, embedding_dim=16))
+    u = PartInputs.from_numpy(_inputs("user_tower"), "user_tower")
+    v = PartInputs.from_numpy(_inputs("item_tower"), "item_tower")
+    neg_inputs = _inputs("item_tower")
+    neg_inputs.dense[:] = neg_inputs.dense[::-1] + 1.0  # other posts than the positives
+    neg = PartInputs.from_numpy(neg_inputs, "item_tower")
+    log_q = torch.full((6,), -3.0)
+    in_batch, _ = TwoTowerTrain(model)(PairBatch(u, v, log_q))
+    mixed, logits = TwoTowerTrain(model)(PairBatch(u, v, log_q, neg, torch.full((6,), -9.0)))
+    # every row scores the 6 in-batch items, then the 6 random posts
+    assert logits.shape == (6, 12)
+    assert mixed > in_batch  # more negatives: a harder softmax
+    neg.dense.requires_grad_(True)
+    loss, _ = TwoTowerTrain(model)(PairBatch(u, v, log_q, neg, torch.full((6,), -9.0)))
+    loss.backward()
+    assert neg.dense.grad is not None and neg.dense.grad.abs().sum() > 0  # negatives are trained
+    # the random negatives' correction is their own: a rarer proposal weighs them up
+    rare, _ = TwoTowerTrain(model)(PairBatch(u, v, log_q, neg, torch.full((6,), -12.0)))
+    assert rare > mixed

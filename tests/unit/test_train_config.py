@@ -18,6 +18,7 @@ from feedrec.training.config import PRESETS, TrainConfig
         ("steps_per_epoch", -1),
         ("fault_drill_step", 0),
         ("dense_lr", 0.0),
+        ("mixed_negatives", True),  # two-tower only
     ],
 )
 def test_bad_field_is_named(field: str, value: object) -> None:

@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import logging
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +21,7 @@ from feedrec.artifacts import load_artifact
 from feedrec.data.examples import columns_from_arrow
 from feedrec.data.preprocess import PreprocessLayout
 from feedrec.evaluation.metrics import (
+    SYSTEMS,
     auc,
     expected_calibration_error,
     logloss,
@@ -28,12 +29,13 @@ from feedrec.evaluation.metrics import (
     recall_at_k,
     top_k_excluding,
 )
-from feedrec.features.tables import FeatureSnapshot
+from feedrec.features.tables import INDEX_TIME_OF_DAY, FeatureSnapshot
 from feedrec.features.transform import FeatureTransform
 from feedrec.models.batch import BINARY_TASKS
 from feedrec.models.predictor import RankerPredictor, TowerEncoder
 from feedrec.retrieval.post_index import PostIndex
-from feedrec.world.generator import load_world_config
+from feedrec.world.config import eligible_posts
+from feedrec.world.generator import INTEREST_CONCENTRATION, load_world_config
 from feedrec.world.layout import WorldLayout
 from feedrec.world.truth import GroundTruth
 
@@ -126,12 +128,6 @@ def _engaged_users(cfg: EvaluationConfig, raw: dict[str, np.ndarray]) -> np.ndar
     return np.sort(rng.choice(users_all, size=min(cfg.max_users, len(users_all)), replace=False))
 
 
-def _corpus(tables: FeatureSnapshot, day: int, lifetime: float) -> np.ndarray:
-    """Posts eligible on ``day``: created before it, within their lifetime."""
-    created = tables.attrs.post_created_at
-    return np.flatnonzero((created < day) & (created >= day - lifetime))
-
-
 @dataclass(frozen=True)
 class _RetrievalSetup:
     """What both retrieval sections share, built once.
@@ -162,8 +158,10 @@ def _retrieval_setup(
     positive = (raw["like"] + raw["comment"] + raw["share"]) > 0
     users = _engaged_users(cfg, raw)
     engaged = [np.unique(raw["post_id"][positive & (raw["user_id"] == u)]) for u in users]
-    corpus = _corpus(tables, day, lifetime)
-    items = encoder.items(transform(tables.attrs.post_columns(corpus), "item_tower"))
+    corpus = eligible_posts(tables.attrs.post_created_at, day, lifetime)
+    items = encoder.items(
+        transform(tables.attrs.post_columns(corpus, at=day + INDEX_TIME_OF_DAY), "item_tower")
+    )
     user_emb = encoder.users(
         transform(tables.user_columns(users, np.full(len(users), day)), "user_tower")
     )
@@ -173,13 +171,38 @@ def _retrieval_setup(
         "popularity": lambda rows: np.broadcast_to(likes, (len(rows), len(corpus))),
     }
     if gt is not None:
-        scorers["oracle"] = lambda rows: np.stack(
-            [
-                gt.probabilities(np.full(len(corpus), users[r]), corpus, day + 0.5)["like"]
-                for r in rows
-            ]
+        scorers["oracle"] = _truth_scorer(gt, users, corpus, day)
+        scorers["history_oracle"] = _truth_scorer(
+            _logged_truth(gt, tables, users), users, corpus, day
         )
     return _RetrievalSetup(users, engaged, corpus, items, user_emb, scorers)
+
+
+def _truth_scorer(
+    truth: GroundTruth, users: np.ndarray, corpus: np.ndarray, day: int
+) -> Callable[[np.ndarray], np.ndarray]:
+    """rows [R] -> [R, C]: ``truth``'s p(like) of each row's user for the corpus on ``day``."""
+    at = day + INDEX_TIME_OF_DAY
+    return lambda rows: np.stack(
+        [truth.probabilities(np.full(len(corpus), users[r]), corpus, at)["like"] for r in rows]
+    )
+
+
+def _logged_truth(gt: GroundTruth, tables: FeatureSnapshot, users: np.ndarray) -> GroundTruth:
+    """The ground truth as far as the logs reveal it about ``users`` (the ``history_oracle``).
+
+    Every post-side parameter (topic, creator quality, media, age) stays exact. Each user's
+    topic interests become the Dirichlet posterior mean given their likes per topic in the
+    feature window (what the user tower sees), and their latent taste, which no log feature
+    carries, is zeroed. Ranking by it shows how much of the oracle's recall the logs identify:
+    a reference for the towers, not a bound (a model may read more history than the window).
+    """
+    likes = tables.topic_likes(users)[:, :, 1].astype(np.float64)  # [U, T]
+    theta, z_user = gt.theta.copy(), gt.z_user.copy()
+    prior = INTEREST_CONCENTRATION
+    theta[users] = (likes + prior) / (likes.sum(axis=1, keepdims=True) + prior * likes.shape[1])
+    z_user[users] = 0.0
+    return replace(gt, theta=theta, z_user=z_user)
 
 
 def _tops(
@@ -219,7 +242,7 @@ def _retrieval(
         "corpus": len(setup.corpus),
         "k": list(RECALL_KS),
     }
-    for name in ("model", "oracle", "popularity"):
+    for name in SYSTEMS:
         if name in tops:
             result[name] = {
                 f"recall@{k}": recall_at_k(tops[name][0], setup.engaged, k)
@@ -268,7 +291,7 @@ def _full_ranking(
             float(1 - sum(int(m.sum()) for m in in_corpus) / n_relevant) if n_relevant else 0.0
         ),
     }
-    for name in ("model", "oracle", "popularity"):
+    for name in SYSTEMS:
         if name in tops:
             result[name] = ranking_metrics(tops[name][1], relevant, ks)
     return result

@@ -4,6 +4,11 @@ from __future__ import annotations
 
 import numpy as np
 
+#: The systems evaluation compares, in report order. ``history_oracle`` (retrieval only) is the
+#: ground truth with each user's interests estimated from their logged likes
+#: (``feedrec.evaluation.evaluate``).
+SYSTEMS = ("model", "oracle", "history_oracle", "popularity")
+
 
 def auc(labels: np.ndarray, scores: np.ndarray) -> float:
     """ROC AUC via the rank-sum statistic, ties counted half. NaN if only one class is present."""

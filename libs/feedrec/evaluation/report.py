@@ -13,8 +13,14 @@ import matplotlib
 matplotlib.use("Agg")  # headless: reports are written by jobs, not shown
 import matplotlib.pyplot as plt
 
-SYSTEMS = ("model", "oracle", "popularity")
-COLORS = {"model": "#1f77b4", "oracle": "#2ca02c", "popularity": "#ff7f0e"}
+from feedrec.evaluation.metrics import SYSTEMS
+
+COLORS = {
+    "model": "#1f77b4",
+    "oracle": "#2ca02c",
+    "history_oracle": "#9467bd",
+    "popularity": "#ff7f0e",
+}
 
 
 def systems_in(section: dict[str, Any]) -> list[str]:

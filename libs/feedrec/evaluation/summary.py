@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-SYSTEMS = ("model", "oracle", "popularity")
+from feedrec.evaluation.metrics import SYSTEMS
 
 
 def format_summary(metrics: dict[str, Any]) -> str:
@@ -20,18 +20,22 @@ def format_summary(metrics: dict[str, Any]) -> str:
         f"  {'dwell RMSE (s)':<34}"
         + "".join(f"{ranking['dwell'][s]['rmse']:>12.3f}" for s in systems)
     )
+    # Retrieval has one more system (history_oracle), so its own header row.
+    systems = [s for s in SYSTEMS if s in retrieval]
     lines.append(f"retrieval ({retrieval['users']} users, {retrieval['corpus']} posts)")
+    lines.append(f"  {'':<34}" + "".join(f"{s:>16}" for s in systems))
     for k in retrieval["model"]:
-        lines.append(f"  {k:<34}" + "".join(f"{retrieval[s][k]:>12.4f}" for s in systems))
+        lines.append(f"  {k:<34}" + "".join(f"{retrieval[s][k]:>16.4f}" for s in systems))
     full = metrics.get("full_ranking")
     if full is not None:
         lines.append(
             f"full ranking ({full['users']} users, {full['corpus']} posts, excluding "
             f"{full['excluded']})"
         )
+        systems = [s for s in SYSTEMS if s in full]
         shown = {f"@{min(full['k'])}", f"@{max(full['k'])}"} if full["k"] else set()
         for name in (n for n in full["model"] if "@" + n.split("@")[1] in shown):
-            lines.append(f"  {name:<34}" + "".join(f"{full[s][name]:>12.4f}" for s in systems))
+            lines.append(f"  {name:<34}" + "".join(f"{full[s][name]:>16.4f}" for s in systems))
     oracle = metrics.get("oracle", {"available": True})
     if not oracle["available"]:
         lines.append(f"oracle: unavailable ({oracle['reason']})")

@@ -48,6 +48,9 @@ KIND_WINDOW: dict[str, int | None] = {
 }
 #: Version of the saved layout (1 was dense [days, entities, stats] arrays).
 FORMAT = 2
+#: The retrieval index is built once per serving day with each post's age at this time of that
+#: day (days), so the age the item tower saw is at most half a day off any request's.
+INDEX_TIME_OF_DAY = 0.5
 
 
 def members(sorted_keys: np.ndarray, keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -149,15 +152,23 @@ class EntityAttributes:
     def n_creators(self) -> int:
         return len(self.creator_followers)
 
-    def post_columns(self, post_id: np.ndarray) -> dict[str, np.ndarray]:
-        """Static raw columns of posts (the item side; no user or time needed)."""
-        return {
+    def post_columns(
+        self, post_id: np.ndarray, at: np.ndarray | float | None = None
+    ) -> dict[str, np.ndarray]:
+        """Raw item-side columns of posts [N]: the static attributes and, given the time ``at``
+        (days; [N] or a scalar), each post's age ``p_age_days`` then (what the item tower needs).
+        """
+        out = {
             "post_id": post_id.astype(np.int64),
             "creator_id": self.post_creator[post_id].astype(np.int64),
             "topic": self.post_topic[post_id].astype(np.int64),
             "media_type": self.post_media[post_id].astype(np.int64),
             "content_emb": self.post_content[post_id].astype(np.float32),
         }
+        if at is not None:
+            age = np.asarray(at, dtype=np.float64) - self.post_created_at[post_id]
+            out["p_age_days"] = np.broadcast_to(age, post_id.shape).astype(np.float32)
+        return out
 
     def check_ids(self, user_id: np.ndarray, post_id: np.ndarray) -> None:
         if user_id.size and (user_id.min() < 0 or user_id.max() >= self.n_users):
@@ -259,14 +270,12 @@ class FeatureSnapshot:
         post_id = np.asarray(post_id, dtype=np.int64)
         self.attrs.check_ids(user_id, post_id)
         out = self.user_columns(user_id, day)
-        out.update(self.attrs.post_columns(post_id))
+        out.update(self.attrs.post_columns(post_id, at=ts))
         topic = out["topic"]
         ut = self.stats.user_topic.get(user_id * self.stats.n_topics + topic)
         out["ut_imps"], out["ut_likes"] = ut[:, 0], ut[:, 1]
         post = self.stats.post.get(post_id)
         out.update({f"p_{name}": post[:, i] for i, name in enumerate(POST_STATS)})
-        age = np.asarray(ts, dtype=np.float64) - self.attrs.post_created_at[post_id]
-        out["p_age_days"] = age.astype(np.float32)
         creator = self.stats.creator.get(out["creator_id"])
         out.update({f"c_{name}": creator[:, i] for i, name in enumerate(CREATOR_STATS)})
         out["c_followers"] = self.attrs.creator_followers[out["creator_id"]].astype(np.float32)

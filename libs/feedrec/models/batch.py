@@ -87,21 +87,39 @@ class RankerBatch:
 class PairBatch:
     """A retrieval batch of B positive (user, post) pairs; other rows are in-batch negatives.
 
-    ``item_log_q`` [B]: log of each item's share of the training positives, i.e. of how often it
-    is sampled as an in-batch negative (the logQ correction subtracts it from the logits).
+    ``item_log_q`` [B]: log of how likely each item is to be one candidate of a batch (its
+    share of the training positives, mixed with the random-negative proposal when there are
+    random negatives); the logQ correction subtracts it from the logits.
+    ``negative`` [B rows] / ``negative_log_q`` [B]: one random post per row (columns prefixed
+    ``neg_``, ``feedrec.training.negative_sampler``), or None without mixed negatives.
     """
 
     user: PartInputs
     item: PartInputs
     item_log_q: torch.Tensor
+    negative: PartInputs | None = None
+    negative_log_q: torch.Tensor | None = None
 
     @classmethod
     def from_columns(cls, batch: dict[str, np.ndarray]) -> PairBatch:
+        has_negatives = "neg_log_q" in batch
         return cls(
             user=PartInputs.from_numpy(ModelInputs.from_columns(batch, "user_"), "user_tower"),
             item=PartInputs.from_numpy(ModelInputs.from_columns(batch, "item_"), "item_tower"),
             item_log_q=torch.from_numpy(np.asarray(batch["item_log_q"], dtype=np.float32)),
+            negative=PartInputs.from_numpy(ModelInputs.from_columns(batch, "neg_"), "item_tower")
+            if has_negatives
+            else None,
+            negative_log_q=torch.from_numpy(np.asarray(batch["neg_log_q"], dtype=np.float32))
+            if has_negatives
+            else None,
         )
 
     def to(self, device: torch.device) -> PairBatch:
-        return PairBatch(self.user.to(device), self.item.to(device), self.item_log_q.to(device))
+        return PairBatch(
+            self.user.to(device),
+            self.item.to(device),
+            self.item_log_q.to(device),
+            None if self.negative is None else self.negative.to(device),
+            None if self.negative_log_q is None else self.negative_log_q.to(device),
+        )

@@ -88,9 +88,11 @@ class TwoTower(nn.Module):
 class TwoTowerTrain(nn.Module):
     """Sampled-softmax loss with in-batch negatives: row i's positive is item i.
 
-    Popular items show up as negatives more often than the corpus distribution says; subtracting
-    log q(item) from the logits (logQ correction, Yi et al. 2019) removes that sampling bias.
-    Returns the corrected loss and the *uncorrected* logits (what serving ranks by).
+    With random negatives in the batch (mixed negative sampling) every row scores the B in-batch
+    items and the B random posts: logits [B, 2B]. Popular items show up as negatives more often
+    than the corpus distribution says; subtracting log q(item) from the logits (logQ
+    correction, Yi et al. 2019) removes that sampling bias. Returns the corrected loss and the
+    *uncorrected* logits (what serving ranks by).
     """
 
     def __init__(self, model: TwoTower, *, logq_correction: bool = True) -> None:
@@ -100,7 +102,11 @@ class TwoTowerTrain(nn.Module):
 
     def forward(self, batch: PairBatch) -> tuple[torch.Tensor, torch.Tensor]:
         u, v = self.model(batch.user.dense, batch.user.sparse, batch.item.dense, batch.item.sparse)
+        log_q = batch.item_log_q
+        if batch.negative is not None and batch.negative_log_q is not None:
+            neg = self.model.item_embedding(batch.negative.dense, batch.negative.sparse)
+            v, log_q = torch.cat([v, neg]), torch.cat([log_q, batch.negative_log_q])
         logits = u @ v.T / self.model.config.temperature
         target = torch.arange(len(u), device=u.device)
-        corrected = logits - batch.item_log_q[None, :] if self.logq_correction else logits
+        corrected = logits - log_q[None, :] if self.logq_correction else logits
         return nn.functional.cross_entropy(corrected, target), logits.detach()

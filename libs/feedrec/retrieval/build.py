@@ -9,10 +9,11 @@ import numpy as np
 
 from feedrec.artifacts import ModelArtifact, load_artifact, save_artifact
 from feedrec.data.preprocess import PreprocessLayout, load_entity_attributes
-from feedrec.features.tables import FeatureSnapshot
+from feedrec.features.tables import INDEX_TIME_OF_DAY, FeatureSnapshot
 from feedrec.features.transform import FeatureTransform
 from feedrec.models.predictor import TowerEncoder
 from feedrec.retrieval.post_index import EXACT_MAX_POSTS, PostIndex
+from feedrec.world.config import eligible_posts
 from feedrec.world.generator import load_world_config
 from feedrec.world.layout import WorldLayout
 
@@ -33,10 +34,9 @@ def build_retrieval_artifact(
     day = int(data.read_meta()["serving_day"])
     attrs = load_entity_attributes(world)
     lifetime = load_world_config(world).post_lifetime_days
-    created = attrs.post_created_at
-    posts = np.flatnonzero((created < day) & (created >= day - lifetime))
+    posts = eligible_posts(attrs.post_created_at, day, lifetime)
     transform = FeatureTransform(tower.vocabs)
-    inputs = transform(attrs.post_columns(posts), "item_tower")
+    inputs = transform(attrs.post_columns(posts, at=day + INDEX_TIME_OF_DAY), "item_tower")
     queries = None
     if len(posts) > EXACT_MAX_POSTS:  # only large corpora get the sweep: skip the work otherwise
         # Sample viewers as of the serving day: the queries the sweep tunes recall for.

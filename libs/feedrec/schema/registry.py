@@ -190,8 +190,10 @@ DENSE_FEATURES: tuple[DenseFeature, ...] = (
     DenseFeature("p_share_rate", "rate", ("p_shares", "p_imps"), _R),
     DenseFeature("p_hide_rate", "rate", ("p_hides", "p_imps"), _R),
     DenseFeature("p_dwell_mean", "mean", ("p_dwell", "p_imps"), _R),
-    DenseFeature("p_age_log", "age_log", ("p_age_days",), _R),
-    DenseFeature("p_freshness", "age_decay", ("p_age_days",), _R),
+    # Age is the one time-varying input of the item tower: without it retrieval cannot prefer
+    # fresh posts (the index is rebuilt per serving day, at INDEX_TIME_OF_DAY).
+    DenseFeature("p_age_log", "age_log", ("p_age_days",), _RI),
+    DenseFeature("p_freshness", "age_decay", ("p_age_days",), _RI),
     DenseFeature("c_imps_log", "log1p", ("c_imps",), _R),
     DenseFeature("c_like_rate", "rate", ("c_likes", "c_imps"), _R),
     DenseFeature("c_hide_rate", "rate", ("c_hides", "c_imps"), _R),

@@ -42,6 +42,7 @@ from feedrec.features.tables import (
     SparseStats,
 )
 from feedrec.serving.rerank import Candidates
+from feedrec.world.config import eligible_posts
 from feedrec.world.generator import load_world_config
 from feedrec.world.layout import WorldLayout
 
@@ -225,8 +226,7 @@ class Catalog:
     @classmethod
     def of(cls, snapshot: FeatureSnapshot, lifetime_days: float, name: str) -> Catalog:
         attrs, day = snapshot.attrs, snapshot.day
-        created = attrs.post_created_at
-        eligible = np.flatnonzero((created < day) & (created >= day - lifetime_days))
+        eligible = eligible_posts(attrs.post_created_at, day, lifetime_days)
         likes = snapshot.post_stat(eligible, "likes")
         order = np.argsort(-likes, kind="stable")
         # user x topic (imps, likes) -> per segment; +1 like / +20 imps smoothing.

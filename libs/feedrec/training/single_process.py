@@ -28,7 +28,12 @@ from feedrec.training.config import TrainConfig
 from feedrec.training.loop import build_train_module
 from feedrec.training.loop import validate as validation_metrics
 from feedrec.training.sharding import gather_state_dict, shard
-from feedrec.training.trainer import item_log_q, pair_columns, ranker_columns
+from feedrec.training.trainer import (
+    item_log_q,
+    negative_sampler,
+    pair_columns,
+    ranker_columns,
+)
 
 
 @dataclass(frozen=True)
@@ -62,12 +67,13 @@ def train_single_process(
         valid_path, valid_cols = data.examples("valid"), to_cols
     else:
         config = model_config or TwoTowerConfig(num_rows=vocabs.num_rows())
-        log_q = item_log_q(data)
-        path, to_cols = data.pairs, lambda t: pair_columns(transform, t, log_q)
+        negatives = negative_sampler(cfg, data)
+        log_q = item_log_q(data, negatives)
+        path, to_cols = data.pairs, lambda t: pair_columns(transform, t, log_q, negatives)
         valid_path = data.examples("valid")
 
         def valid_cols(t: pa.Table) -> Columns:
-            return pair_columns(transform, t.filter(_positive_mask(t)), log_q)
+            return pair_columns(transform, t.filter(_positive_mask(t)), log_q, negatives)
 
     # One rank of TorchRec's own DMP: the fused FBGEMM embedding kernels and optimizer a
     # single-process TorchRec user gets, so the benchmark compares like with like.

@@ -24,6 +24,7 @@ from feedrec.artifacts.artifact import RANKER_ONNX
 from feedrec.data.examples import columns_from_arrow, iter_column_batches
 from feedrec.data.preprocess import PreprocessLayout, is_positive
 from feedrec.evaluation.metrics import expected_calibration_error
+from feedrec.features.tables import FeatureTables
 from feedrec.features.transform import FeatureTransform
 from feedrec.features.vocabulary import Vocabularies
 from feedrec.models.batch import BINARY_TASKS, RankerBatch
@@ -34,6 +35,7 @@ from feedrec.models.two_tower import TwoTowerConfig
 from feedrec.training.checkpoint import read_final
 from feedrec.training.config import TrainConfig
 from feedrec.training.loop import train_loop_per_worker
+from feedrec.training.negative_sampler import NegativeSampler
 from feedrec.training.warm_start import WarmStart
 
 
@@ -46,35 +48,72 @@ def ranker_columns(transform: FeatureTransform, table: pa.Table) -> dict[str, np
 
 
 def pair_columns(
-    transform: FeatureTransform, table: pa.Table, log_q: np.ndarray
+    transform: FeatureTransform,
+    table: pa.Table,
+    log_q: np.ndarray,
+    negatives: NegativeSampler | None = None,
 ) -> dict[str, np.ndarray]:
     """Positive pairs -> user-tower and item-tower inputs (prefixed ``user_`` / ``item_``) and
-    each item's log sampling probability ``item_log_q`` (``log_q`` is indexed by post id)."""
+    each item's log sampling probability ``item_log_q`` (``log_q`` is indexed by post id).
+
+    With ``negatives``, also one random eligible post per row (``neg_`` inputs, ``neg_log_q``).
+    """
     raw = columns_from_arrow(table)
     out = transform(raw, "user_tower").to_columns("user_")
     out.update(transform(raw, "item_tower").to_columns("item_"))
     out["item_log_q"] = log_q[raw["post_id"]].astype(np.float32)
+    if negatives is not None and len(table):
+        # Seeded by the rows themselves: a run draws the same negatives whatever the worker
+        # count or block order, so runs stay comparable.
+        rng = np.random.default_rng(raw["impression_id"].astype(np.uint64))
+        neg = negatives.sample(raw["day"], raw["ts"], rng)
+        out.update(transform(neg, "item_tower").to_columns("neg_"))
+        out["neg_log_q"] = log_q[neg["post_id"]].astype(np.float32)
     return out
 
 
-def item_log_q(data: PreprocessLayout) -> np.ndarray:
-    """log(share of training positives) per post id, smoothed so unseen posts are finite."""
-    posts = pq.read_table(data.pairs, columns=["post_id"]).column("post_id").to_numpy()
+def item_log_q(data: PreprocessLayout, negatives: NegativeSampler | None = None) -> np.ndarray:
+    """float64 [P]: log of each post's chance to fill one candidate slot of a training batch.
+
+    Without ``negatives`` that is its share of the training positives (smoothed so unseen posts
+    are finite). With them, half the slots are random negatives: the mixture of that share and
+    the sampler's proposal.
+    """
+    pairs = pq.read_table(data.pairs, columns=["post_id", "day"])
+    posts = pairs.column("post_id").to_numpy()
     n_posts = int(data.read_meta()["world"]["n_posts"])
     counts = np.bincount(posts, minlength=n_posts).astype(np.float64) + 0.5
-    return np.log(counts / counts.sum())
+    log_q = np.log(counts / counts.sum())
+    if negatives is None:
+        return log_q
+    days, rows = np.unique(pairs.column("day").to_numpy(), return_counts=True)
+    proposal = negatives.log_proposal(dict(zip(days.tolist(), rows.tolist(), strict=True)))
+    return np.logaddexp(log_q, proposal) - np.log(2.0)
+
+
+def negative_sampler(cfg: TrainConfig, data: PreprocessLayout) -> NegativeSampler | None:
+    """The random-negative sampler ``cfg`` asks for (two-tower with ``mixed_negatives``)."""
+    if cfg.model != "two_tower" or not cfg.mixed_negatives:
+        return None
+    lifetime = float(data.read_meta()["world"]["post_lifetime_days"])
+    return NegativeSampler.of(FeatureTables.load_attributes(data.tables), lifetime)
 
 
 def training_datasets(
     cfg: TrainConfig, data: PreprocessLayout, transform: FeatureTransform
 ) -> dict[str, ray.data.Dataset | Callable[[], ray.data.Dataset]]:
     """Streaming Ray Datasets of transformed training and validation rows."""
-    log_q = item_log_q(data) if cfg.model == "two_tower" else np.zeros(0)
+    negatives = negative_sampler(cfg, data)
+    log_q = item_log_q(data, negatives) if cfg.model == "two_tower" else np.zeros(0)
+    # The sampler holds every post's attributes: one copy in the object store, mapped
+    # zero-copy by each map task, instead of one pickled into every task.
+    negatives_ref = ray.put(negatives) if negatives is not None else None
 
     def fn(table: pa.Table) -> dict[str, np.ndarray]:
         if cfg.model == "ranker":
             return ranker_columns(transform, table)
-        return pair_columns(transform, table, log_q)
+        sampler = ray.get(negatives_ref) if negatives_ref is not None else None
+        return pair_columns(transform, table, log_q, sampler)
 
     if cfg.model == "ranker":
         train_path, valid = (

@@ -5,6 +5,18 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, replace
 from typing import Any
 
+import numpy as np
+
+
+def eligible_posts(created_at: np.ndarray, day: float, lifetime_days: float) -> np.ndarray:
+    """Ids (sorted) of the posts eligible for suggestion on ``day``: created before the day
+    starts and at most ``lifetime_days`` earlier. The one rule the logging policy, the index,
+    the online catalog, the evaluation corpus and the negative sampler share.
+
+    Args: created_at float [P] creation time in days, indexed by post id.
+    """
+    return np.flatnonzero((created_at < day) & (created_at >= day - lifetime_days))
+
 
 @dataclass(frozen=True)
 class WorldConfig:

@@ -18,7 +18,7 @@ import pyarrow.parquet as pq
 from tqdm import tqdm
 
 from feedrec.schema.registry import CONTENT_DIM
-from feedrec.world.config import WorldConfig
+from feedrec.world.config import WorldConfig, eligible_posts
 from feedrec.world.layout import WorldLayout
 from feedrec.world.truth import (
     BINARY_TASKS,
@@ -151,12 +151,6 @@ def write_table(
     pq.write_table(table.cast(schema) if schema is not None else table, path)
 
 
-def _eligible_posts(truth: GroundTruth, day: int, lifetime: float) -> np.ndarray:
-    """Ids of the posts the logging policy may suggest on ``day`` (created in the last
-    ``lifetime`` days)."""
-    return np.flatnonzero((truth.created_at < day) & (truth.created_at >= day - lifetime))
-
-
 def _simulate_day(
     day: int,
     cfg: WorldConfig,
@@ -170,7 +164,7 @@ def _simulate_day(
 
     The day is not a column: it is the hive partition (``logs/day=D/``) the files are written to.
     """
-    eligible = _eligible_posts(truth, day, cfg.post_lifetime_days)
+    eligible = eligible_posts(truth.created_at, day, cfg.post_lifetime_days)
     active = np.flatnonzero(extra["signup_day"] <= day)
     weights = extra["activity"][active]
     n_sess = cfg.sessions_per_day
@@ -403,7 +397,7 @@ def append_days(
     followers = pq.read_table(layout.creators).column("followers").to_numpy().astype(np.float32)
 
     days = range(first_day, first_day + n_days)
-    if len(_eligible_posts(truth, days[-1], cfg.post_lifetime_days)) == 0:
+    if len(eligible_posts(truth.created_at, days[-1], cfg.post_lifetime_days)) == 0:
         raise ValueError(
             f"append_days: no post is eligible on day {days[-1]} (posts are only created during "
             f"the first {record['base_n_days']} days and live {cfg.post_lifetime_days} days); "
