@@ -133,10 +133,12 @@ class RedisLocation:
         u = RedisUrl.parse(url, what="event bus", param="stream")
         return cls(u.host, u.port, u.db, u.key, u.username, u.password)
 
+    @property
+    def url(self) -> RedisUrl:
+        return RedisUrl(self.host, self.port, self.db, self.stream, self.username, self.password)
+
     def __str__(self) -> str:
-        return RedisUrl(
-            self.host, self.port, self.db, self.stream, self.username, self.password
-        ).show("stream")
+        return self.url.show("stream")
 
 
 def _seq(entry_id: str) -> int:
@@ -172,12 +174,7 @@ class RedisEventLog:
         self, location: RedisLocation, *, require_fsync: bool = True, timeout_s: float = 5.0
     ) -> None:
         self.location = location
-        self._client = redis.Redis(
-            host=location.host,
-            port=location.port,
-            db=location.db,
-            username=location.username,
-            password=location.password,
+        self._client = location.url.client(
             decode_responses=True,
             socket_timeout=timeout_s,
             socket_connect_timeout=timeout_s,
