@@ -111,3 +111,8 @@ def test_two_tower_random_negatives_join_the_candidates_and_get_gradients() -> N
     # the random negatives' correction is their own: a rarer proposal weighs them up
     rare, _ = TwoTowerTrain(model)(PairBatch(u, v, log_q, neg, torch.full((6,), -12.0)))
     assert rare > mixed
+    # a slot with no post drawn (log q = +inf) drops out: all masked = in-batch only
+    masked, _ = TwoTowerTrain(model)(PairBatch(u, v, log_q, neg, torch.full((6,), float("inf"))))
+    torch.testing.assert_close(masked, in_batch)
+    masked.backward()
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)

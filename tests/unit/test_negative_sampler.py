@@ -30,7 +30,8 @@ def test_draws_cover_exactly_the_posts_eligible_on_the_row_day() -> None:
     for day in (0, 4, 9):
         n = 20_000
         ts = day + rng.random(n)
-        cols = sampler.sample(np.full(n, day), ts, rng)
+        cols, drawn = sampler.sample(np.full(n, day), ts, rng)
+        assert drawn.all()
         eligible = eligible_posts(attrs.post_created_at, day, LIFETIME)
         drawn, counts = np.unique(cols["post_id"], return_counts=True)
         np.testing.assert_array_equal(drawn, eligible)  # all of them, nothing else
@@ -45,15 +46,18 @@ def test_draws_cover_exactly_the_posts_eligible_on_the_row_day() -> None:
 def test_same_seed_same_draws() -> None:
     sampler = NegativeSampler.of(_attrs(), LIFETIME)
     day, ts = np.array([2, 5, 5, 8]), np.array([2.1, 5.5, 5.9, 8.0])
-    a = sampler.sample(day, ts, np.random.default_rng(7))["post_id"]
-    b = sampler.sample(day, ts, np.random.default_rng(7))["post_id"]
+    a = sampler.sample(day, ts, np.random.default_rng(7))[0]["post_id"]
+    b = sampler.sample(day, ts, np.random.default_rng(7))[0]["post_id"]
     np.testing.assert_array_equal(a, b)
 
 
-def test_a_day_without_eligible_posts_is_named() -> None:
+def test_a_day_without_eligible_posts_draws_nothing() -> None:
+    # e.g. the first day of imported logs: every post is created at its first interaction
     sampler = NegativeSampler.of(_attrs(), LIFETIME)
-    with pytest.raises(ValueError, match=r"no post is eligible on day\(s\) \[40\]"):
-        sampler.sample(np.array([4, 40]), np.array([4.0, 40.0]), np.random.default_rng(0))
+    day = np.array([4, 40, -9, 5])
+    cols, drawn = sampler.sample(day, day + 0.5, np.random.default_rng(0))
+    assert drawn.tolist() == [True, False, False, True]
+    assert len(cols["post_id"]) == 4  # placeholders keep the rows aligned
 
 
 def test_log_proposal_is_the_chance_to_be_drawn() -> None:
@@ -64,7 +68,7 @@ def test_log_proposal_is_the_chance_to_be_drawn() -> None:
     assert prob.sum() == pytest.approx(1.0, abs=1e-6)
     rng = np.random.default_rng(3)
     days = np.repeat([2, 6], [30_000, 10_000])
-    drawn = sampler.sample(days, days + 0.5, rng)["post_id"]
+    drawn = sampler.sample(days, days + 0.5, rng)[0]["post_id"]
     empirical = np.bincount(drawn, minlength=N_POSTS) / len(drawn)
     np.testing.assert_allclose(empirical, prob, atol=0.004)
     never = np.setdiff1d(

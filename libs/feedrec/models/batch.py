@@ -91,7 +91,8 @@ class PairBatch:
     share of the training positives, mixed with the random-negative proposal when there are
     random negatives); the logQ correction subtracts it from the logits.
     ``negative`` [B rows] / ``negative_log_q`` [B]: one random post per row (columns prefixed
-    ``neg_``, ``feedrec.training.negative_sampler``), or None without mixed negatives.
+    ``neg_``, ``feedrec.training.negative_sampler``), or None without mixed negatives; a
+    ``negative_log_q`` of +inf marks a slot with no post drawn (masked out of the softmax).
     """
 
     user: PartInputs

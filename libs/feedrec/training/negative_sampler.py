@@ -49,21 +49,23 @@ class NegativeSampler:
 
     def sample(
         self, day: np.ndarray, ts: np.ndarray, rng: np.random.Generator
-    ) -> dict[str, np.ndarray]:
-        """Item-side raw columns (``EntityAttributes.post_columns``) of one random eligible post
-        per row.
+    ) -> tuple[dict[str, np.ndarray], np.ndarray]:
+        """One random eligible post per row: (its item-side raw columns
+        (``EntityAttributes.post_columns``), bool [N] ``drawn``).
+
+        A row whose day has no eligible post (the first day of imported logs, where a post is
+        created at its first interaction) draws none: ``drawn`` is False and its columns are a
+        placeholder the loss must mask out.
 
         Args:
             day: int [N] each row's day; ts: float [N] its impression time in days (the drawn
                 post's age is taken then, as the positive's is).
         """
         lo, hi = self._slices(day)
-        if np.any(hi <= lo):
-            empty = sorted({int(d) for d in np.asarray(day)[hi <= lo]})
-            raise ValueError(f"negative sampler: no post is eligible on day(s) {empty}")
-        pick = lo + (rng.random(len(lo)) * (hi - lo)).astype(np.int64)
-        post = self.order[np.minimum(pick, hi - 1)]
-        return self.attrs.post_columns(post, at=np.asarray(ts, dtype=np.float64))
+        drawn = hi > lo
+        pick = lo + (rng.random(len(lo)) * np.maximum(hi - lo, 0)).astype(np.int64)
+        post = self.order[np.clip(pick, 0, len(self.order) - 1)]
+        return self.attrs.post_columns(post, at=np.asarray(ts, dtype=np.float64)), drawn
 
     def log_proposal(self, rows_per_day: Mapping[int, int]) -> np.ndarray:
         """float64 [P]: log of each post's chance to be a given row's random negative, over rows

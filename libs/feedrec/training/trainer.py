@@ -66,9 +66,10 @@ def pair_columns(
         # Seeded by the rows themselves: a run draws the same negatives whatever the worker
         # count or block order, so runs stay comparable.
         rng = np.random.default_rng(raw["impression_id"].astype(np.uint64))
-        neg = negatives.sample(raw["day"], raw["ts"], rng)
+        neg, drawn = negatives.sample(raw["day"], raw["ts"], rng)
         out.update(transform(neg, "item_tower").to_columns("neg_"))
-        out["neg_log_q"] = log_q[neg["post_id"]].astype(np.float32)
+        # An undrawn slot gets log q = +inf: its corrected logit is -inf, out of the softmax.
+        out["neg_log_q"] = np.where(drawn, log_q[neg["post_id"]], np.inf).astype(np.float32)
     return out
 
 
