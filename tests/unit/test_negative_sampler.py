@@ -26,6 +26,8 @@ def _attrs() -> EntityAttributes:
 def test_draws_cover_exactly_the_posts_eligible_on_the_row_day() -> None:
     attrs = _attrs()
     sampler = NegativeSampler.of(attrs, LIFETIME)
+    # what reaches the object store: the post arrays, not every user's and creator's
+    assert (sampler.attrs.n_posts, sampler.attrs.n_users, sampler.attrs.n_creators) == (400, 0, 0)
     rng = np.random.default_rng(1)
     for day in (0, 4, 9):
         n = 20_000

@@ -172,8 +172,9 @@ def _retrieval_setup(
     }
     if gt is not None:
         scorers["oracle"] = _truth_scorer(gt, users, corpus, day)
+        # The logged truth covers the sampled users only: row r is users[r].
         scorers["history_oracle"] = _truth_scorer(
-            _logged_truth(gt, tables, users), users, corpus, day
+            _logged_truth(gt, tables, users), np.arange(len(users)), corpus, day
         )
     return _RetrievalSetup(users, engaged, corpus, items, user_emb, scorers)
 
@@ -196,13 +197,15 @@ def _logged_truth(gt: GroundTruth, tables: FeatureSnapshot, users: np.ndarray) -
     feature window (what the user tower sees), and their latent taste, which no log feature
     carries, is zeroed. Ranking by it shows how much of the oracle's recall the logs identify:
     a reference for the towers, not a bound (a model may read more history than the window).
+
+    Returns: a truth over ``users`` only (user arrays [len(users), ...], row r is ``users[r]``),
+    so the large worlds do not copy every user's parameters.
     """
-    likes = tables.topic_likes(users)[:, :, 1].astype(np.float64)  # [U, T]
-    theta, z_user = gt.theta.copy(), gt.z_user.copy()
+    likes = tables.topic_likes(users)[:, :, 1].astype(np.float64)  # [R, T]
     prior = INTEREST_CONCENTRATION
-    theta[users] = (likes + prior) / (likes.sum(axis=1, keepdims=True) + prior * likes.shape[1])
-    z_user[users] = 0.0
-    return replace(gt, theta=theta, z_user=z_user)
+    theta = (likes + prior) / (likes.sum(axis=1, keepdims=True) + prior * likes.shape[1])
+    z_user = np.zeros((len(users), gt.z_user.shape[1]), dtype=gt.z_user.dtype)
+    return replace(gt, theta=theta, z_user=z_user, segment=gt.segment[users])
 
 
 def _tops(

@@ -2,12 +2,20 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 import numpy as np
 
 #: The systems evaluation compares, in report order. ``history_oracle`` (retrieval only) is the
 #: ground truth with each user's interests estimated from their logged likes
 #: (``feedrec.evaluation.evaluate``).
 SYSTEMS = ("model", "oracle", "history_oracle", "popularity")
+
+
+def systems_in(section: Mapping[str, object]) -> list[str]:
+    """The systems a metrics section has numbers for, in report order (no oracle without a
+    ground truth, no ``history_oracle`` outside retrieval)."""
+    return [s for s in SYSTEMS if s in section]
 
 
 def auc(labels: np.ndarray, scores: np.ndarray) -> float:

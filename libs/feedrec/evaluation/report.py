@@ -13,7 +13,7 @@ import matplotlib
 matplotlib.use("Agg")  # headless: reports are written by jobs, not shown
 import matplotlib.pyplot as plt
 
-from feedrec.evaluation.metrics import SYSTEMS
+from feedrec.evaluation.metrics import systems_in
 
 COLORS = {
     "model": "#1f77b4",
@@ -21,11 +21,6 @@ COLORS = {
     "history_oracle": "#9467bd",
     "popularity": "#ff7f0e",
 }
-
-
-def systems_in(section: dict[str, Any]) -> list[str]:
-    """The systems a metrics section has numbers for (no oracle without a ground truth)."""
-    return [s for s in SYSTEMS if s in section]
 
 
 def png_base64(fig: Any) -> str:

@@ -16,7 +16,6 @@ from dataclasses import dataclass
 import numpy as np
 
 from feedrec.features.tables import EntityAttributes
-from feedrec.world.config import eligible_posts
 
 
 @dataclass(frozen=True)
@@ -34,14 +33,19 @@ class NegativeSampler:
 
     @classmethod
     def of(cls, attrs: EntityAttributes, lifetime_days: float) -> NegativeSampler:
+        """The sampler over ``attrs``' posts; it keeps their post-side arrays only."""
         if lifetime_days <= 0:
             raise ValueError("negative sampler: lifetime_days must be > 0")
-        order = np.argsort(attrs.post_created_at, kind="stable")
-        return cls(attrs, float(lifetime_days), order, attrs.post_created_at[order])
+        posts = attrs.post_side()
+        order = np.argsort(posts.post_created_at, kind="stable")
+        return cls(posts, float(lifetime_days), order, posts.post_created_at[order])
 
     def _slices(self, day: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """[lo, hi) into ``order`` of the posts eligible on each ``day`` [N] (the same rule as
-        :func:`feedrec.world.config.eligible_posts`: created in ``[day - lifetime, day)``)."""
+        """[lo, hi) into ``order`` of the posts eligible on each ``day`` [N].
+
+        :func:`feedrec.world.config.eligible_posts` (created in ``[day - lifetime, day)``) on
+        sorted creation times; a unit test holds the two to the same posts.
+        """
         day = np.asarray(day, dtype=np.float64)
         lo = np.searchsorted(self.created, day - self.lifetime_days, side="left")
         hi = np.searchsorted(self.created, day, side="left")
@@ -74,8 +78,9 @@ class NegativeSampler:
         if total <= 0:
             raise ValueError("negative sampler: no rows to size the proposal by")
         prob = np.zeros(self.attrs.n_posts)
-        for day, rows in rows_per_day.items():
-            posts = eligible_posts(self.attrs.post_created_at, day, self.lifetime_days)
-            if len(posts):
-                prob[posts] += rows / total / len(posts)
+        days = np.fromiter(rows_per_day, dtype=np.float64, count=len(rows_per_day))
+        rows_each = rows_per_day.values()
+        for rows, lo, hi in zip(rows_each, *self._slices(days), strict=True):
+            if hi > lo:
+                prob[self.order[lo:hi]] += rows / total / (hi - lo)
         return np.log(np.maximum(prob, 1e-12))
