@@ -171,8 +171,9 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
                 local_shuffle_seed=cfg.seed + epoch,
             )
         ):
-            # Resuming mid-epoch: the data position is a batch count. Ray Data's split across
-            # ranks is not bit-deterministic, so these are as many batches, not the same rows.
+            # Resuming mid-epoch: the data position is a batch count. The split is in order
+            # (``feedrec.training.trainer.build_trainer``) and the shuffle seeded, so skipping
+            # them skips the very rows the lost attempt had trained on.
             if i < skip:
                 continue
             if cfg.steps_per_epoch and i >= cfg.steps_per_epoch:
