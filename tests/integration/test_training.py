@@ -55,6 +55,7 @@ def test_training_is_reproducible(debug_run: Path, tmp_path: Path) -> None:
         for name in ("first", "second")
     )
     assert first.version == second.version  # the weights' sha256
+
     def learning(meta: dict) -> list[dict]:  # the history without its clock and memory
         return [{k: v for k, v in h.items() if "loss" in k or "top1" in k} for h in meta["history"]]
 
