@@ -87,9 +87,9 @@ class RankerBatch:
 class PairBatch:
     """A retrieval batch of B positive (user, post) pairs; other rows are in-batch negatives.
 
-    ``item_log_q`` [B]: log of how likely each item is to be one candidate of a batch (its
-    share of the training positives, mixed with the random-negative proposal when there are
-    random negatives); the logQ correction subtracts it from the logits.
+    ``item_log_q`` [B]: log of how likely each item, at its age, is to be one candidate of a
+    batch (``feedrec.training.candidate_probability``); the logQ correction subtracts it from
+    the logits.
     ``negative`` [B rows] / ``negative_log_q`` [B]: one random post per row (columns prefixed
     ``neg_``, ``feedrec.training.negative_sampler``), or None without mixed negatives; a
     ``negative_log_q`` of +inf marks a slot with no post drawn (masked out of the softmax).

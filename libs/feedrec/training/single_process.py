@@ -29,7 +29,7 @@ from feedrec.training.loop import build_train_module
 from feedrec.training.loop import validate as validation_metrics
 from feedrec.training.sharding import gather_state_dict, shard
 from feedrec.training.trainer import (
-    item_log_q,
+    candidate_probability,
     negative_sampler,
     pair_columns,
     ranker_columns,
@@ -68,12 +68,12 @@ def train_single_process(
     else:
         config = model_config or TwoTowerConfig(num_rows=vocabs.num_rows())
         negatives = negative_sampler(cfg, data)
-        log_q = item_log_q(data, negatives)
-        path, to_cols = data.pairs, lambda t: pair_columns(transform, t, log_q, negatives)
+        probability = candidate_probability(data, negatives)
+        path, to_cols = data.pairs, lambda t: pair_columns(transform, t, probability, negatives)
         valid_path = data.examples("valid")
 
         def valid_cols(t: pa.Table) -> Columns:
-            return pair_columns(transform, t.filter(_positive_mask(t)), log_q, negatives)
+            return pair_columns(transform, t.filter(_positive_mask(t)), probability, negatives)
 
     # One rank of TorchRec's own DMP: the fused FBGEMM embedding kernels and optimizer a
     # single-process TorchRec user gets, so the benchmark compares like with like.

@@ -33,6 +33,7 @@ from feedrec.models.calibration import fit_calibration
 from feedrec.models.portable_ranker import PortableRanker
 from feedrec.models.ranker import Ranker, RankerConfig
 from feedrec.models.two_tower import TwoTowerConfig
+from feedrec.training.candidate_probability import CandidateProbability
 from feedrec.training.checkpoint import read_final
 from feedrec.training.config import TrainConfig
 from feedrec.training.loop import train_loop_per_worker
@@ -51,18 +52,18 @@ def ranker_columns(transform: FeatureTransform, table: pa.Table) -> dict[str, np
 def pair_columns(
     transform: FeatureTransform,
     table: pa.Table,
-    log_q: np.ndarray,
+    probability: CandidateProbability,
     negatives: NegativeSampler | None = None,
 ) -> dict[str, np.ndarray]:
     """Positive pairs -> user-tower and item-tower inputs (prefixed ``user_`` / ``item_``) and
-    each item's log sampling probability ``item_log_q`` (``log_q`` is indexed by post id).
+    each item's log chance to fill a candidate slot, ``item_log_q`` (``probability``).
 
     With ``negatives``, also one random eligible post per row (``neg_`` inputs, ``neg_log_q``).
     """
     raw = columns_from_arrow(table)
     out = transform(raw, "user_tower").to_columns("user_")
     out.update(transform(raw, "item_tower").to_columns("item_"))
-    out["item_log_q"] = log_q[raw["post_id"]].astype(np.float32)
+    out["item_log_q"] = probability.log_q(raw["post_id"], raw["p_age_days"])
     if negatives is not None and len(table):
         # Seeded by the rows themselves: a run draws the same negatives whatever the worker
         # count or block order, so runs stay comparable.
@@ -70,27 +71,30 @@ def pair_columns(
         neg, drawn = negatives.sample(raw["day"], raw["ts"], rng)
         out.update(transform(neg, "item_tower").to_columns("neg_"))
         # An undrawn slot gets log q = +inf: its corrected logit is -inf, out of the softmax.
-        out["neg_log_q"] = np.where(drawn, log_q[neg["post_id"]], np.inf).astype(np.float32)
+        log_q = probability.log_q(neg["post_id"], neg["p_age_days"])
+        out["neg_log_q"] = np.where(drawn, log_q, np.inf).astype(np.float32)
     return out
 
 
-def item_log_q(data: PreprocessLayout, negatives: NegativeSampler | None = None) -> np.ndarray:
-    """float64 [P]: log of each post's chance to fill one candidate slot of a training batch.
-
-    Without ``negatives`` that is its share of the training positives (smoothed so unseen posts
-    are finite). With them, half the slots are random negatives: the mixture of that share and
-    the sampler's proposal.
-    """
-    pairs = pq.read_table(data.pairs, columns=["post_id", "day"])
-    posts = pairs.column("post_id").to_numpy()
+def candidate_probability(
+    data: PreprocessLayout, negatives: NegativeSampler | None = None
+) -> CandidateProbability:
+    """What the logQ correction subtracts, from the training positives (``data.pairs``) and,
+    with mixed negatives, one seeded random draw per positive (for the draws' ages)."""
+    pairs = pq.read_table(data.pairs, columns=["post_id", "day", "ts", "p_age_days"])
+    post = pairs.column("post_id").to_numpy()
+    age = pairs.column("p_age_days").to_numpy()
     n_posts = int(data.read_meta()["world"]["n_posts"])
-    counts = np.bincount(posts, minlength=n_posts).astype(np.float64) + 0.5
-    log_q = np.log(counts / counts.sum())
     if negatives is None:
-        return log_q
-    days, rows = np.unique(pairs.column("day").to_numpy(), return_counts=True)
+        return CandidateProbability.of(post, age, n_posts)
+    day = pairs.column("day").to_numpy()
+    days, rows = np.unique(day, return_counts=True)
     proposal = negatives.log_proposal(dict(zip(days.tolist(), rows.tolist(), strict=True)))
-    return np.logaddexp(log_q, proposal) - np.log(2.0)
+    drawn_cols, drawn = negatives.sample(
+        day, pairs.column("ts").to_numpy(), np.random.default_rng(0)
+    )
+    random_age = drawn_cols["p_age_days"][drawn]
+    return CandidateProbability.of(post, age, n_posts, proposal, random_age)
 
 
 def negative_sampler(cfg: TrainConfig, data: PreprocessLayout) -> NegativeSampler | None:
@@ -106,16 +110,19 @@ def training_datasets(
 ) -> dict[str, ray.data.Dataset | Callable[[], ray.data.Dataset]]:
     """Streaming Ray Datasets of transformed training and validation rows."""
     negatives = negative_sampler(cfg, data)
-    log_q = item_log_q(data, negatives) if cfg.model == "two_tower" else np.zeros(0)
-    # The sampler holds every post's attributes: one copy in the object store, mapped
-    # zero-copy by each map task, instead of one pickled into every task.
+    # The sampler holds every post's attributes and the probability a few floats per post:
+    # one copy of each in the object store, mapped zero-copy by each map task, instead of one
+    # pickled into every task.
     negatives_ref = ray.put(negatives) if negatives is not None else None
+    probability_ref = (
+        ray.put(candidate_probability(data, negatives)) if cfg.model == "two_tower" else None
+    )
 
     def fn(table: pa.Table) -> dict[str, np.ndarray]:
-        if cfg.model == "ranker":
+        if cfg.model == "ranker" or probability_ref is None:
             return ranker_columns(transform, table)
         sampler = ray.get(negatives_ref) if negatives_ref is not None else None
-        return pair_columns(transform, table, log_q, sampler)
+        return pair_columns(transform, table, ray.get(probability_ref), sampler)
 
     if cfg.model == "ranker":
         train_path, valid = (
