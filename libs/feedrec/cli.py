@@ -1467,6 +1467,8 @@ def experiments_ope(
     for p in report.policies:
         low, high = p.ips.ci
         truth_note = "" if p.truth is None else f"  truth {p.truth:.4f}"
+        if not p.interval_reliable:
+            truth_note += f"  (only {p.rewarded_matches} rewarded matches: interval unreliable)"
         click.echo(
             f"{p.name}: IPS {p.ips.value:.4f} [{low:.4f}, {high:.4f}] SNIPS "
             f"{p.snips.value:.4f} matched {p.match_rate:.0%} ESS {p.ess:.0f}{truth_note}"

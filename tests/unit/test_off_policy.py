@@ -184,3 +184,27 @@ def test_logged_feeds_are_read_from_exposure_rows(tmp_path) -> None:
     path = write_report(report, tmp_path)
     assert "| greedy |" in path.read_text()
     assert (tmp_path / "ope.png").stat().st_size > 0 and (tmp_path / "ope.json").exists()
+
+
+def test_an_estimate_on_few_rewarded_matches_is_flagged(tmp_path) -> None:
+    from feedrec.experiments.off_policy import MIN_REWARDED_MATCHES
+
+    world = SlateWorld()
+    logged = world.log(np.random.default_rng(5), 0)
+    rev = evaluate_policy("reversed", logged, reversed_policy(logged))
+    lists = reversed_policy(logged)
+    expected = sum(
+        int(((np.asarray(lst) == posts) & (reward > 0)).sum())
+        for lst, posts, reward in zip(lists, logged.posts, logged.reward, strict=True)
+    )
+    assert rev.rewarded_matches == expected
+    # 30 feeds: the reversed ranking agrees with the log in a few explored slots only
+    few = logged.subset(np.arange(FEEDS) < 30)
+    thin = evaluate_policy("reversed", few, reversed_policy(few))
+    assert thin.rewarded_matches < MIN_REWARDED_MATCHES and not thin.interval_reliable
+    greedy = evaluate_policy("greedy", logged, greedy_policy(logged))
+    assert greedy.rewarded_matches >= MIN_REWARDED_MATCHES and greedy.interval_reliable
+    assert greedy.to_dict()["interval_reliable"] is True
+    report = analyse(few, {"greedy": greedy_policy, "reversed": reversed_policy})
+    text = write_report(report, tmp_path).read_text()
+    assert "| reversed (!) |" in text and "not to be trusted" in text
