@@ -53,9 +53,17 @@ def test_same_ages_reduce_to_the_age_blind_mixture() -> None:
     np.testing.assert_allclose(got, blind, atol=0.1)
 
 
-def test_mixed_needs_the_ages_of_both_kinds() -> None:
+def test_without_random_draws_it_is_the_age_blind_mixture() -> None:
+    # e.g. an imported log whose days have no eligible post yet: every slot undrawn
     post, age = _young_positives(np.random.default_rng(3))
-    with pytest.raises(ValueError, match="age samples"):
-        CandidateProbability.of(post, age, N_POSTS, np.zeros(N_POSTS), None)
+    proposal = np.log(np.full(N_POSTS, 1.0 / N_POSTS))
+    prob = CandidateProbability.of(post, age, N_POSTS, proposal, np.zeros(0))
+    blind = np.logaddexp(prob.log_positive, proposal) - np.log(2.0)
+    for at in (0.1, 6.0):
+        got = prob.log_q(np.arange(N_POSTS), np.full(N_POSTS, at))
+        np.testing.assert_allclose(got, blind, rtol=1e-6)
+
+
+def test_a_proposal_per_post() -> None:
     with pytest.raises(ValueError, match="one log_proposal per post"):
         CandidateProbability(np.zeros(N_POSTS), np.zeros(3))

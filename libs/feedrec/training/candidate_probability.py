@@ -29,7 +29,7 @@ class CandidateProbability:
     ``log_proposal`` [P] its log chance to be a row's random negative
     (``NegativeSampler.log_proposal``), None without mixed negatives; ``age_edges`` [A + 1]
     bin edges (days) and ``log_age_ratio`` [A] log(positives' age density / random draws' age
-    density) per bin, both empty without mixed negatives.
+    density) per bin, both empty without mixed negatives or without random draws (age-blind).
     """
 
     log_positive: np.ndarray
@@ -59,7 +59,9 @@ class CandidateProbability:
         if log_proposal is None:
             return cls(log_positive)
         if random_age is None or not len(random_age) or not len(positive_age):
-            raise ValueError("candidate probability: mixed negatives need both age samples")
+            # No draw to compare ages with (an imported log whose days have no eligible post
+            # yet): the age-blind mixture.
+            return cls(log_positive, log_proposal)
         hi = max(float(np.max(positive_age)), float(np.max(random_age)), 1e-3)
         edges = np.linspace(0.0, hi, AGE_BINS + 1)
         # Laplace-smoothed densities on the same bins: no bin is log 0.
@@ -72,7 +74,9 @@ class CandidateProbability:
         """float32 [N]: log q of candidates (post ids [N] at ages [N] in days)."""
         if self.log_proposal is None:
             return self.log_positive[post_id].astype(np.float32)
-        inner = self.age_edges[1:-1]  # bins past either end take the end bins' ratio
-        ratio = self.log_age_ratio[np.searchsorted(inner, age, side="right")]
+        ratio: np.ndarray | float = 0.0
+        if len(self.log_age_ratio):
+            inner = self.age_edges[1:-1]  # bins past either end take the end bins' ratio
+            ratio = self.log_age_ratio[np.searchsorted(inner, age, side="right")]
         mixed = np.logaddexp(self.log_positive[post_id] + ratio, self.log_proposal[post_id])
         return (mixed - np.log(2.0)).astype(np.float32)
