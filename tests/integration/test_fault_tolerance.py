@@ -40,8 +40,9 @@ def test_killed_worker_resumes_to_the_same_result(debug_run: Path, tmp_path: Pat
     # Same data position: resuming at step 40 (batch 9 of epoch 1), not from the start of training.
     assert drilled["global_steps"] == baseline["global_steps"]
     assert [h["epoch"] for h in drilled["history"]] == [0, 1]
-    # The same result, bit for bit: the checkpoint holds the sharded model, both optimizers
-    # and the data position, and a resumed epoch replays the same rows in the same order.
+    # The same result, bit for bit: training is reproducible (the split is in order; the
+    # shuffle, negatives and initialisation are seeded), the checkpoint holds the sharded
+    # model, both optimizers and the data position, and a resumed epoch replays the same rows.
     assert drilled_version == baseline_version  # the weights' sha256
     base, drill = baseline["history"][-1], drilled["history"][-1]
     for key in ("valid_loss", *(f"valid_auc_{t}" for t in ("like", "comment", "share", "hide"))):
