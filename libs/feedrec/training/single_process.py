@@ -29,10 +29,9 @@ from feedrec.training.loop import build_train_module
 from feedrec.training.loop import validate as validation_metrics
 from feedrec.training.sharding import gather_state_dict, shard
 from feedrec.training.trainer import (
-    candidate_probability,
-    negative_sampler,
     pair_columns,
     ranker_columns,
+    two_tower_inputs,
 )
 
 
@@ -67,8 +66,7 @@ def train_single_process(
         valid_path, valid_cols = data.examples("valid"), to_cols
     else:
         config = model_config or TwoTowerConfig(num_rows=vocabs.num_rows())
-        negatives = negative_sampler(cfg, data)
-        probability = candidate_probability(data, negatives)
+        probability, negatives = two_tower_inputs(cfg, data)
         path, to_cols = data.pairs, lambda t: pair_columns(transform, t, probability, negatives)
         valid_path = data.examples("valid")
 

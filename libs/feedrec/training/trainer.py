@@ -77,14 +77,13 @@ def pair_columns(
 
 
 def candidate_probability(
-    data: PreprocessLayout, negatives: NegativeSampler | None = None
+    data: PreprocessLayout, n_posts: int, negatives: NegativeSampler | None = None
 ) -> CandidateProbability:
     """What the logQ correction subtracts, from the training positives (``data.pairs``) and,
     with mixed negatives, one seeded random draw per positive (for the draws' ages)."""
     pairs = pq.read_table(data.pairs, columns=["post_id", "day", "ts", "p_age_days"])
     post = pairs.column("post_id").to_numpy()
     age = pairs.column("p_age_days").to_numpy()
-    n_posts = int(data.read_meta()["world"]["n_posts"])
     if negatives is None:
         return CandidateProbability.of(post, age, n_posts)
     day = pairs.column("day").to_numpy()
@@ -97,32 +96,42 @@ def candidate_probability(
     return CandidateProbability.of(post, age, n_posts, proposal, random_age)
 
 
-def negative_sampler(cfg: TrainConfig, data: PreprocessLayout) -> NegativeSampler | None:
-    """The random-negative sampler ``cfg`` asks for (two-tower with ``mixed_negatives``)."""
-    if cfg.model != "two_tower" or not cfg.mixed_negatives:
-        return None
-    lifetime = float(data.read_meta()["world"]["post_lifetime_days"])
-    return NegativeSampler.of(FeatureTables.load_attributes(data.tables), lifetime)
+def two_tower_inputs(
+    cfg: TrainConfig, data: PreprocessLayout
+) -> tuple[CandidateProbability, NegativeSampler | None]:
+    """What the two-tower's rows need besides the transform: the logQ correction and, with
+    ``cfg.mixed_negatives``, the random-negative sampler (one read of the preprocess meta)."""
+    world = data.read_meta()["world"]
+    negatives = (
+        NegativeSampler.of(
+            FeatureTables.load_attributes(data.tables), float(world["post_lifetime_days"])
+        )
+        if cfg.mixed_negatives
+        else None
+    )
+    return candidate_probability(data, int(world["n_posts"]), negatives), negatives
 
 
 def training_datasets(
     cfg: TrainConfig, data: PreprocessLayout, transform: FeatureTransform
 ) -> dict[str, ray.data.Dataset | Callable[[], ray.data.Dataset]]:
     """Streaming Ray Datasets of transformed training and validation rows."""
-    negatives = negative_sampler(cfg, data)
-    # The sampler holds every post's attributes and the probability a few floats per post:
-    # one copy of each in the object store, mapped zero-copy by each map task, instead of one
-    # pickled into every task.
-    negatives_ref = ray.put(negatives) if negatives is not None else None
-    probability_ref = (
-        ray.put(candidate_probability(data, negatives)) if cfg.model == "two_tower" else None
-    )
+    if cfg.model == "ranker":
 
-    def fn(table: pa.Table) -> dict[str, np.ndarray]:
-        if cfg.model == "ranker" or probability_ref is None:
+        def fn(table: pa.Table) -> dict[str, np.ndarray]:
             return ranker_columns(transform, table)
-        sampler = ray.get(negatives_ref) if negatives_ref is not None else None
-        return pair_columns(transform, table, ray.get(probability_ref), sampler)
+
+    else:
+        probability, negatives = two_tower_inputs(cfg, data)
+        # The sampler holds every post's attributes and the probability a few floats per post:
+        # one copy of each in the object store, mapped zero-copy by each map task, instead of
+        # one pickled into every task.
+        probability_ref = ray.put(probability)
+        negatives_ref = ray.put(negatives) if negatives is not None else None
+
+        def fn(table: pa.Table) -> dict[str, np.ndarray]:
+            sampler = ray.get(negatives_ref) if negatives_ref is not None else None
+            return pair_columns(transform, table, ray.get(probability_ref), sampler)
 
     if cfg.model == "ranker":
         train_path, valid = (
