@@ -21,7 +21,7 @@ import yaml
 from packaging.requirements import Requirement
 from ray.autoscaler._private.util import prepare_config, validate_config
 
-from feedrec.runtime.ray_cluster import repo_root
+from feedrec.runtime.ray_cluster import SERVE_ENV, repo_root
 
 ROOT = repo_root()
 CLUSTER_YAML = ROOT / "cluster.yaml"
@@ -161,6 +161,17 @@ def test_head_gpu_and_cpu_worker_groups_with_consistent_bounds() -> None:
     assert all(workers[n]["resources"].get("CPU", 0) >= 1 for n in cpu)
     assert all(workers[n]["max_workers"] >= 1 for n in gpu | cpu)
     assert _bound_problems(config) == []
+
+
+def test_every_node_starts_ray_with_the_serve_environment() -> None:
+    # Serve reads these when a process starts: a node started without them would host
+    # replicas that call their neighbours another way than the rest of the cluster.
+    config = _raw()
+    for key in ("head_start_ray_commands", "worker_start_ray_commands"):
+        [start] = [c for c in config[key] if " ray start " in f" {c} "]
+        words = start.split()
+        env = dict(w.split("=", 1) for w in words[: words.index("ray")])
+        assert env == SERVE_ENV, (key, start)
 
 
 def test_setup_installs_the_gpu_variant_from_the_mounted_repository() -> None:

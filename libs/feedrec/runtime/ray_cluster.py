@@ -12,6 +12,16 @@ from ray._private import ray_constants
 #: training workers at 1 CPU each would otherwise leave nothing for Ray Data and starve it.
 LOCAL_LOGICAL_CPUS = 4
 
+#: Environment of every Ray process that hosts Serve (controller, proxy, replicas), read when the
+#: process imports Ray Serve. Ray's throughput-optimized mode: deployment handles call replicas
+#: over gRPC, user code and the router run on the replica's main event loop (no thread hop per
+#: call), request logs are buffered and not echoed to stderr, and the GC is frozen after
+#: start-up. Minus its direct ingress, which has every Ingress replica listen on a port of its own
+#: for an external load balancer: feedrec keeps Serve's proxy on the configured HTTP port.
+#: Measured on the chain at 15 req/s (2 cores): 70 -> 56 ms of CPU per feed over all processes.
+#: Set on a local cluster by :func:`init_ray`; ``cluster.yaml`` starts Ray with the same values.
+SERVE_ENV = {"RAY_SERVE_THROUGHPUT_OPTIMIZED": "1", "RAY_SERVE_ENABLE_DIRECT_INGRESS": "0"}
+
 
 def repo_root() -> Path:
     # libs/feedrec/runtime/ray_cluster.py -> repo root (apps/ and jobs/ live there)
@@ -42,6 +52,8 @@ def init_ray(address: str | None = None, *, num_cpus: int | None = None) -> None
     os.environ[ray_constants.ENABLE_RAY_CLUSTERS_ENV_VAR] = "0"
     ray_constants.ENABLE_RAY_CLUSTER = False
     os.environ["PYTHONPATH"] = pythonpath
+    for name, value in SERVE_ENV.items():  # an explicit setting in the environment wins
+        os.environ.setdefault(name, value)
     ray.init(
         num_cpus=num_cpus or max(LOCAL_LOGICAL_CPUS, os.cpu_count() or 1),
         # The dashboard hosts Ray's State API, which Ray Train's placement-group cleaner needs:
