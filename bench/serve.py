@@ -4,8 +4,11 @@
 
 Starts the serving stack (Triton ranker + Ray Serve app, ``feedrec serve up``'s code) on a
 trained run, finds the highest offered load whose p99 stays <= 100 ms with no errors (open-loop
-arrivals at a fixed rate, rate doubled then bisected), then does the same against the twin
-(``bench/serve_twin.py``: the same stages in one uvicorn process, same Triton). Prints both and
+arrivals at a fixed rate, rate doubled then bisected), and the same for the twin
+(``bench/serve_twin.py``: the same stages in one uvicorn process, same Triton). Both are up
+together and the two searches take turns step by step, so host load that drifts during the run
+falls on both sides alike (measuring one side after the other gave ratios of 0.37 to 0.70 on
+one afternoon). Prints both and
 writes ``bench/results/serve.json``: ``{"rps_at_p99_100ms", "twin_rps", "ratio", "p50_ms",
 "p99_ms", ...}`` (other sections of the file, e.g. ``ann``, are kept).
 
@@ -103,55 +106,81 @@ async def offered_load(
     )
 
 
-def max_rps(
-    url: str, users: np.ndarray, count: int, seconds: float, label: str
-) -> tuple[LoadResult | None, list[LoadResult]]:
-    """Highest offered rate meeting the p99 target: double from 5 RPS, then bisect 4 times."""
-    runs: list[LoadResult] = []
+class RateSearch:
+    """Highest offered rate meeting the p99 target: double from 5 RPS, then bisect 4 times.
 
-    def run(rps: float) -> LoadResult:
-        r = asyncio.run(offered_load(url, rps, seconds, users, count, seed=len(runs)))
-        runs.append(r)
-        print(
-            f"  {label:6} offered {rps:7.1f} RPS -> {r.achieved_rps:7.1f} done/s, "
-            f"p50 {r.p50_ms:7.1f} ms, p99 {r.p99_ms:7.1f} ms, errors {r.errors}, "
-            f"fallbacks {r.fallbacks} {'ok' if r.ok else 'over'}",
-            flush=True,
-        )
-        time.sleep(2.0)  # let queues drain between runs
-        return r
+    One step at a time (:meth:`next_rate`, then :meth:`record`), so that two searches can take
+    turns: host load that drifts during the benchmark then falls on both sides alike.
+    """
 
-    asyncio.run(offered_load(url, 5, 3, users, count))  # warm-up (connections, caches)
-    good: LoadResult | None = None
-    rps = 5.0
-    while True:
-        r = run(rps)
-        if not r.ok:
-            break
-        good, rps = r, rps * 2
-    low, high = (good.offered_rps if good else 0.0), rps
-    for _ in range(4):
-        mid = (low + high) / 2
-        if mid < 1:
-            break
-        r = run(mid)
+    def __init__(self, label: str, url: str, start_rps: float = 5.0, bisections: int = 4) -> None:
+        self.label, self.url = label, url
+        self.best: LoadResult | None = None
+        self.runs: list[LoadResult] = []
+        self._rate: float | None = start_rps
+        self._high: float | None = None  # lowest rate seen over the target
+        self._bisections_left = bisections
+
+    @property
+    def done(self) -> bool:
+        return self._rate is None
+
+    def next_rate(self) -> float:
+        assert self._rate is not None, "search is done"
+        return self._rate
+
+    def record(self, r: LoadResult) -> None:
+        self.runs.append(r)
         if r.ok:
-            good, low = r, mid
+            self.best = r
         else:
-            high = mid
-    return good, runs
+            self._high = r.offered_rps
+        if self._high is None:  # still doubling
+            self._rate = r.offered_rps * 2
+            return
+        low = self.best.offered_rps if self.best else 0.0
+        mid = (low + self._high) / 2
+        if self._bisections_left == 0 or mid < 1:
+            self._rate = None
+        else:
+            self._bisections_left -= 1
+            self._rate = mid
+
+
+def interleaved_max_rps(
+    searches: list[RateSearch], users: np.ndarray, count: int, seconds: float
+) -> None:
+    """Run the searches' steps in turns (A1 B1 A2 B2 ...) until each has found its rate."""
+    for search in searches:  # warm-up (connections, caches)
+        asyncio.run(offered_load(search.url, 5, 3, users, count))
+    step = 0
+    while not all(search.done for search in searches):
+        for search in searches:
+            if search.done:
+                continue
+            rps = search.next_rate()
+            r = asyncio.run(offered_load(search.url, rps, seconds, users, count, seed=step))
+            step += 1
+            search.record(r)
+            print(
+                f"  {search.label:6} offered {rps:7.1f} RPS -> {r.achieved_rps:7.1f} done/s, "
+                f"p50 {r.p50_ms:7.1f} ms, p99 {r.p99_ms:7.1f} ms, errors {r.errors}, "
+                f"fallbacks {r.fallbacks} {'ok' if r.ok else 'over'}",
+                flush=True,
+            )
+            time.sleep(2.0)  # let queues drain between runs
 
 
 def _measure(
     stack: Any, run: Any, users: np.ndarray, args: argparse.Namespace, overrides: dict[str, Any]
-) -> tuple[Any, list[LoadResult], Any, list[LoadResult]]:
-    """Max RPS of the Serve chain, then of the twin against the same Triton."""
+) -> tuple[RateSearch, RateSearch]:
+    """Max RPS of the Serve chain and of the twin against the same Triton, searched in turns
+    with both up (an idle side costs the other little: no traffic, a few pollers)."""
     from feedrec.serving.feed_client import wait_healthy
 
     with stack:
         assert stack.triton is not None
         print(f"Ray Serve chain at {stack.url}", flush=True)
-        serve_best, serve_runs = max_rps(stack.url, users, args.count, args.seconds, "serve")
         twin_url = f"http://127.0.0.1:{args.twin_port}"
         root = Path(__file__).resolve().parents[1]
         store_flag = (
@@ -177,11 +206,12 @@ def _measure(
         try:
             wait_healthy(twin_url, 300.0)
             print(f"FastAPI twin at {twin_url}", flush=True)
-            twin_best, twin_runs = max_rps(twin_url, users, args.count, args.seconds, "twin")
+            searches = [RateSearch("serve", stack.url), RateSearch("twin", twin_url)]
+            interleaved_max_rps(searches, users, args.count, args.seconds)
         finally:
             twin.terminate()
             twin.wait(timeout=30)
-    return serve_best, serve_runs, twin_best, twin_runs
+    return searches[0], searches[1]
 
 
 def main() -> None:
@@ -233,7 +263,8 @@ def main() -> None:
                 service_overrides=overrides,
             )
         )
-        serve_best, serve_runs, twin_best, twin_runs = _measure(stack, run, users, args, overrides)
+        serve_search, twin_search = _measure(stack, run, users, args, overrides)
+    serve_best, twin_best = serve_search.best, twin_search.best
     serve_rps = serve_best.offered_rps if serve_best else 0.0
     twin_rps = twin_best.offered_rps if twin_best else 0.0
     ratio = serve_rps / twin_rps if twin_rps else None
@@ -254,8 +285,8 @@ def main() -> None:
             "p50_ms": round(serve_best.p50_ms, 1) if serve_best else None,
             "p99_ms": round(serve_best.p99_ms, 1) if serve_best else None,
             "load_steps": {
-                "serve": [asdict(r) for r in serve_runs],
-                "twin": [asdict(r) for r in twin_runs],
+                "serve": [asdict(r) for r in serve_search.runs],
+                "twin": [asdict(r) for r in twin_search.runs],
             },
             "workload": {
                 "run_dir": str(args.run_dir),
