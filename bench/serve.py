@@ -7,8 +7,8 @@ trained run, finds the highest offered load whose p99 stays <= 100 ms with no er
 arrivals at a fixed rate, rate doubled then bisected), and the same for the twin
 (``bench/serve_twin.py``: the same stages in one uvicorn process, same Triton). Both are up
 together and the two searches take turns step by step, so host load that drifts during the run
-falls on both sides alike (measuring one side after the other gave ratios of 0.37 to 0.70 on
-one afternoon). Prints both and
+falls on both sides alike (measuring one side after the other gave ratios of 0.37 to 0.70
+within one hour). Prints both and
 writes ``bench/results/serve.json``: ``{"rps_at_p99_100ms", "twin_rps", "ratio", "p50_ms",
 "p99_ms", ...}`` (other sections of the file, e.g. ``ann``, are kept).
 
