@@ -92,7 +92,11 @@ def _free_port() -> int:
 
 @pytest.mark.parametrize("overrides", [OVERRIDES, ROW_WISE], ids=["planner", "row_wise"])
 def test_sharded_ranker_equals_unsharded(overrides: dict[str, str]) -> None:
-    with mp.Manager() as manager:
+    # A spawned manager, not the default forked one: a fork copies this process's live Ray
+    # driver (the session's gRPC channels and threads). A Ray Train run that followed this test
+    # in one session hung with the driver's GCS subscription stuck (it never heard that the
+    # controller actor was up); the fork is the suspect, not a proven cause.
+    with mp.get_context("spawn").Manager() as manager:
         results = manager.dict()
         mp.spawn(_worker, args=(2, _free_port(), overrides, results), nprocs=2, join=True)
         results = dict(results)
