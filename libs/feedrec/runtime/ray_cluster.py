@@ -18,7 +18,8 @@ LOCAL_LOGICAL_CPUS = 4
 #: call), request logs are buffered and not echoed to stderr, and the GC is frozen after
 #: start-up. Minus its direct ingress, which has every Ingress replica listen on a port of its own
 #: for an external load balancer: feedrec keeps Serve's proxy on the configured HTTP port.
-#: Measured on the chain at 15 req/s (2 cores): 70 -> 56 ms of CPU per feed over all processes.
+#: Measured on the chain at 15 req/s (2 cores, runs interleaved): 65.9 ms of CPU per feed over
+#: all processes on average, against 71.9 ms without (README, Serving in depth).
 #: Set on a local cluster by :func:`init_ray`; ``cluster.yaml`` starts Ray with the same values.
 SERVE_ENV = {"RAY_SERVE_THROUGHPUT_OPTIMIZED": "1", "RAY_SERVE_ENABLE_DIRECT_INGRESS": "0"}
 

@@ -116,12 +116,15 @@ def training_datasets(
     cfg: TrainConfig, data: PreprocessLayout, transform: FeatureTransform
 ) -> dict[str, ray.data.Dataset | Callable[[], ray.data.Dataset]]:
     """Streaming Ray Datasets of transformed training and validation rows."""
+    valid = ray.data.read_parquet(str(data.examples("valid")))
     if cfg.model == "ranker":
+        train_path = data.examples("train")
 
         def fn(table: pa.Table) -> dict[str, np.ndarray]:
             return ranker_columns(transform, table)
 
     else:
+        train_path, valid = data.pairs, valid.filter(expr=is_positive())
         probability, negatives = two_tower_inputs(cfg, data)
         # The sampler holds every post's attributes and the probability a few floats per post:
         # one copy of each in the object store, mapped zero-copy by each map task, instead of
@@ -133,14 +136,6 @@ def training_datasets(
             sampler = ray.get(negatives_ref) if negatives_ref is not None else None
             return pair_columns(transform, table, ray.get(probability_ref), sampler)
 
-    if cfg.model == "ranker":
-        train_path, valid = (
-            data.examples("train"),
-            ray.data.read_parquet(str(data.examples("valid"))),
-        )
-    else:
-        train_path = data.pairs
-        valid = ray.data.read_parquet(str(data.examples("valid"))).filter(expr=is_positive())
     train = ray.data.read_parquet(str(train_path)).randomize_block_order(seed=cfg.seed)
     return {
         "train": train.map_batches(fn, batch_format="pyarrow", batch_size=8192),
