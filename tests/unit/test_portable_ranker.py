@@ -84,6 +84,27 @@ def test_exports_load_in_their_runtimes_and_match_eager(
     assert np.abs(got_ts - want).max() <= 1e-4
 
 
+def test_long_dwell_predictions_are_compared_relative_to_their_size(tmp_path: Path) -> None:
+    # A ranker trained for 3 epochs on the small world predicted up to ~5e4 s of dwell on the
+    # random check rows, and float32 rounding alone put its exact ONNX export 4.7e-2 s off.
+    model = _ranker()
+    dwell_out = model.towers[-1][-1]
+    with torch.no_grad():
+        dwell_out.bias.fill_(10.0)  # exp(10) - 1: ~22,000 s
+    portable = PortableRanker(model)
+    single, multi, dense = portable.random_inputs(256)
+    eager = RankerPredictor(model)(single, multi, dense).numpy()
+    assert eager[:, 4].min() > 1e3
+    error = portable.write_checked_onnx(tmp_path / "ranker.onnx")
+    assert 0 < error <= portable_ranker.EXPORT_TOLERANCE
+    # Seconds are compared relative to their size, probabilities absolutely: an export whose
+    # dwell is off by 0.1 %, or whose probabilities are off by 1e-3, is still refused.
+    for column, offset in ((4, eager[:, 4] * 1e-3), (0, np.full(len(eager), 1e-3))):
+        drifted = eager.copy()
+        drifted[:, column] += offset
+        assert portable.max_error(lambda *_, d=drifted: d) == pytest.approx(1e-3, rel=1e-3)
+
+
 def test_an_export_that_drifts_from_eager_is_refused(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, ranker_artifact: Callable[..., Path]
 ) -> None:

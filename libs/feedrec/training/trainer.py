@@ -285,7 +285,7 @@ def artifact_from_checkpoint(
             ranker.load_state_dict(state_dict)
             onnx_path = Path(tmp) / RANKER_ONNX
             error = PortableRanker(ranker.eval()).write_checked_onnx(onnx_path)
-            metadata["onnx"] = {"file": RANKER_ONNX, "max_abs_error_vs_eager": error}
+            metadata["onnx"] = {"file": RANKER_ONNX, "max_error_vs_eager": error}
             extra_files[RANKER_ONNX] = onnx_path
         return save_artifact(
             Path(artifact_dir),
