@@ -61,13 +61,13 @@ def _parse_overrides(pairs: tuple[str, ...]) -> dict[str, Any]:
 
 
 def _stage(fn: Any, *args: Any, **kwargs: Any) -> None:
-    """Run a pipeline stage; turn bad input into a CLI error that names it."""
+    """Run a pipeline stage; turn bad input into a CLI error with the stage's own message, which
+    names the bad field or file. (Not blamed on ``--set``: a stage's ValueError may come from
+    its data or from a check after training, as well as from an override.)"""
     try:
         click.echo(fn(*args, **kwargs))
-    except FileNotFoundError as e:
+    except (FileNotFoundError, TypeError, ValueError) as e:
         raise click.UsageError(str(e)) from e
-    except (TypeError, ValueError) as e:
-        raise click.BadParameter(str(e), param_hint="--set") from e
 
 
 run_dir_option = click.option(

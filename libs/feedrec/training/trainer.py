@@ -284,7 +284,12 @@ def artifact_from_checkpoint(
             ranker = Ranker(model_config)
             ranker.load_state_dict(state_dict)
             onnx_path = Path(tmp) / RANKER_ONNX
-            error = PortableRanker(ranker.eval()).write_checked_onnx(onnx_path)
+            try:
+                error = PortableRanker(ranker.eval()).write_checked_onnx(onnx_path)
+            except ValueError as e:
+                raise ValueError(
+                    f"{e}; no artifact written, the trained weights are in {checkpoint_dir}"
+                ) from e
             metadata["onnx"] = {"file": RANKER_ONNX, "max_error_vs_eager": error}
             extra_files[RANKER_ONNX] = onnx_path
         return save_artifact(
