@@ -12,7 +12,7 @@ from feedrec.features.tables import (
     SparseStats,
 )
 from feedrec.features.vocabulary import Vocabulary
-from feedrec.schema.registry import HISTORY_LEN, LABELS, RAW_COLUMNS, WINDOW_DAYS
+from feedrec.schema.registry import CONTENT_DIM, HISTORY_LEN, LABELS, RAW_COLUMNS, WINDOW_DAYS
 
 N_DAYS, U, P, C, T = 10, 3, 4, 2, 3
 
@@ -24,7 +24,7 @@ def _attrs() -> EntityAttributes:
         post_topic=np.array([0, 1, 2, 1]),
         post_media=np.array([0, 1, 2, 0]),
         post_created_at=np.array([-1.0, 0.5, 2.0, 3.0]),
-        post_content=np.ones((P, 32), np.float32),
+        post_content=np.random.default_rng(7).normal(size=(P, CONTENT_DIM)).astype(np.float32),
         creator_followers=np.array([5.0, 7.0], np.float32),
     )
 
@@ -34,6 +34,7 @@ def _dense(seed: int = 0, day_changed: int | None = None) -> dict[str, np.ndarra
     dense = {
         "user": rng.integers(0, 5, size=(N_DAYS, U, 6)).astype(float),
         "user_topic": rng.integers(0, 5, size=(N_DAYS, U, T, 2)).astype(float),
+        "user_content": rng.normal(size=(N_DAYS, U, CONTENT_DIM)),
         "post": rng.integers(0, 5, size=(N_DAYS, P, 6)).astype(float),
         "creator": rng.integers(0, 5, size=(N_DAYS, C, 3)).astype(float),
     }
@@ -49,6 +50,7 @@ def _tables(seed: int = 0, day_changed: int | None = None) -> FeatureTables:
         _attrs(),
         user_daily=d["user"],
         user_topic_daily=d["user_topic"],
+        user_content_daily=d["user_content"],
         post_daily=d["post"],
         creator_daily=d["creator"],
     )
@@ -73,6 +75,12 @@ def test_windows_use_only_earlier_days() -> None:
     np.testing.assert_allclose(
         _as_dense(snap.user_topic, U * T).reshape(U, T, 2),
         dense["user_topic"][d - WINDOW_DAYS : d].sum(axis=0),
+    )
+    np.testing.assert_allclose(
+        _as_dense(snap.user_content, U),
+        dense["user_content"][d - WINDOW_DAYS : d].sum(axis=0),
+        rtol=1e-5,
+        atol=1e-5,
     )
     np.testing.assert_allclose(_as_dense(snap.post, P), dense["post"][:d].sum(axis=0))
     np.testing.assert_allclose(
@@ -111,6 +119,9 @@ def test_lookup_matches_a_dense_reference() -> None:
     for i, (u, p, d) in enumerate(zip(users, posts, days, strict=True)):
         w = slice(max(0, d - WINDOW_DAYS), d)
         np.testing.assert_allclose(raw["u_likes"][i], dense["user"][w, u, 1].sum())
+        np.testing.assert_allclose(
+            raw["u_liked_content"][i], dense["user_content"][w, u].sum(axis=0), atol=1e-5
+        )
         np.testing.assert_allclose(raw["p_dwell"][i], dense["post"][:d, p, 5].sum())
         c = _attrs().post_creator[p]
         np.testing.assert_allclose(raw["c_hides"][i], dense["creator"][w, c, 2].sum())
@@ -183,11 +194,18 @@ def test_daily_sums_fold_batches_sparsely_like_dense_sums(
     np.add.at(user[..., 5], (logs["day"], logs["user_id"]), logs["dwell"])
     ut_likes = np.zeros((N_DAYS, U, T))
     np.add.at(ut_likes, (logs["day"], logs["user_id"], logs["topic"]), logs["like"])
+    liked_content = np.zeros((N_DAYS, U, CONTENT_DIM))
+    content = attrs.post_content[logs["post_id"]] * logs["like"][:, None]
+    np.add.at(liked_content, (logs["day"], logs["user_id"]), content)
     for d in range(N_DAYS):
         got_user = _as_dense(tables.daily["user"][d], U)[:, [0, 5]]
         np.testing.assert_allclose(got_user, user[d][:, [0, 5]], rtol=1e-6)
         got = _as_dense(tables.daily["user_topic"][d], U * T).reshape(U, T, 2)[..., 1]
         np.testing.assert_allclose(got, ut_likes[d])
+        liked = _as_dense(tables.daily["user_content"][d], U)
+        np.testing.assert_allclose(liked, liked_content[d], rtol=1e-5, atol=1e-5)
+        # a row only for users who liked something that day
+        assert set(tables.daily["user_content"][d].keys) == set(np.flatnonzero(ut_likes[d].sum(1)))
     seen, hidden = sums.pairs()
     np.testing.assert_array_equal(seen, np.unique(logs["user_id"] * P + logs["post_id"]))
     hid = logs["hide"] > 0

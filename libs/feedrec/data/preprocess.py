@@ -230,6 +230,7 @@ class DailySums:
         self.size = {
             "user": attrs.n_users,
             "user_topic": attrs.n_users * n_topics,
+            "user_content": attrs.n_users,
             "post": attrs.n_posts,
             "creator": attrs.n_creators,
         }
@@ -251,7 +252,10 @@ class DailySums:
             "creator": np.asarray(batch["creator_id"], np.int64),
         }
         for kind, stats in KIND_STATS.items():
-            part = batch_sums(batch, day * self.size[kind] + entity[kind], stats)
+            if kind == "user_content":
+                part = self._liked_content(batch, day, users)
+            else:
+                part = batch_sums(batch, day * self.size[kind] + entity[kind], stats)
             self._pending[kind].append(part)
             self._pending_rows += len(part.keys)
         merged = sum(len(s.keys) for s in self._sums.values())
@@ -260,6 +264,16 @@ class DailySums:
         hid = batch["hide"] > 0
         self._seen.append(np.unique(users * self.attrs.n_posts + entity["post"]))
         self._hidden.append(np.unique(users[hid] * self.attrs.n_creators + entity["creator"][hid]))
+
+    def _liked_content(
+        self, batch: dict[str, np.ndarray], day: np.ndarray, users: np.ndarray
+    ) -> SparseStats:
+        """Sums of the liked posts' content embeddings per (day, user): rows with a like only."""
+        liked = np.flatnonzero(np.asarray(batch["like"]) > 0)
+        content = self.attrs.post_content[np.asarray(batch["post_id"], np.int64)[liked]]
+        return SparseStats.sum_of(
+            day[liked] * self.size["user_content"] + users[liked], content, dtype=np.float64
+        )
 
     def _merge(self) -> None:
         for kind, parts in self._pending.items():

@@ -11,8 +11,8 @@ statistics, so memory grows with the logs, not with users x topics x days.
   snapshot; the feed service (online) holds the serving day's.
 
 Values for day ``d`` are computed only from days strictly before ``d`` (no leakage): user,
-user x topic and creator statistics over the trailing ``WINDOW_DAYS`` days, post statistics over
-all earlier days.
+user x topic, liked-content and creator statistics over the trailing ``WINDOW_DAYS`` days, post
+statistics over all earlier days.
 """
 
 from __future__ import annotations
@@ -24,18 +24,23 @@ from pathlib import Path
 
 import numpy as np
 
-from feedrec.schema.registry import HISTORY_LEN, WINDOW_DAYS
+from feedrec.schema.registry import CONTENT_DIM, HISTORY_LEN, WINDOW_DAYS
 
 #: Columns of the per-entity daily statistics, in array order.
 USER_STATS = ("imps", "likes", "comments", "shares", "hides", "dwell")
 POST_STATS = ("imps", "likes", "comments", "shares", "hides", "dwell")
 CREATOR_STATS = ("imps", "likes", "hides")
 USER_TOPIC_STATS = ("imps", "likes")
+#: Per user: the sum of the content embeddings of the posts they liked (a row only for users
+#: with a like). Divided by the like count it estimates the user's taste in content space: the
+#: "history pooled" input of the user tower, which the user id alone learns from few rows.
+USER_CONTENT_STATS = tuple(f"liked_content_{i}" for i in range(CONTENT_DIM))
 
 #: Entity kinds -> their statistics. user_topic keys are ``user_id * n_topics + topic``.
 KIND_STATS: dict[str, tuple[str, ...]] = {
     "user": USER_STATS,
     "user_topic": USER_TOPIC_STATS,
+    "user_content": USER_CONTENT_STATS,
     "post": POST_STATS,
     "creator": CREATOR_STATS,
 }
@@ -43,11 +48,13 @@ KIND_STATS: dict[str, tuple[str, ...]] = {
 KIND_WINDOW: dict[str, int | None] = {
     "user": WINDOW_DAYS,
     "user_topic": WINDOW_DAYS,
+    "user_content": WINDOW_DAYS,
     "post": None,
     "creator": WINDOW_DAYS,
 }
-#: Version of the saved layout (1 was dense [days, entities, stats] arrays).
-FORMAT = 2
+#: Version of the saved layout (1 was dense [days, entities, stats] arrays; 2 had no
+#: user_content kind).
+FORMAT = 3
 #: The retrieval index is built once per serving day with each post's age at this time of that
 #: day (days), so the age the item tower saw is at most half a day off any request's.
 INDEX_TIME_OF_DAY = 0.5
@@ -197,6 +204,7 @@ class DayStats:
     n_topics: int
     user: SparseStats
     user_topic: SparseStats
+    user_content: SparseStats
     post: SparseStats
     creator: SparseStats
 
@@ -257,6 +265,7 @@ class FeatureSnapshot:
         out["user_segment"] = self.attrs.user_segment[user_id].astype(np.int64)
         out.update({f"u_{name}": stats[:, i] for i, name in enumerate(USER_STATS)})
         out["u_recent_topics"] = recent
+        out["u_liked_content"] = self.stats.user_content.get(user_id)
         return out
 
     def lookup(
@@ -342,7 +351,13 @@ class FeatureTables:
         t = self.n_topics
         creators = None if posts is None else np.unique(self.attrs.post_creator[posts])
         # user x topic rows belong to their user (keys // n_topics)
-        keep = {"user": users, "user_topic": users, "post": posts, "creator": creators}
+        keep = {
+            "user": users,
+            "user_topic": users,
+            "user_content": users,
+            "post": posts,
+            "creator": creators,
+        }
         stats = {}
         for kind, window in KIND_WINDOW.items():
             first = 0 if window is None else max(0, day - window)
@@ -429,15 +444,18 @@ class FeatureTables:
         *,
         user_daily: np.ndarray,
         user_topic_daily: np.ndarray,
+        user_content_daily: np.ndarray,
         post_daily: np.ndarray,
         creator_daily: np.ndarray,
     ) -> FeatureTables:
         """Tables from dense per-day sums (small worlds and tests), e.g. user_daily
-        [n_days, U, 6], user_topic_daily [n_days, U, T, 2]; all-zero rows count as absent."""
+        [n_days, U, 6], user_topic_daily [n_days, U, T, 2], user_content_daily
+        [n_days, U, CONTENT_DIM]; all-zero rows count as absent."""
         n_topics = user_topic_daily.shape[2]
         dense = {
             "user": user_daily,
             "user_topic": user_topic_daily.reshape(len(user_topic_daily), -1, 2),
+            "user_content": user_content_daily,
             "post": post_daily,
             "creator": creator_daily,
         }

@@ -60,6 +60,9 @@ def _dense_column(spec: DenseFeature, raw: dict[str, np.ndarray]) -> np.ndarray:
         return x / (np.asarray(raw[spec.inputs[1]], dtype=np.float32) + RATE_PRIOR)
     if spec.kind == "mean":
         return np.log1p(x / (np.asarray(raw[spec.inputs[1]], dtype=np.float32) + 1.0))
+    if spec.kind == "vector_mean":  # x [N, dim] sums over count [N] events, + 1 pseudo-event
+        count = np.asarray(raw[spec.inputs[1]], dtype=np.float32).reshape(len(x), 1)
+        return x / (count + 1.0)
     if spec.kind == "age_log":
         return np.log1p(np.maximum(x, 0.0))
     if spec.kind == "age_decay":

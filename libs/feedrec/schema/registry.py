@@ -24,7 +24,7 @@ import pyarrow as pa
 
 ModelPart = Literal["ranker", "user_tower", "item_tower"]
 Pooling = Literal["sum", "mean"]
-DenseKind = Literal["log1p", "rate", "mean", "age_log", "age_decay", "identity"]
+DenseKind = Literal["log1p", "rate", "mean", "vector_mean", "age_log", "age_decay", "identity"]
 Entity = Literal["user", "post", "creator", "user_topic", "context"]
 
 #: Length of the jagged "recent topics" history (topics the user engaged with most, last 7 days).
@@ -94,7 +94,7 @@ class DenseFeature:
     dim: int = 1
 
     def __post_init__(self) -> None:
-        arity = {"rate": 2, "mean": 2}.get(self.kind, 1)
+        arity = {"rate": 2, "mean": 2, "vector_mean": 2}.get(self.kind, 1)
         if len(self.inputs) != arity:
             raise ValueError(f"dense feature {self.name}: {self.kind} takes {arity} inputs")
 
@@ -156,6 +156,8 @@ RAW_COLUMNS: tuple[RawColumn, ...] = (
     RawColumn("u_hides", "user", "float32"),
     RawColumn("u_dwell", "user", "float32"),
     RawColumn("u_recent_topics", "user", "int64", HISTORY_LEN),
+    # sum of the content embeddings of the posts the user liked (trailing window)
+    RawColumn("u_liked_content", "user", "float32", CONTENT_DIM),
     # the user's history with this post's topic (trailing window)
     RawColumn("ut_imps", "user_topic", "float32"),
     RawColumn("ut_likes", "user_topic", "float32"),
@@ -184,6 +186,11 @@ DENSE_FEATURES: tuple[DenseFeature, ...] = (
     DenseFeature("u_share_rate", "rate", ("u_shares", "u_imps"), _RU),
     DenseFeature("u_hide_rate", "rate", ("u_hides", "u_imps"), _RU),
     DenseFeature("u_dwell_mean", "mean", ("u_dwell", "u_imps"), _RU),
+    # The user's taste in content space: the mean content of their liked posts, shrunk to 0 by
+    # one pseudo-like. The world's posts carry their latent taste in the content embedding.
+    DenseFeature(
+        "u_liked_content", "vector_mean", ("u_liked_content", "u_likes"), _RU, dim=CONTENT_DIM
+    ),
     DenseFeature("ut_imps_log", "log1p", ("ut_imps",), _R),
     DenseFeature("ut_like_rate", "rate", ("ut_likes", "ut_imps"), _R),
     DenseFeature("p_imps_log", "log1p", ("p_imps",), _R),

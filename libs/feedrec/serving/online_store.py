@@ -33,6 +33,7 @@ from feedrec.data.preprocess import PreprocessLayout
 from feedrec.features.tables import (
     CREATOR_STATS,
     POST_STATS,
+    USER_CONTENT_STATS,
     USER_STATS,
     USER_TOPIC_STATS,
     DayStats,
@@ -72,8 +73,9 @@ class UserFeatures:
 
     Shapes: stats float32 [len(USER_STATS)] (window sums); topics int64 [K] (topics with window
     statistics, ascending); topic_stats float32 [K, len(USER_TOPIC_STATS)]; follows and hidden
-    int64 creator ids, seen int64 post ids (each ascending). A user with no history has all of
-    them empty / zero.
+    int64 creator ids, seen int64 post ids (each ascending); liked_content float32
+    [len(USER_CONTENT_STATS)] (window sum of the liked posts' content embeddings). A user with
+    no history has all of them empty / zero.
     """
 
     user_id: int
@@ -83,6 +85,7 @@ class UserFeatures:
     follows: np.ndarray
     seen: np.ndarray
     hidden: np.ndarray
+    liked_content: np.ndarray
 
     @classmethod
     def empty(cls, user_id: int) -> UserFeatures:
@@ -95,15 +98,17 @@ class UserFeatures:
             none,
             none,
             none,
+            np.zeros(len(USER_CONTENT_STATS), np.float32),
         )
 
     def to_bytes(self) -> bytes:
         """Little-endian: int64 counts [4] (topics, follows, seen, hidden), the int64 id
-        arrays in that order, then float32 stats and topic_stats."""
+        arrays in that order, then float32 stats, topic_stats and liked_content."""
         ids = (self.topics, self.follows, self.seen, self.hidden)
         head = np.asarray([len(a) for a in ids], _I64)
         parts = [head, *(np.asarray(a, _I64) for a in ids)]
         parts += [np.asarray(self.stats, _F32), np.asarray(self.topic_stats, _F32)]
+        parts.append(np.asarray(self.liked_content, _F32))
         return b"".join(a.tobytes() for a in parts)
 
     @classmethod
@@ -117,10 +122,16 @@ class UserFeatures:
         n_stats, n_ut = len(USER_STATS), len(USER_TOPIC_STATS)
         stats = np.frombuffer(blob, _F32, n_stats, at).astype(np.float32)
         at += 4 * n_stats
-        topic_stats = np.frombuffer(blob, _F32, n_topics * n_ut, at).reshape(n_topics, n_ut)
-        if at + topic_stats.nbytes != len(blob):
+        n_content = len(USER_CONTENT_STATS)
+        if at + 4 * (n_topics * n_ut + n_content) != len(blob):
             raise FeatureStoreError(f"user {user_id}: malformed feature record ({len(blob)} B)")
-        return cls(user_id, stats, ids[0], topic_stats.astype(np.float32), *ids[1:])
+        topic_stats = np.frombuffer(blob, _F32, n_topics * n_ut, at).reshape(n_topics, n_ut)
+        at += topic_stats.nbytes
+        content = np.frombuffer(blob, _F32, n_content, at).astype(np.float32)
+        topics, follows, seen, hidden = ids
+        return cls(
+            user_id, stats, topics, topic_stats.astype(np.float32), follows, seen, hidden, content
+        )
 
 
 class FeatureSource(Protocol):
@@ -181,6 +192,7 @@ class SnapshotSource:
                     _row(self.follows_indptr, self.follows, user_id),
                     _row(self.seen_indptr, self.seen, user_id),
                     _row(self.hidden_indptr, self.hidden, user_id),
+                    stats.user_content.get(np.asarray([user_id]))[0],
                 )
             )
         return out
@@ -341,6 +353,11 @@ class OnlineFeatureStore:
         users = list({u.user_id: u for u in users}.values())  # a viewer per row repeats
         user_ids = np.asarray([u.user_id for u in users], np.int64)
         stats = np.stack([u.stats for u in users]) if users else np.zeros((0, len(USER_STATS)))
+        content = (
+            np.stack([u.liked_content for u in users])
+            if users
+            else np.zeros((0, len(USER_CONTENT_STATS)))
+        )
         ut_keys = [u.user_id * t + u.topics for u in users]
         ut_values = [u.topic_stats for u in users]
         posts = np.unique(post_ids) if post_ids is not None else np.zeros(0, np.int64)
@@ -358,6 +375,7 @@ class OnlineFeatureStore:
                 np.concatenate([np.zeros(0, np.int64), *ut_keys]),
                 np.concatenate([np.zeros((0, len(USER_TOPIC_STATS))), *ut_values]),
             ),
+            user_content=_sparse(user_ids, content),
             post=_sparse(posts, post_stats),
             creator=_sparse(creators, creator_stats),
         )

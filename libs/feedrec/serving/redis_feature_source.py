@@ -51,8 +51,8 @@ from feedrec.serving.online_store import (
 )
 
 PARAM, DEFAULT_PREFIX = "prefix", "feedrec:features"
-#: Version of the key layout above.
-LAYOUT = 1
+#: Version of the key layout above (1: user records without liked_content).
+LAYOUT = 2
 _ARRAYS = ("eligible", "popular", "popular_likes", "segment_topic_rate")
 
 
