@@ -93,9 +93,11 @@ def _free_port() -> int:
 @pytest.mark.parametrize("overrides", [OVERRIDES, ROW_WISE], ids=["planner", "row_wise"])
 def test_sharded_ranker_equals_unsharded(overrides: dict[str, str]) -> None:
     # A spawned manager, not the default forked one: a fork copies this process's live Ray
-    # driver (the session's gRPC channels and threads). A Ray Train run that followed this test
-    # in one session hung with the driver's GCS subscription stuck (it never heard that the
-    # controller actor was up); the fork is the suspect, not a proven cause.
+    # driver (the session's gRPC channels and threads). With the forked manager, a later Ray
+    # Train run in the same session hung: the driver's GCS subscription stopped answering, it
+    # never heard that the controller actor was up, and ray.get(controller.run) waited forever.
+    # Controlled (2026-11-25, test_retrain -> this -> test_tracking -> test_training): forked,
+    # the last training run hung as in CI; spawned, all passed (test_training_is_reproducible).
     with mp.get_context("spawn").Manager() as manager:
         results = manager.dict()
         mp.spawn(_worker, args=(2, _free_port(), overrides, results), nprocs=2, join=True)
