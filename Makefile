@@ -27,10 +27,13 @@ bench-train: venv
 	$(PY) -m bench.train --preset small --run-dir runs/bench
 
 # Feed RPS at p99 <= 100 ms: Ray Serve chain vs a one-process FastAPI twin, on the `posts_1m`
-# world (1M posts eligible on the serving day; built once into runs/serve1m, about 7 min).
+# world (1M posts eligible on the serving day; built once into runs/serve1m, about 7 min, and
+# again when its feature tables are of an older layout than this code reads).
 SERVE1M := runs/serve1m
 bench-serve: venv
-	test -f $(SERVE1M)/models/retrieval/manifest.json || ( \
+	( test -f $(SERVE1M)/models/retrieval/manifest.json && $(PY) -c \
+	  'import sys; from feedrec.features.tables import FeatureTables; FeatureTables.load_attributes(sys.argv[1])' \
+	  $(SERVE1M)/data/feature_tables.npz ) || ( \
 	  .venv/bin/feedrec generate --preset posts_1m --run-dir $(SERVE1M) && \
 	  .venv/bin/feedrec preprocess --run-dir $(SERVE1M) && \
 	  .venv/bin/feedrec train all --run-dir $(SERVE1M) && \
