@@ -32,8 +32,8 @@ bench-train: venv
 SERVE1M := runs/serve1m
 bench-serve: venv
 	( test -f $(SERVE1M)/models/retrieval/manifest.json && $(PY) -c \
-	  'import sys; from feedrec.features.tables import FeatureTables; FeatureTables.load_attributes(sys.argv[1])' \
-	  $(SERVE1M)/data/feature_tables.npz ) || ( \
+	  'import sys, pathlib; from feedrec.data import PreprocessLayout as P; sys.exit(not P(pathlib.Path(sys.argv[1])).is_current())' \
+	  $(SERVE1M)/data ) || ( \
 	  .venv/bin/feedrec generate --preset posts_1m --run-dir $(SERVE1M) && \
 	  .venv/bin/feedrec preprocess --run-dir $(SERVE1M) && \
 	  .venv/bin/feedrec train all --run-dir $(SERVE1M) && \

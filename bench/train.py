@@ -25,11 +25,13 @@ RESULTS = Path(__file__).resolve().parent / "results" / "train.json"
 
 def _prepare(run_dir: Path, preset: str) -> None:
     from feedrec import pipeline
+    from feedrec.data import PreprocessLayout
     from feedrec.runtime import RunLayout
 
     run = RunLayout(run_dir)
     if not (run.data / "meta.json").exists():
         print(pipeline.generate(run, preset), flush=True)
+    if not PreprocessLayout(run.data).is_current():  # none yet, or of older code
         print(pipeline.preprocess(run), flush=True)
 
 

@@ -170,6 +170,17 @@ def test_save_and_load_round_trip_and_refuse_the_old_layout(tmp_path: Path) -> N
         FeatureTables.load(tmp_path / "old.npz")
 
 
+def test_an_output_of_older_code_is_not_current(tmp_path: Path) -> None:
+    out = preprocess.PreprocessLayout(tmp_path)
+    assert not out.is_current()  # nothing there
+    _tables().save(out.tables)
+    assert not out.is_current()  # no meta.json: the run did not finish
+    out.meta.write_text("{}")
+    assert out.is_current()
+    np.savez(out.tables, format=np.asarray(2))  # the layout before user_content
+    assert not out.is_current()
+
+
 def test_daily_sums_fold_batches_sparsely_like_dense_sums(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:

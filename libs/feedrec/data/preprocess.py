@@ -125,6 +125,17 @@ class PreprocessLayout:
     def vocabularies(self) -> Path:
         return self.root / "vocabularies.npz"
 
+    def is_current(self) -> bool:
+        """Whether this output exists and its feature tables are of the layout this code reads
+        (an output of older code must be preprocessed again before it is used)."""
+        if not self.meta.is_file() or not self.tables.is_file():
+            return False
+        try:
+            FeatureTables.load_attributes(self.tables)
+        except ValueError:
+            return False
+        return True
+
     def examples(self, split: str) -> Path:
         if split not in SPLITS:
             raise ValueError(f"unknown split {split!r}; expected one of {SPLITS}")
