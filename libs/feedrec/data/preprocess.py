@@ -245,6 +245,10 @@ class DailySums:
             "post": attrs.n_posts,
             "creator": attrs.n_creators,
         }
+        # How one batch's partial sums of each kind are made: label sums of every row, except
+        # the content of liked posts, which sums embeddings over the liked rows only.
+        self._part = {kind: self._label_sums for kind in KIND_STATS}
+        self._part["user_content"] = self._liked_content
         self._sums = {k: SparseStats.empty(len(s)) for k, s in KIND_STATS.items()}
         self._pending: dict[str, list[SparseStats]] = {k: [] for k in KIND_STATS}
         self._pending_rows = 0
@@ -262,11 +266,8 @@ class DailySums:
             "post": np.asarray(batch["post_id"], np.int64),
             "creator": np.asarray(batch["creator_id"], np.int64),
         }
-        for kind, stats in KIND_STATS.items():
-            if kind == "user_content":
-                part = self._liked_content(batch, day, users)
-            else:
-                part = batch_sums(batch, day * self.size[kind] + entity[kind], stats)
+        for kind in KIND_STATS:
+            part = self._part[kind](kind, batch, day, entity)
             self._pending[kind].append(part)
             self._pending_rows += len(part.keys)
         merged = sum(len(s.keys) for s in self._sums.values())
@@ -276,15 +277,28 @@ class DailySums:
         self._seen.append(np.unique(users * self.attrs.n_posts + entity["post"]))
         self._hidden.append(np.unique(users[hid] * self.attrs.n_creators + entity["creator"][hid]))
 
+    def _label_sums(
+        self,
+        kind: str,
+        batch: dict[str, np.ndarray],
+        day: np.ndarray,
+        entity: dict[str, np.ndarray],
+    ) -> SparseStats:
+        """Sums of the kind's label statistics over every row, per (day, entity)."""
+        return batch_sums(batch, day * self.size[kind] + entity[kind], KIND_STATS[kind])
+
     def _liked_content(
-        self, batch: dict[str, np.ndarray], day: np.ndarray, users: np.ndarray
+        self,
+        kind: str,
+        batch: dict[str, np.ndarray],
+        day: np.ndarray,
+        entity: dict[str, np.ndarray],
     ) -> SparseStats:
         """Sums of the liked posts' content embeddings per (day, user): rows with a like only."""
         liked = np.flatnonzero(np.asarray(batch["like"]) > 0)
-        content = self.attrs.post_content[np.asarray(batch["post_id"], np.int64)[liked]]
-        return SparseStats.sum_of(
-            day[liked] * self.size["user_content"] + users[liked], content, dtype=np.float64
-        )
+        content = self.attrs.post_content[entity["post"][liked]]
+        keys = day[liked] * self.size[kind] + entity["user"][liked]
+        return SparseStats.sum_of(keys, content, dtype=np.float64)
 
     def _merge(self) -> None:
         for kind, parts in self._pending.items():
