@@ -148,6 +148,7 @@ def tune_model(
     """Search ``tune_cfg.space`` around ``base``; write the best trial's model artifact."""
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler
+    from ray.tune.search import BasicVariantGenerator
 
     started = time.perf_counter()
     base = base.with_overrides(epochs=tune_cfg.max_epochs, checkpoint_every_steps=0)
@@ -173,8 +174,13 @@ def tune_model(
             metric=tune_cfg.metric,
             mode=tune_cfg.mode,
             scheduler=scheduler,
+            # Trials are drawn from the base config's seed: one seed, one sequence of trials.
+            # The generator limits concurrency itself (Tune ignores max_concurrent_trials when
+            # given a generator).
+            search_alg=BasicVariantGenerator(
+                random_state=base.seed, max_concurrent=tune_cfg.max_concurrent
+            ),
             num_samples=tune_cfg.num_samples,
-            max_concurrent_trials=tune_cfg.max_concurrent,
         ),
         run_config=tune.RunConfig(
             name=f"tune-{base.model}-{int(time.time())}", storage_path=str(storage)
