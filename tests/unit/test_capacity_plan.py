@@ -23,7 +23,13 @@ SERVE = {
     "rps_at_p99_100ms": 10.0,
     "host": {"cpus": 2},
     "workload": {"retrieve_k": 100, "rank_k": 50},
-    "ann": {"qps": 100.0, "recall_at_100": 0.9, "corpus": {"posts": 256}},
+    # The CPU pick (fast-scan) is faster than IVF-Flat; GPUs are sized from IVF-Flat.
+    "ann": {
+        "qps": 400.0,
+        "recall_at_100": 0.96,
+        "ivf_flat": {"qps": 100.0, "recall_at_100": 0.9},
+        "corpus": {"posts": 256},
+    },
 }
 TRAIN = {"ray_dmp_samples_per_s": 100.0, "host": {"cpus": 2}}
 
@@ -141,7 +147,8 @@ def test_every_number_says_where_it_came_from(tmp_path: Path) -> None:
         for q in section.quantities:
             assert q.kind == "derived"
             assert f"| `{q.name}` |" in doc and q.source.replace("|", "\\|") in doc
-    # measured -> ann_qps = 100, not the 783.7 of the real bench file: nothing hard-coded
+    # measured -> ann_qps = 100 (the IVF-Flat point, not the CPU pick's 400), not the real
+    # bench file's: nothing hard-coded
     assert "| `ann_qps` | 100 |" in doc
 
 
@@ -162,7 +169,7 @@ def test_formulas_only_name_known_quantities() -> None:
         (
             {k: v for k, v in SERVE.items() if k != "ann"},
             TRAIN,
-            r"serve\.json: key 'ann\.qps' missing \(run `make bench-ann`\)",
+            r"serve\.json: key 'ann\.ivf_flat\.qps' missing \(run `make bench-ann`\)",
         ),
         ({**SERVE, "rps_at_p99_100ms": "fast"}, TRAIN, r"'rps_at_p99_100ms' must be a number > 0"),
         (SERVE, {**TRAIN, "ray_dmp_samples_per_s": 0}, r"train\.json: key 'ray_dmp_samples_per_s'"),

@@ -151,15 +151,15 @@ class CapacityAssumptions:
         264,
         "count",
         "bytes",
-        "IVF-Flat as benchmarked: 64 fp32 values + an 8-byte id (PQ codes would cut it ~4-8x, "
-        "at a recall not measured here)",
+        "IVF-Flat, as on GPU: 64 fp32 values + an 8-byte id (PQ codes would cut it ~4-8x, at "
+        "a recall not measured here)",
     )
     ann_cost_exponent: float = _a(
         0.5,
         "exponent",
         "",
         "a shard query costs (vectors per shard / bench corpus)^e of a bench query: IVF lists "
-        "grow as sqrt(N) at fixed nprobe (faiss guideline; the bench used IVF8000 for 1M), so "
+        "grow as sqrt(N) at fixed nprobe (faiss guideline; IVF4000-8000 for 1M in the bench), so "
         "e = 0.5; e = 1 is a linear scan. Recall at shard size is not measured",
     )
     index_shard_gib: float = _a(
@@ -333,9 +333,10 @@ MEASURED: tuple[_Measured, ...] = (
     _Measured(
         "ann_qps",
         "serve.json",
-        "ann.qps",
+        "ann.ivf_flat.qps",
         "queries/s per replica",
-        "faiss index chosen at recall@100 >= 0.95, top-100",
+        "fastest IVF-Flat point at recall@100 >= 0.95, top-100 (GPU faiss searches IVF-Flat; "
+        "the CPU sweep's fast-scan pick, `ann.qps`, has no GPU kernel)",
         "make bench-ann",
     ),
     _Measured(
@@ -349,9 +350,9 @@ MEASURED: tuple[_Measured, ...] = (
     _Measured(
         "ann_recall_at_100",
         "serve.json",
-        "ann.recall_at_100",
+        "ann.ivf_flat.recall_at_100",
         "",
-        "recall@100 of the chosen index vs exact search",
+        "recall@100 of that IVF-Flat point vs exact search",
         "make bench-ann",
     ),
     _Measured(
@@ -872,7 +873,8 @@ def render_markdown(plan: CapacityPlan, command: str) -> str:
         "hold with the `ann_cost_exponent` scaling.",
         "- The ANN operating point measured on diffuse synthetic clusters (the `ann` section "
         "of serve.json: many lists probed for recall@100 0.95) drives the ANN cost; trained "
-        "item embeddings, PQ codes (`index_bytes_per_vector`) or larger GPUs (fewer, larger "
+        "item embeddings, PQ codes (`index_bytes_per_vector`), CPU replicas with fast-scan "
+        "codes (the CPU sweep's pick, `ann.qps` in serve.json) or larger GPUs (fewer, larger "
         "shards) are the levers to measure next.",
         "- Embedding lookups, storage, the head node and network are not sized.",
         "",
