@@ -31,7 +31,7 @@ METRICS = {"auc.like": 0.7, "logloss.like": 0.2}
 POLL_S = 0.5
 #: How long after the first replica the other replicas may still answer with the old version.
 SWITCH_S = 6 * POLL_S
-#: The longest a Ranking replica's gRPC channel waits before reconnecting to a restarted Triton.
+#: The longest an Ingress replica's gRPC channel waits before reconnecting to a restarted Triton.
 MAX_RECONNECT_BACKOFF_S = dict(CHANNEL_ARGS)["grpc.max_reconnect_backoff_ms"] / 1000
 
 
@@ -176,7 +176,7 @@ def test_promotion_and_rollback_under_traffic_fail_no_request(
     finally:
         answers = traffic.stop()
     failed = [a for a in answers if a["status"] != 200 or a["fallback"]]
-    # Each Ranking replica switches atomically at its next registry poll once Triton has v2:
+    # Each Ingress replica switches atomically at its next registry poll once Triton has v2:
     # a request sent a few polls after the first v2 answer never gets v1 until the rollback.
     first_v2 = min(a["t"] for a in answers if a["ranker"] == "ranker-v2")
     old = [a["sent"] - first_v2 for a in answers if a["ranker"] == "ranker-v1"]
@@ -309,7 +309,7 @@ def test_killed_triton_is_restarted_and_full_quality_returns(
         os.killpg(triton.pid, signal.SIGKILL)  # the server and its backend stubs
         traffic.wait_for(lambda a: a["fallback"] is True, 30, then=1)
         traffic.wait_for(lambda a: a["fallback"] is False, 180, then=10)
-        # Each Ranking replica's channel reconnects at its own next backoff step: until then
+        # Each Ingress replica's channel reconnects at its own next backoff step: until then
         # that replica still fails fast, so full quality may come back replica by replica.
         _until(lambda: not any(a["fallback"] for a in traffic.answers[-20:]), 60)
     finally:
@@ -336,14 +336,14 @@ def test_killed_triton_is_restarted_and_full_quality_returns(
 WINDOW_S, KILL_AT_S = 60.0, 20.0
 
 
-@pytest.mark.parametrize("deployment", ["Ranking", "Ingress"])
+@pytest.mark.parametrize("deployment", ["Retrieval", "Ingress"])
 def test_killed_serve_replica_is_replaced(
     registry_stack: ServingStack, deployment: str, replica_pids: Callable[[str], list[int]]
 ) -> None:
     """SIGKILL one replica process 20 s into a 60 s window of steady traffic; Serve replaces it.
 
-    Ranking: the Ingress catches the failure, so requests get the flagged fallback until a
-    Ranking replica answers again, never an error, and full quality is back within 15 s.
+    Retrieval: the Ingress catches the failure, so requests get the flagged fallback until a
+    Retrieval replica answers again, never an error, and full quality is back within 15 s.
     Ingress (two replicas): the proxy cannot retry a request on another replica, so the
     requests inside the killed replica can fail; no request sent after the kill may."""
     traffic = Traffic(registry_stack.url)
@@ -380,7 +380,7 @@ def test_killed_serve_replica_is_replaced(
         assert all(a["sent"] < killed_at for a in failed), failed
         assert len(failed) <= traffic.clients, failed
     else:
-        # Ranking failures are caught by the Ingress: the flagged fallback, never an error.
+        # Retrieval failures are caught by the Ingress: the flagged fallback, never an error.
         assert not failed, failed
         assert recovered_s < 15
     assert all(a["status"] == 200 and not a["fallback"] for a in window[-10:])

@@ -229,9 +229,9 @@ def test_prometheus_metrics_are_exported_through_ray(stack: ServingStack) -> Non
         ("ray_feedrec_prediction_mean_bucket", ['task="like"']),
         ("ray_feedrec_served_score_bucket", []),
         ("ray_feedrec_model_info", ["model_version="]),
+        ("ray_serve_deployment_replica_healthy", ['deployment="Retrieval"']),
         ("ray_serve_num_http_requests_total", []),
         ("ray_serve_num_http_error_requests_total", ['error_code="422"']),
-        ("ray_serve_deployment_replica_healthy", ['deployment="Ranking"']),
     ]
 
     def present(lines: list[str], name: str, tags: list[str]) -> bool:

@@ -112,9 +112,6 @@ applications:
         num_replicas: 2
         max_replicas_per_node: 1
         ray_actor_options: {num_cpus: 0.25}
-      - name: Ranking
-        num_replicas: 1
-        ray_actor_options: {num_cpus: 0.25}
       - name: Ingress
         num_replicas: 1
         ray_actor_options: {num_cpus: 0.25}

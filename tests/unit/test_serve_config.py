@@ -15,7 +15,7 @@ SERVE_CONFIG = repo_root() / "apps" / "feed_service" / "serve_config.yaml"
 
 def test_every_deployment_autoscales_on_fractional_cpus() -> None:
     options = deployment_options(SERVE_CONFIG, "feed")
-    assert set(options) == {"Ingress", "Retrieval", "Ranking"}
+    assert set(options) == {"Ingress", "Retrieval"}
     total_min_cpus = 0.0
     for name, opts in options.items():
         auto = opts["autoscaling_config"]

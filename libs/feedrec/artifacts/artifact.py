@@ -173,7 +173,7 @@ def load_artifact(root: Path, *, weights: bool = True) -> ModelArtifact:
     :class:`ArtifactError` naming the bad file.
 
     ``weights=False``: verified the same way, but the weights are not deserialised (for a
-    process that needs only the vocabularies, e.g. a Ranking replica whose model is in
+    process that needs only the vocabularies, e.g. an Ingress replica whose ranker is in
     Triton); :meth:`ModelArtifact.build_model` then refuses."""
     root = Path(root)
     manifest = verify_artifact(root)

@@ -303,7 +303,7 @@ MEASURED: tuple[_Measured, ...] = (
         "serve.json",
         "rps_at_p99_100ms",
         "req/s per replica",
-        "Serve chain (Ingress, Retrieval, Ranking + Triton) at p99 <= 100 ms",
+        "Serve chain (Ingress + Triton ranker, Retrieval) at p99 <= 100 ms",
         "make bench-serve",
     ),
     _Measured(

@@ -1,6 +1,6 @@
 """Keep the production version of a registered model loaded, swapping it in without a pause.
 
-Every Serve replica that needs a model (the Retrieval replica's tower + index, the Ranking
+Every Serve replica that needs a model (the Retrieval replica's tower + index, the Ingress
 replica's vocabularies + Triton model version) and the stack process (which loads new versions
 into Triton) holds one :class:`ModelWatcher`. A background thread reads the registry's production
 pointer every ``poll_s`` seconds; on a change it builds the new value off the request path and

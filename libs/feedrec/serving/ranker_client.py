@@ -75,7 +75,7 @@ def _deadline_as_timeout(timeout_s: float) -> Iterator[None]:
 #: gRPC channel options: tritonclient's defaults (no message size limit; it drops them when
 #: any are given) plus a short reconnect backoff. gRPC's default backoff grows to 120 s: after a
 #: Triton restart the channel could stay in backoff, and feeds on the fallback, for minutes.
-#: A channel in backoff fails calls at once, so each Ranking replica is back on full quality
+#: A channel in backoff fails calls at once, so each Ingress replica is back on full quality
 #: at most ``max_reconnect_backoff_ms`` (plus gRPC's 20 % jitter) after Triton is: 1 s keeps
 #: that short while a dead server costs a refused local connection a second per replica.
 CHANNEL_ARGS: list[tuple[str, int]] = [

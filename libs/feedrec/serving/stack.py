@@ -236,7 +236,7 @@ class ServingStack:
 
     def _supervise(self) -> None:
         """Restart a dead Triton; load the registry's new production ranker into Triton (the
-        Ranking replicas switch once it is ready there)."""
+        Ingress replicas switch once it is ready there)."""
         while not self._stopping.wait(self.config.registry_poll_s):
             triton = self.triton
             if self.config.restart_triton and triton is not None and not triton.is_running():
@@ -244,7 +244,7 @@ class ServingStack:
                 try:
                     triton.restart()
                     self.triton_restarts += 1
-                    # Until it is ready, the Ranking replicas' calls fail fast and feeds are
+                    # Until it is ready, the Ingress replicas' calls fail fast and feeds are
                     # the flagged fallback; a slow start is not a failed one.
                     triton.wait_ready(timeout_s=TRITON_RESTART_READY_S)
                     logger.info("tritonserver restarted (pid %s)", triton.pid)
@@ -282,7 +282,7 @@ class ServingStack:
 
     def _load_shadow_in_triton(self, entry: RegistryEntry) -> int:
         """The registry's shadow version, next to production and the previous production
-        version (the Ranking replicas score shadow traffic with it once it is ready)."""
+        version (the Ingress replicas score shadow traffic with it once it is ready)."""
         self._add_to_triton(entry, [self._triton_version, self._previous_version])
         return entry.version
 

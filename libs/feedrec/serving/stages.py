@@ -68,7 +68,7 @@ class Retriever:
 
 @dataclass(frozen=True)
 class RankerModel:
-    """What the Ranking replica needs of one ranker version: its vocabularies (through the
+    """What an Ingress replica needs of one ranker version: its vocabularies (through the
     shared transform), the Triton model version that serves its weights ("" = whichever one
     Triton serves) and the label feed responses report."""
 
