@@ -101,9 +101,6 @@ class Ingress:
         async def retrieve(user: UserFeatures, k: int, blocked: list[int]) -> Any:
             return await retrieval.candidates.remote(user, k, blocked)
 
-        async def rank(user: UserFeatures, post_ids: list[int]) -> Any:
-            return await scorer.score(user, post_ids)
-
         async def select(
             post_ids: list[int], predictions: Any, count: int, debug: bool, interest: Any
         ) -> Any:
@@ -114,10 +111,11 @@ class Ingress:
             cfg,
             store,
             retrieve=retrieve,
-            rank=rank,
+            rank=scorer.score,
             rerank=select,
             metrics=self.metrics,
-            # Shadow traffic only while the registry names a shadow ranker (else None).
+            # Shadow traffic needs a registry (its shadow pointer names the candidate ranker;
+            # while none is named, shadow_score returns None) and a share above 0.
             shadow=scorer.shadow_score
             if cfg.registry_dir is not None and cfg.shadow_share > 0
             else None,
