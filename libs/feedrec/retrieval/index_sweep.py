@@ -114,6 +114,17 @@ def _set(index: faiss.Index, params: dict[str, int]) -> None:
             faiss.ParameterSpace().set_index_parameter(index, name, value)
 
 
+def fastest_reaching(points: list[SweepPoint], target_recall: float) -> SweepPoint | None:
+    """The fastest point whose recall reaches ``target_recall`` (None if none does). Speeds
+    within ``QPS_TIE`` of the fastest are a tie (runs on a shared host differ more than that):
+    of those, the most accurate."""
+    good = [p for p in points if p.recall >= target_recall]
+    if not good:
+        return None
+    fastest = max(p.qps for p in good)
+    return max((p for p in good if p.qps >= (1 - QPS_TIE) * fastest), key=lambda p: p.recall)
+
+
 def sweep_index(
     x: np.ndarray,
     queries: np.ndarray,
@@ -166,13 +177,9 @@ def sweep_index(
                     )
                 if point.recall >= target_recall:
                     break  # higher values only trade speed for recall we do not need
-    good = [p for p in points if p.recall >= target_recall]
-    if good:
-        # Speeds within QPS_TIE of the fastest are a tie (runs on a shared host differ more
-        # than that): of those, the most accurate.
-        fastest = max(p.qps for p in good)
-        chosen = max((p for p in good if p.qps >= (1 - QPS_TIE) * fastest), key=lambda p: p.recall)
-        index = built[chosen.factory]
+    best = fastest_reaching(points, target_recall)
+    if best is not None:
+        chosen, index = best, built[best.factory]
         _set(index, chosen.params)
     else:
         chosen = SweepPoint("Flat", {}, 1.0, exact_qps, 0.0)
