@@ -8,9 +8,11 @@ Serve deployment between it and Triton would only forward the call, and that hop
 of CPU a request of the 57.7 ms the whole chain spent (`small` world, 15 req/s, 2026-11-25);
 Triton batches concurrent requests (dynamic batching) and scales by instance count.
 
-Shadow traffic: while the registry names a shadow ranker (``feedrec models shadow VERSION``),
-a ``shadow_share`` of personalised feeds is ranked by it too, after the response is built; its
-feed is written to the event bus as a ``shadow`` record, never returned.
+Shadow traffic: while the registry names a shadow ranker or a shadow retrieval (``feedrec
+models shadow VERSION [--model retrieval]``), a ``shadow_share`` of personalised feeds is also
+ranked by the shadow ranker, or built again from the shadow retrieval's candidates (which the
+Retrieval replicas search), after the response is built; each such feed is written to the event
+bus as a ``shadow`` record, never returned.
 
 Deploy with ``feedrec serve up`` or ``serve deploy apps/feed_service/serve_config.yaml``.
 """
@@ -34,10 +36,18 @@ from feedrec.serving.admin_auth import AdminAuth, AdminAuthError
 from feedrec.serving.api import FeedRequest, FeedResponse, PromoteRequest, ShadowRequest
 from feedrec.serving.config import ServiceConfig
 from feedrec.serving.feed_metrics import FeedMetrics
+from feedrec.serving.model_watcher import ModelWatcher
 from feedrec.serving.online_store import OnlineFeatureStore, UserFeatures
 from feedrec.serving.realtime_signals import RealtimeSignals
 from feedrec.serving.request_limits import install_request_limits
-from feedrec.serving.stages import FeedPipeline, RequestError, Reranker, Scorer, retrievers
+from feedrec.serving.stages import (
+    FeedPipeline,
+    RequestError,
+    Reranker,
+    Scorer,
+    retrievers,
+    shadow_retrievers,
+)
 
 # Fractional CPUs: the whole chain fits a 2-core laptop; a cluster scales replicas up. The
 # Serve YAML (serve_config.yaml) overrides these and adds autoscaling.
@@ -61,8 +71,13 @@ class Retrieval:
 
     def __init__(self, config: dict[str, Any]) -> None:
         cfg = ServiceConfig(**config)
+        store = _store(cfg)
         # Fixed, or following the registry's production version (swapped in by a thread).
-        self.retrievers = retrievers(cfg, _store(cfg))
+        self.retrievers = retrievers(cfg, store)
+        # The registry's shadow version, loaded while one is set, if shadow traffic is on.
+        self.shadows = shadow_retrievers(
+            cfg if cfg.shadow_share > 0 else cfg.model_copy(update={"registry_dir": None}), store
+        )
 
     @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.002)
     async def _search(self, users: list[UserFeatures]) -> list[tuple[np.ndarray, str]]:
@@ -78,6 +93,17 @@ class Retrieval:
         fetched once by the Ingress)."""
         hits, label = await self._search(user)
         return (*self.retrievers.current.allowed(user, hits, k, blocked), label)
+
+    async def shadow_candidates(
+        self, user: UserFeatures, k: int, blocked: list[int]
+    ) -> tuple[list[int], str] | None:
+        """The shadow retrieval's allowed candidates (as :meth:`candidates`) and its label;
+        None while no shadow version is set. Not batched: only mirrored requests ask."""
+        retriever = self.shadows.current
+        if retriever is None:
+            return None
+        hits = retriever.search([user])[0]
+        return retriever.allowed(user, hits, k, blocked)[0], retriever.label
 
 
 api = FastAPI(title="feedrec", description="Suggested posts from accounts you don't follow.")
@@ -101,6 +127,28 @@ class Ingress:
         async def retrieve(user: UserFeatures, k: int, blocked: list[int]) -> Any:
             return await retrieval.candidates.remote(user, k, blocked)
 
+        # Shadow traffic needs a registry (its shadow pointers name the candidates; while none
+        # is named, the shadow calls return None) and a share above 0.
+        shadowing = cfg.registry_dir is not None and cfg.shadow_share > 0
+        # Whether a shadow retrieval is named, read here from the registry (one small file a
+        # poll): while none is, mirrored requests cost no call to the Retrieval replicas.
+        shadow_retrieval = (
+            ModelWatcher(
+                ModelRegistry(cfg.registry_dir),
+                "retrieval",
+                lambda entry: entry.label,
+                poll_s=cfg.registry_poll_s,
+                pointer="shadow",
+            ).start()
+            if shadowing and cfg.registry_dir is not None
+            else ModelWatcher.fixed(None)
+        )
+
+        async def shadow_retrieve(user: UserFeatures, k: int, blocked: list[int]) -> Any:
+            if shadow_retrieval.current is None:
+                return None
+            return await retrieval.shadow_candidates.remote(user, k, blocked)
+
         async def select(
             post_ids: list[int], predictions: Any, count: int, debug: bool, interest: Any
         ) -> Any:
@@ -114,11 +162,8 @@ class Ingress:
             rank=scorer.score,
             rerank=select,
             metrics=self.metrics,
-            # Shadow traffic needs a registry (its shadow pointer names the candidate ranker;
-            # while none is named, shadow_score returns None) and a share above 0.
-            shadow=scorer.shadow_score
-            if cfg.registry_dir is not None and cfg.shadow_share > 0
-            else None,
+            shadow=scorer.shadow_score if shadowing else None,
+            shadow_retrieve=shadow_retrieve if shadowing else None,
         )
         bus = cfg.event_bus_location()  # events_bus (e.g. redis://...) or events_dir
         self.recorder = (
@@ -183,17 +228,21 @@ class Ingress:
         except (RegistryError, ArtifactError) as e:
             raise HTTPException(status_code=409, detail=str(e)) from e
 
-    @api.post("/admin/models/ranker/shadow", include_in_schema=False)
+    @api.post("/admin/models/{name}/shadow", include_in_schema=False)
     def admin_shadow(
-        self, body: ShadowRequest, authorization: str | None = Header(default=None)
+        self,
+        name: ModelName,
+        body: ShadowRequest,
+        authorization: str | None = Header(default=None),
     ) -> dict[str, Any]:
-        """Set (or clear) the shadow ranker; replicas pick it up at their next registry poll."""
+        """Set (or clear) the shadow ranker or retrieval; replicas pick it up at their next
+        registry poll."""
         registry = self._admin_registry(authorization)
         try:
-            previous = registry.set_shadow("ranker", body.version)
+            previous = registry.set_shadow(name, body.version)
         except (RegistryError, ArtifactError) as e:
             raise HTTPException(status_code=409, detail=str(e)) from e
-        return {"name": "ranker", "version": body.version, "previous": previous}
+        return {"name": name, "version": body.version, "previous": previous}
 
     @api.get("/healthz")
     def healthz(self) -> dict[str, str]:

@@ -20,7 +20,7 @@ Every stage reads and writes one run directory (``--run-dir``, default ``runs/de
     feedrec events sink --flush         # event bus -> logs/day=D/ + live/exposures (exactly once)
     feedrec experiments report          # per-variant metrics, lifts with CIs, ground truth
     feedrec experiments ope             # off-policy value of candidate rankers (IPS/SNIPS)
-    feedrec experiments shadow          # shadow ranker vs served: overlap, kept vs dropped
+    feedrec experiments shadow          # shadow model vs served: overlap, kept vs dropped
 """
 
 from __future__ import annotations
@@ -390,16 +390,25 @@ def models_promote(
 @click.argument("version", type=click.IntRange(min=1), required=False)
 @registry_option
 @click.option("--clear", is_flag=True, help="Stop shadow traffic.")
-def models_shadow(version: int | None, registry_dir: Path, clear: bool) -> None:
-    """Score a share of served requests with ranker VERSION too, without showing its feeds
-    (shadow traffic: logged as shadow records); --clear stops it."""
+@click.option(
+    "--model",
+    "name",
+    type=click.Choice(["ranker", "retrieval"]),
+    default="ranker",
+    show_default=True,
+    help="ranker: VERSION re-ranks the served candidates; retrieval: VERSION's candidates are "
+    "ranked and re-ranked as served ones are.",
+)
+def models_shadow(version: int | None, registry_dir: Path, clear: bool, name: str) -> None:
+    """Run a share of served requests through VERSION too, without showing its feeds (shadow
+    traffic: logged as shadow records); --clear stops it."""
     from feedrec.artifacts.model_registry import ModelRegistry
 
     if (version is None) != clear:
         raise click.UsageError("give a VERSION or --clear, not both or neither")
-    previous = _registry_call(ModelRegistry(registry_dir).set_shadow, "ranker", version)
+    previous = _registry_call(ModelRegistry(registry_dir).set_shadow, name, version)
     before = "none" if previous is None else f"v{previous}"
-    click.echo(f"ranker: shadow {before} -> {'none' if version is None else f'v{version}'}")
+    click.echo(f"{name}: shadow {before} -> {'none' if version is None else f'v{version}'}")
 
 
 @models.command("rollback")

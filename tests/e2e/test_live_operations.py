@@ -14,12 +14,13 @@ import signal
 import threading
 import time
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
 import pytest
 
-from feedrec.artifacts.model_registry import PRODUCTION, ModelRegistry
+from feedrec.artifacts.model_registry import PRODUCTION, ModelRegistry, RegistryEntry
 from feedrec.events.event_log import EventLog
 from feedrec.events.event_sink import EventSink
 from feedrec.events.feed_event import SERVED, SHADOW
@@ -225,8 +226,76 @@ def test_corrupt_production_version_is_refused_and_the_old_one_keeps_serving(
     registry.rollback("ranker")  # production back on a good version for the next tests
 
 
-def _shadow_records(run: RunLayout, start: int) -> list[dict]:
-    return [r.payload for r in EventLog(run.events).records(start) if r.payload["kind"] == SHADOW]
+def _shadow_records(run: RunLayout, start: int, label: str) -> list[dict]:
+    return [
+        r.payload
+        for r in EventLog(run.events).records(start)
+        if r.payload["kind"] == SHADOW and r.payload["shadow_model_version"] == label
+    ]
+
+
+@dataclass
+class ShadowRun:
+    """What traffic saw while a shadow version was set, then cleared: every answer, the
+    shadow records (``shadows``), the served records by request id, seconds from setting it
+    to its first record, and the shadow records written after the clear was read."""
+
+    answers: list[dict]
+    shadows: list[dict]
+    served: dict[str, dict]
+    first_s: float
+    after_clear: list[dict]
+
+
+def _shadow_run(
+    stack: ServingStack, run: RunLayout, name: str, candidate: RegistryEntry, token: str
+) -> ShadowRun:
+    """Set ``candidate`` as the shadow ``name`` over the admin API under traffic, wait for 20
+    shadow feeds, clear it, and send 20 more requests."""
+    auth = {"Authorization": f"Bearer {token}"}
+    url = f"{stack.url}/admin/models/{name}/shadow"
+    start = EventLog(run.events).end_seq()
+    traffic = Traffic(stack.url)
+    try:
+        set_at = time.monotonic()
+        done = httpx.post(url, json={"version": candidate.version}, headers=auth)
+        assert done.status_code == 200, done.text
+        assert done.json()["name"] == name and done.json()["version"] == candidate.version
+        _until(lambda: len(_shadow_records(run, start, candidate.label)) >= 20, 120)
+        first_s = time.monotonic() - set_at
+        cleared = httpx.post(url, json={"version": None}, headers=auth)
+        assert cleared.status_code == 200 and cleared.json()["previous"] == candidate.version
+        time.sleep(4 * POLL_S)  # every replica has read the cleared pointer
+        after_clear = EventLog(run.events).end_seq()
+        traffic.wait_for(lambda a: True, 30, then=20)
+    finally:
+        answers = traffic.stop()
+    shadows = _shadow_records(run, start, candidate.label)
+    served = {
+        r.payload["request_id"]: r.payload
+        for r in EventLog(run.events).records(start)
+        if r.payload["kind"] == SERVED
+    }
+    print(
+        f"\nshadow {name}: first shadow records {first_s:.1f} s after setting it; "
+        f"{len(shadows)} shadow feeds for {len(served)} served; shadow latency p50 "
+        f"{sorted(s['latency_ms'] for s in shadows)[len(shadows) // 2]:.1f} ms"
+    )
+    return ShadowRun(
+        answers, shadows, served, first_s, _shadow_records(run, after_clear, candidate.label)
+    )
+
+
+def _assert_shadow_equals_served(shadow_run: ShadowRun, served_version: str) -> None:
+    """Same model files in shadow: every shadow feed is its served feed, post for post."""
+    assert shadow_run.shadows and not shadow_run.after_clear  # cleared: no more shadow traffic
+    for shadow in shadow_run.shadows:
+        feed = shadow_run.served[shadow["request_id"]]
+        assert shadow["served_model_version"] == served_version
+        assert [i["post_id"] for i in shadow["items"]] == [i["post_id"] for i in feed["items"]]
+        assert [i["served_position"] for i in shadow["items"]] == list(range(len(feed["items"])))
+        for mine, theirs in zip(shadow["items"], feed["items"], strict=True):
+            assert mine["score"] == pytest.approx(theirs["score"], abs=1e-5)
 
 
 def test_shadow_ranker_scores_served_requests_and_changes_none(
@@ -241,60 +310,44 @@ def test_shadow_ranker_scores_served_requests_and_changes_none(
     logged as a shadow record, never returned. With the same weights, the same candidates and
     the same rules, the shadow feed must equal the served feed post for post."""
     run = RunLayout(trained_run)
-    auth = {"Authorization": f"Bearer {admin_token[1]}"}
     production = f"ranker-v{registry.production_version('ranker')}"
     candidate = registry.register("ranker", run.ranker, metrics=METRICS)
-    start = EventLog(run.events).end_seq()
-    traffic = Traffic(registry_stack.url)
-    try:
-        set_at = time.monotonic()
-        done = httpx.post(
-            f"{registry_stack.url}/admin/models/ranker/shadow",
-            json={"version": candidate.version},
-            headers=auth,
-        )
-        assert done.status_code == 200 and done.json()["version"] == candidate.version, done.text
-        _until(lambda: len(_shadow_records(run, start)) >= 20, 120)
-        first_s = time.monotonic() - set_at
-        cleared = httpx.post(
-            f"{registry_stack.url}/admin/models/ranker/shadow", json={"version": None}, headers=auth
-        )
-        assert cleared.status_code == 200 and cleared.json()["previous"] == candidate.version
-        time.sleep(4 * POLL_S)  # every Ingress replica has read the cleared pointer
-        after_clear = EventLog(run.events).end_seq()
-        traffic.wait_for(lambda a: True, 30, then=20)
-    finally:
-        answers = traffic.stop()
-    shadows = _shadow_records(run, start)
-    served = {
-        r.payload["request_id"]: r.payload
-        for r in EventLog(run.events).records(start)
-        if r.payload["kind"] == SERVED
-    }
-    print(
-        f"\nshadow: first shadow records {first_s:.1f} s after setting it; {len(shadows)} shadow "
-        f"feeds for {len(served)} served; shadow latency p50 "
-        f"{sorted(s['latency_ms'] for s in shadows)[len(shadows) // 2]:.1f} ms"
-    )
+    shadow_run = _shadow_run(registry_stack, run, "ranker", candidate, admin_token[1])
+    answers = shadow_run.answers
     assert all(a["status"] == 200 and not a["fallback"] for a in answers), answers[:5]
     assert {a["ranker"] for a in answers} == {production}  # the shadow is never served
-    assert {s["shadow_model_version"] for s in shadows} == {candidate.label}
-    for shadow in shadows:
-        feed = served[shadow["request_id"]]
-        assert shadow["served_model_version"] == feed["model_version"] == production
-        assert [i["post_id"] for i in shadow["items"]] == [i["post_id"] for i in feed["items"]]
-        assert [i["served_position"] for i in shadow["items"]] == list(range(len(feed["items"])))
-        for mine, theirs in zip(shadow["items"], feed["items"], strict=True):
-            assert mine["score"] == pytest.approx(theirs["score"], abs=1e-5)
-    assert not _shadow_records(run, after_clear)  # cleared: no more shadow traffic
+    _assert_shadow_equals_served(shadow_run, production)
+    for shadow in shadow_run.shadows:
+        assert shadow_run.served[shadow["request_id"]]["model_version"] == production
     triton = registry_stack.triton
     assert triton is not None  # ... and the cleared version has left Triton
     assert not (run.serve / "triton_repository" / "ranker" / str(candidate.version)).exists()
     assert not TritonRankerClient(triton.grpc_url).ready_sync(str(candidate.version))
     # The sink turns them into Parquet rows beside the exposures (a scratch world here).
     report = EventSink(EventLog(run.events), tmp_path / "world").run()
-    assert report.shadow_rows >= sum(len(s["items"]) for s in shadows)
+    assert report.shadow_rows >= sum(len(s["items"]) for s in shadow_run.shadows)
     assert list((tmp_path / "world" / "live" / "shadow").rglob("*.parquet"))
+
+
+def test_shadow_retrieval_feeds_served_requests_and_changes_none(
+    registry_stack: ServingStack,
+    registry: ModelRegistry,
+    trained_run: Path,
+    admin_token: tuple[Path, str],
+) -> None:
+    """A shadow retrieval version (the production two-tower and index registered again) is
+    loaded by the Retrieval replicas; every personalised feed is then also built from its
+    candidates (ranked by the served ranker, same rules) off the request path and logged as a
+    shadow record, never returned. With the same towers and index, the shadow feed must equal
+    the served feed post for post; responses keep the production retrieval."""
+    run = RunLayout(trained_run)
+    production = f"retrieval-v{registry.production_version('retrieval')}"
+    candidate = registry.register("retrieval", run.retrieval, metrics={"recall@100": 0.1})
+    shadow_run = _shadow_run(registry_stack, run, "retrieval", candidate, admin_token[1])
+    answers = shadow_run.answers
+    assert all(a["status"] == 200 and not a["fallback"] for a in answers), answers[:5]
+    assert {a["retrieval"] for a in answers} == {production}  # the shadow is never served
+    _assert_shadow_equals_served(shadow_run, production)
 
 
 def test_killed_triton_is_restarted_and_full_quality_returns(

@@ -252,16 +252,27 @@ def test_shadow_feeds_become_shadow_rows_never_log_rows(
     assert feed.overlap == pytest.approx(1 / 3)
     asyncio.run(recorder.shadow(feed))
     asyncio.run(recorder.shadow(feed))  # a retried write: the bus keeps one
+    # A shadow retrieval on the same request is a record of its own, not a duplicate.
+    retrieval = ShadowFeed(
+        **{
+            **feed.__dict__,
+            "served_model_version": "retrieval-v1",
+            "shadow_model_version": "retrieval-v2",
+            "items": [{"post_id": 100, "score": 0.8, "scores": scores}],
+        }
+    )
+    asyncio.run(recorder.shadow(retrieval))
     report = EventSink(log, world).run()  # the served feed is still in its window
-    assert (report.shadow_rows, report.feeds_written, report.log_rows) == (2, 0, 0)
+    assert (report.shadow_rows, report.feeds_written, report.log_rows) == (3, 0, 0)
     rows = pq.read_table(world / "live" / "shadow" / f"day={DAY}").to_pylist()
     assert [(r["post_id"], r["position"], r["served_position"]) for r in rows] == [
         (102, 0, 2),
         (555, 1, -1),
+        (100, 0, 0),
     ]
-    assert {(r["served_model_version"], r["shadow_model_version"]) for r in rows} == {
+    assert [(r["served_model_version"], r["shadow_model_version"]) for r in rows] == [
         ("ranker-v1", "ranker-v2")
-    }
+    ] * 2 + [("retrieval-v1", "retrieval-v2")]
     assert rows[0]["pred_like"] == 0.25 and rows[0]["latency_ms"] == 12.5
     assert EventSink(log, world).run().shadow_rows == 0  # exactly once
     assert not _logs(world)  # a shadow feed was never shown: no training rows

@@ -219,4 +219,10 @@ def test_cli_shadow_sets_clears_and_names_bad_input(
     both = runner.invoke(main, [*base[:2], "2", *base[2:], "--clear"])
     assert both.exit_code == 2 and "not both" in both.output
     cleared = runner.invoke(main, [*base, "--clear"])
-    assert cleared.exit_code == 0 and "shadow v2 -> none" in cleared.output
+    assert cleared.exit_code == 0 and "ranker: shadow v2 -> none" in cleared.output
+    # --model retrieval sets the retrieval pointer, which has its own versions
+    missing = runner.invoke(main, [*base[:2], "1", *base[2:], "--model", "retrieval"])
+    assert missing.exit_code == 2 and "retrieval" in missing.output, missing.output
+    assert reg.shadow_version("retrieval") is None
+    bogus = runner.invoke(main, [*base, "--clear", "--model", "tower"])
+    assert bogus.exit_code == 2 and "--model" in bogus.output

@@ -26,7 +26,7 @@ MAX_EVENTS = 200
 MAX_DWELL_S = 86_400.0
 REQUEST_ID_PATTERN = r"^[0-9a-f]{32}$"
 VARIANT_PATTERN = r"^[a-z0-9][a-z0-9_-]{0,31}$"
-#: Record kinds on the bus. ``shadow``: a candidate ranker's feed for a served request, scored
+#: Record kinds on the bus. ``shadow``: a candidate model's feed for a served request, scored
 #: and logged but never shown (shadow traffic).
 SERVED, EVENT, SHADOW = "served", "event", "shadow"
 #: Event types that are explicit feedback on a post (labels of the logs; the real-time
@@ -177,14 +177,17 @@ def shadow_record(
     latency_ms: float,
     items: list[dict[str, Any]],
 ) -> dict[str, Any]:
-    """The bus record of a shadow feed: what the candidate ranker would have served for the
-    served request ``request_id`` (same candidates, same re-ranking rules). ``items``:
+    """The bus record of a shadow feed: what a candidate model would have served for the
+    served request ``request_id``: a shadow ranker on the same candidates, or a shadow
+    retrieval's candidates ranked by the served ranker; the same re-ranking rules. ``items``:
     ``{"post_id", "position", "score", "scores", "served_position"}`` per slot, the last the
     post's position in the served feed (-1: not served); ``latency_ms``: of the shadow scoring
     and re-ranking, off the request path."""
     return {
         "kind": SHADOW,
-        KEY_FIELD: f"shadow:{request_id}",
+        # One record per shadow model and request: a shadow ranker and a shadow retrieval may
+        # both follow the same request.
+        KEY_FIELD: f"shadow:{request_id}:{shadow_model_version}",
         "request_id": request_id,
         "user_id": user_id,
         "ts": ts,

@@ -1,13 +1,16 @@
-"""The report of shadow traffic: how a candidate ranker's unseen feeds compare with the feeds
-served for the same requests, and what users did with the posts the two disagree on.
+"""The report of shadow traffic: how a candidate model's unseen feeds compare with the feeds
+served for the same requests, and what users did with the posts the two disagree on. The
+candidate is a ranker (re-ranking the served candidates) or a retrieval (its candidates ranked
+by the served ranker); each comparison names both versions, e.g. ``ranker-v1`` against
+``ranker-v2`` or ``retrieval-v1`` against ``retrieval-v2``.
 
-For every served feed that was also ranked in shadow (``<world>/live/shadow``, written by the
+For every served feed that was also built in shadow (``<world>/live/shadow``, written by the
 sink from the Ingress's ``shadow`` records) and whose exposures are written
-(``<world>/live/exposures``): the share of served posts the shadow ranker would also have
+(``<world>/live/exposures``): the share of served posts the shadow model would also have
 served (overlap), whether both put the same post first, and the engagement rate of impressed
-served slots the shadow ranker would have *kept* against those it would have *dropped*. A
+served slots the shadow model would have *kept* against those it would have *dropped*. A
 candidate that drops what users engage with is a candidate to look at before promoting. What
-users would have done with the posts only the shadow ranker picked is not observed: that is
+users would have done with the posts only the shadow model picked is not observed: that is
 what an A/B test or the off-policy estimates (``feedrec experiments ope``) are for.
 
 Users are the unit of the intervals, as in ``feedrec.experiments.experiment_report``.
@@ -45,15 +48,15 @@ def read_shadow(world_dir: Path) -> pd.DataFrame:
 
 @dataclass(frozen=True)
 class ShadowComparison:
-    """One shadow ranker against the ranker served on the same requests.
+    """One shadow model against the model of its kind served on the same requests.
 
     Attributes:
         feeds: served feeds with a shadow feed and written exposures; ``awaiting``: shadow
             feeds whose served feed is still in its attribution window (not compared yet).
         overlap: per feed, the share of served posts the shadow feed holds too [feeds].
         kept, dropped: engagement rate (likes + comments + shares per impressed slot) of the
-            served slots the shadow ranker would have kept / not served.
-        shadow_only: posts per feed that only the shadow ranker would have served.
+            served slots the shadow model would have kept / not served.
+        shadow_only: posts per feed that only the shadow model would have served.
     """
 
     served_model_version: str
@@ -168,7 +171,8 @@ def write_shadow_report(report: ShadowReport, out_dir: Path) -> Path:
     lines = [
         "# Shadow traffic report",
         "",
-        "Served feeds that were also ranked, unseen, by a shadow ranker. Engagement: likes + "
+        "Served feeds that were also built, unseen, with a shadow model (a ranker, or a "
+        "retrieval whose candidates the served ranker ranked). Engagement: likes + "
         "comments + shares per impressed served slot, 95 % intervals over users.",
         "",
         "| served | shadow | feeds | users | overlap mean | same first post | engagement of "
@@ -204,7 +208,7 @@ def _plot(report: ShadowReport, path: Path) -> None:
         name = f"{c.shadow_model_version} vs {c.served_model_version}"
         # Overlaps are k / feed length: bins centred on tenths keep 0.7 out of the 0.6 bin.
         left.hist(c.overlap, bins=np.linspace(-0.05, 1.05, 12), alpha=0.6, label=name)
-    left.set_xlabel("share of the served feed the shadow ranker would also serve")
+    left.set_xlabel("share of the served feed the shadow model would also serve")
     left.set_ylabel("feeds")
     left.legend(fontsize=8)
     labels, values, errors = [], [], []

@@ -133,8 +133,8 @@ class PromoteRequest(BaseModel):
 
 
 class ShadowRequest(BaseModel):
-    """``POST /admin/models/ranker/shadow`` body (admin token required): the ranker version to
-    score shadow traffic with, or null to stop."""
+    """``POST /admin/models/{ranker|retrieval}/shadow`` body (admin token required): the
+    version to run shadow traffic through, or null to stop."""
 
     model_config = ConfigDict(extra="forbid", strict=True)
 

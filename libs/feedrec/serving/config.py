@@ -83,8 +83,9 @@ class ServiceConfig(BaseModel):
         default=1.0,
         ge=0,
         le=1,
-        description="share of personalised feeds also ranked by the registry's shadow ranker, "
-        "when one is set (logged as shadow records, never shown); needs registry_dir",
+        description="share of personalised feeds also ranked by the registry's shadow ranker "
+        "and built from its shadow retrieval's candidates, when one is set (logged as shadow "
+        "records, never shown); needs registry_dir",
     )
     retrieve_k: int = Field(default=300, ge=1, le=10_000)
     rank_k: int = Field(default=150, ge=1, le=5_000)

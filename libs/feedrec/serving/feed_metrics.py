@@ -96,15 +96,16 @@ class FeedMetrics:
         )
         self.shadow_feeds = Counter(
             "feedrec_shadow_feeds",
-            description="Shadow feeds (a candidate ranker scoring served requests, not shown) "
-            "by outcome: scored, failed.",
-            tag_keys=("outcome",),
+            description="Shadow feeds (a candidate ranker or retrieval on served requests, not "
+            "shown) by stage (ranker, retrieval) and outcome: scored, failed.",
+            tag_keys=("stage", "outcome"),
         )
         self.shadow_overlap = Histogram(
             "feedrec_shadow_overlap",
-            description="Share of a served feed's posts that the shadow ranker would also have "
-            "served (1: the same posts).",
+            description="Share of a served feed's posts that the shadow model's feed would also "
+            "have held (1: the same posts), by stage (ranker, retrieval).",
             boundaries=[0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0],
+            tag_keys=("stage",),
         )
         self._last_version = ""
 
@@ -142,8 +143,10 @@ class FeedMetrics:
             self.model.set(1, tags={"model_version": model_version})
             self._last_version = model_version
 
-    def shadow(self, overlap: float | None) -> None:
-        """One shadow feed: its overlap with the served feed, or None when it failed."""
-        self.shadow_feeds.inc(tags={"outcome": "failed" if overlap is None else "scored"})
+    def shadow(self, overlap: float | None, stage: str) -> None:
+        """One shadow feed of ``stage`` (``ranker``, ``retrieval``): its overlap with the
+        served feed, or None when it failed."""
+        outcome = "failed" if overlap is None else "scored"
+        self.shadow_feeds.inc(tags={"stage": stage, "outcome": outcome})
         if overlap is not None:
-            self.shadow_overlap.observe(overlap)
+            self.shadow_overlap.observe(overlap, tags={"stage": stage})

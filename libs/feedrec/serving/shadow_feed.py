@@ -1,4 +1,4 @@
-"""A shadow feed: what a candidate ranker would have served for a served request."""
+"""A shadow feed: what a candidate model would have served for a served request."""
 
 from __future__ import annotations
 
@@ -8,10 +8,14 @@ from typing import Any
 
 @dataclass(frozen=True)
 class ShadowFeed:
-    """What the shadow (candidate) ranker would have served for one served request: the same
-    candidates and re-ranking rules, its predictions. Logged, never shown.
+    """What a shadow (candidate) model would have served for one served request. Logged, never
+    shown. A shadow ranker: the same candidates and re-ranking rules, its predictions. A
+    shadow retrieval: its candidates, the served ranker's predictions, the same rules.
 
     Attributes:
+        served_model_version, shadow_model_version: labels of the served model and of the
+            candidate of the same kind (``ranker-v2`` / ``ranker-v3``, or
+            ``retrieval-v1`` / ``retrieval-v2``).
         served: post ids of the served feed, in slot order.
         items: the shadow feed, ``{"post_id", "score", "scores", ...}`` per slot.
         latency_ms: shadow scoring + re-ranking, off the request path.

@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -129,6 +129,23 @@ def retrievers(cfg: ServiceConfig, store: OnlineFeatureStore) -> ModelWatcher[Re
     return ModelWatcher(registry, "retrieval", build, poll_s=cfg.registry_poll_s).start()
 
 
+def shadow_retrievers(
+    cfg: ServiceConfig, store: OnlineFeatureStore
+) -> ModelWatcher[Retriever | None]:
+    """The registry's shadow retrieval model + index (None while there is none; always None
+    without a registry). Loaded only while one is set: a second index in memory."""
+    if cfg.registry_dir is None:
+        return ModelWatcher.fixed(None)
+
+    def build(entry: RegistryEntry) -> Retriever | None:
+        return Retriever(cfg.model_copy(update={"retrieval_dir": entry.path}), store, entry.label)
+
+    registry = ModelRegistry(cfg.registry_dir)
+    return ModelWatcher(
+        registry, "retrieval", build, poll_s=cfg.registry_poll_s, pointer="shadow"
+    ).start()
+
+
 class Scorer:
     """Online features + the shared transform -> the ranker in Triton (gRPC) -> [N, 5]."""
 
@@ -215,6 +232,9 @@ Rerank = Callable[[list[int], np.ndarray, int, bool, np.ndarray | None], Awaitab
 #: (user, candidates) -> the shadow ranker's ([N, len(TASKS)] predictions, label), or None
 #: while no shadow version is set.
 ShadowRank = Callable[[UserFeatures, list[int]], Awaitable[tuple[np.ndarray, str] | None]]
+#: (viewer, k, blocked creators) -> the shadow retrieval's (candidate post ids, label), or None
+#: while no shadow version is set.
+ShadowRetrieve = Callable[[UserFeatures, int, list[int]], Awaitable[tuple[list[int], str] | None]]
 
 
 @dataclass
@@ -230,8 +250,10 @@ class FeedPipeline:
     metrics: FeedMetrics | None = None  # Prometheus (Serve replicas); None in plain processes
     realtime: RealtimeSignals | None = None  # followed from the event bus; None: not used
     # Shadow traffic: a ``shadow_share`` of personalised feeds is also ranked by the shadow
-    # ranker after the response is built, and the result goes to ``on_shadow``.
+    # ranker, and fed from the shadow retrieval's candidates, after the response is built;
+    # each resulting feed goes to ``on_shadow``.
     shadow: ShadowRank | None = None
+    shadow_retrieve: ShadowRetrieve | None = None
     on_shadow: Callable[[ShadowFeed], Awaitable[None]] | None = None
     _shadow_tasks: set[asyncio.Task[ShadowFeed | None]] = field(default_factory=set)
 
@@ -257,6 +279,18 @@ class FeedPipeline:
         order = np.argsort(-self.realtime.velocity(pool), kind="stable")  # ties: likes order
         extra = pool[order][:n_extra].tolist()
         return kept[: max(self.cfg.rank_k - len(extra), 0)] + extra
+
+    def _with_realtime_interest(
+        self, user: UserFeatures, candidates: list[int], blocked: list[int]
+    ) -> tuple[list[int], np.ndarray | None]:
+        """Retrieved ``candidates`` -> the ones to rank (with the real-time additions when
+        real-time signals are on, at most ``rank_k``) and the viewer's real-time interest in
+        each [N] (None without real-time signals)."""
+        if self.realtime is None:
+            return candidates[: self.cfg.rank_k], None
+        candidates = self.with_realtime(user, candidates, blocked)[: self.cfg.rank_k]
+        topics = self.store.post_topic(np.asarray(candidates, np.int64))
+        return candidates, self.realtime.topic_share(user.user_id, topics)
 
     def _count(self, outcome: str) -> None:
         if self.metrics is not None:
@@ -374,12 +408,9 @@ class FeedPipeline:
             )
             timings["retrieval_ms"] = (time.perf_counter() - t0) * 1e3
             retrieved = len(candidates)
-            interest = None
-            if self.realtime is not None:
-                candidates = self.with_realtime(user, candidates, req.blocked_creator_ids)
-                topics = self.store.post_topic(np.asarray(candidates, np.int64))
-                interest = self.realtime.topic_share(req.user_id, topics)
-            candidates = candidates[: self.cfg.rank_k]
+            candidates, interest = self._with_realtime_interest(
+                user, candidates, req.blocked_creator_ids
+            )
             t0 = time.perf_counter()
             predictions, model_version = await asyncio.wait_for(
                 self.rank(user, candidates), t.ranking_s
@@ -438,8 +469,12 @@ class FeedPipeline:
                 else None
             ),
         )
-        if self.shadow is not None and self.mirrored(request_id):
-            self._start_shadow(req, user, response, candidates, interest)
+        if self.mirrored(request_id):
+            if self.shadow is not None:
+                self._start_shadow(self.shadow_feed(req, user, response, candidates, interest))
+            if self.shadow_retrieve is not None:
+                feed = self.shadow_retrieval_feed(req, user, response, retrieval_version)
+                self._start_shadow(feed)
         if exploration.enabled:
             response.with_slate(
                 SlateLog(
@@ -455,17 +490,8 @@ class FeedPipeline:
         (uniformly random, hex) id falls below it, so the choice can be checked from the logs."""
         return int(request_id[:8], 16) < self.cfg.shadow_share * 16**8
 
-    def _start_shadow(
-        self,
-        req: Any,
-        user: UserFeatures,
-        response: FeedResponse,
-        candidates: list[int],
-        interest: Any,
-    ) -> None:
-        task = asyncio.get_running_loop().create_task(
-            self.shadow_feed(req, user, response, candidates, interest)
-        )
+    def _start_shadow(self, feed: Coroutine[Any, Any, ShadowFeed | None]) -> None:
+        task = asyncio.get_running_loop().create_task(feed)
         self._shadow_tasks.add(task)  # the event loop keeps only a weak reference
         task.add_done_callback(self._shadow_tasks.discard)
 
@@ -482,36 +508,85 @@ class FeedPipeline:
         shadow version is set or it failed: a shadow never affects what is served, so its
         failures are counted and logged, not raised."""
         assert self.shadow is not None
-        t = self.cfg.timeouts
-        started = time.perf_counter()
-        try:
-            scored = await asyncio.wait_for(self.shadow(user, candidates), t.ranking_s)
+        shadow, t = self.shadow, self.cfg.timeouts
+
+        async def build() -> tuple[list[dict[str, Any]], str] | None:
+            scored = await asyncio.wait_for(shadow(user, candidates), t.ranking_s)
             if scored is None:
                 return None
             predictions, label = scored
             items, _ = await asyncio.wait_for(
                 self.rerank(candidates, predictions, req.count, False, interest), t.rerank_s
             )
+            return items, label
+
+        return await self._shadow("ranker", response, response.model_version, build)
+
+    async def shadow_retrieval_feed(
+        self, req: Any, user: UserFeatures, response: FeedResponse, served_retrieval: str
+    ) -> ShadowFeed | None:
+        """The feed the shadow retrieval's candidates would have made: the same real-time
+        additions, the served ranker, the same rules, to ``req.count``; handed to
+        ``on_shadow``. None when no shadow version is set or it failed (counted, logged,
+        never raised). Costs one more retrieval and one more ranking call for each mirrored
+        request. ``served_retrieval``: the label of the retrieval that served it."""
+        assert self.shadow_retrieve is not None
+        shadow_retrieve, t = self.shadow_retrieve, self.cfg.timeouts
+        blocked = req.blocked_creator_ids
+
+        async def build() -> tuple[list[dict[str, Any]], str] | None:
+            found = await asyncio.wait_for(
+                shadow_retrieve(user, self.cfg.retrieve_k, blocked), t.retrieval_s
+            )
+            if found is None:
+                return None
+            candidates, interest = self._with_realtime_interest(user, found[0], blocked)
+            predictions, _ = await asyncio.wait_for(self.rank(user, candidates), t.ranking_s)
+            items, _ = await asyncio.wait_for(
+                self.rerank(candidates, predictions, req.count, False, interest), t.rerank_s
+            )
+            return items, found[1]
+
+        return await self._shadow("retrieval", response, served_retrieval, build)
+
+    async def _shadow(
+        self,
+        stage: str,
+        response: FeedResponse,
+        served_version: str,
+        build: Callable[[], Awaitable[tuple[list[dict[str, Any]], str] | None]],
+    ) -> ShadowFeed | None:
+        """Run one shadow ``stage`` (``build`` -> its feed's items and model label, or None
+        while no shadow version is set), time it, count it and hand it to ``on_shadow``."""
+        started = time.perf_counter()
+        try:
+            built = await build()
         except Exception as e:
-            logger.warning("shadow feed for request %s failed: %r", response.request_id, e)
+            logger.warning("shadow %s for request %s failed: %r", stage, response.request_id, e)
             if self.metrics is not None:
-                self.metrics.shadow(None)
+                self.metrics.shadow(None, stage)
             return None
+        if built is None:
+            return None
+        items, label = built
         feed = ShadowFeed(
             request_id=response.request_id,
             user_id=response.user_id,
             variant=response.variant,
-            served_model_version=response.model_version,
+            served_model_version=served_version,
             shadow_model_version=label,
             served=[item.post_id for item in response.items],
             items=items,
             latency_ms=(time.perf_counter() - started) * 1e3,
         )
+        await self._record_shadow(feed, stage)
+        return feed
+
+    async def _record_shadow(self, feed: ShadowFeed, stage: str) -> None:
         if self.metrics is not None:
-            self.metrics.shadow(feed.overlap)
+            self.metrics.shadow(feed.overlap, stage)
         if self.on_shadow is not None:
             try:
                 await self.on_shadow(feed)
             except Exception as e:
-                logger.error("shadow feed %s not recorded: %r", response.request_id, e)
-        return feed
+                logger.error("shadow feed %s not recorded: %r", feed.request_id, e)
