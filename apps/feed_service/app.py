@@ -36,7 +36,6 @@ from feedrec.serving.admin_auth import AdminAuth, AdminAuthError
 from feedrec.serving.api import FeedRequest, FeedResponse, PromoteRequest, ShadowRequest
 from feedrec.serving.config import ServiceConfig
 from feedrec.serving.feed_metrics import FeedMetrics
-from feedrec.serving.model_watcher import ModelWatcher
 from feedrec.serving.online_store import OnlineFeatureStore, UserFeatures
 from feedrec.serving.realtime_signals import RealtimeSignals
 from feedrec.serving.request_limits import install_request_limits
@@ -47,6 +46,7 @@ from feedrec.serving.stages import (
     Scorer,
     retrievers,
     shadow_retrievers,
+    shadow_watcher,
 )
 
 # Fractional CPUs: the whole chain fits a 2-core laptop; a cluster scales replicas up. The
@@ -75,9 +75,7 @@ class Retrieval:
         # Fixed, or following the registry's production version (swapped in by a thread).
         self.retrievers = retrievers(cfg, store)
         # The registry's shadow version, loaded while one is set, if shadow traffic is on.
-        self.shadows = shadow_retrievers(
-            cfg if cfg.shadow_share > 0 else cfg.model_copy(update={"registry_dir": None}), store
-        )
+        self.shadows = shadow_retrievers(cfg, store)
 
     @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.002)
     async def _search(self, users: list[UserFeatures]) -> list[tuple[np.ndarray, str]]:
@@ -127,22 +125,9 @@ class Ingress:
         async def retrieve(user: UserFeatures, k: int, blocked: list[int]) -> Any:
             return await retrieval.candidates.remote(user, k, blocked)
 
-        # Shadow traffic needs a registry (its shadow pointers name the candidates; while none
-        # is named, the shadow calls return None) and a share above 0.
-        shadowing = cfg.registry_dir is not None and cfg.shadow_share > 0
         # Whether a shadow retrieval is named, read here from the registry (one small file a
         # poll): while none is, mirrored requests cost no call to the Retrieval replicas.
-        shadow_retrieval = (
-            ModelWatcher(
-                ModelRegistry(cfg.registry_dir),
-                "retrieval",
-                lambda entry: entry.label,
-                poll_s=cfg.registry_poll_s,
-                pointer="shadow",
-            ).start()
-            if shadowing and cfg.registry_dir is not None
-            else ModelWatcher.fixed(None)
-        )
+        shadow_retrieval = shadow_watcher(cfg, "retrieval", lambda entry: entry.label)
 
         async def shadow_retrieve(user: UserFeatures, k: int, blocked: list[int]) -> Any:
             if shadow_retrieval.current is None:
@@ -162,8 +147,8 @@ class Ingress:
             rank=scorer.score,
             rerank=select,
             metrics=self.metrics,
-            shadow=scorer.shadow_score if shadowing else None,
-            shadow_retrieve=shadow_retrieve if shadowing else None,
+            shadow=scorer.shadow_score if cfg.shadowing else None,
+            shadow_retrieve=shadow_retrieve if cfg.shadowing else None,
         )
         bus = cfg.event_bus_location()  # events_bus (e.g. redis://...) or events_dir
         self.recorder = (

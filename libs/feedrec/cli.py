@@ -295,7 +295,10 @@ registry_option = click.option(
     show_default=True,
     help="Model registry root (versions + production pointers); serving can watch it.",
 )
-model_name_argument = click.argument("name", type=click.Choice(["ranker", "retrieval"]))
+#: The registry's model names (``model_registry.MODEL_NAMES``; not imported, so the CLI starts
+#: without loading the model code).
+MODEL_NAME = click.Choice(["ranker", "retrieval"])
+model_name_argument = click.argument("name", type=MODEL_NAME)
 
 
 def _registry_call(fn: Any, *args: Any, **kwargs: Any) -> Any:
@@ -393,7 +396,7 @@ def models_promote(
 @click.option(
     "--model",
     "name",
-    type=click.Choice(["ranker", "retrieval"]),
+    type=MODEL_NAME,
     default="ranker",
     show_default=True,
     help="ranker: VERSION re-ranks the served candidates; retrieval: VERSION's candidates are "

@@ -24,9 +24,7 @@ EPSILON, POOL = 0.5, 15
 EXPLORATION = Exploration(epsilon=EPSILON, pool_size=POOL)
 EXPERIMENT = {
     "name": "e2e-explore",
-    "variants": [
-        {"name": "explore", "weight": 1.0, "exploration": {"epsilon": EPSILON, "pool_size": POOL}}
-    ],
+    "variants": [{"name": "explore", "weight": 1.0, "exploration": EXPLORATION.model_dump()}],
 }
 
 
@@ -102,6 +100,7 @@ def test_ips_of_unserved_rankings_recovers_their_ground_truth_value(
         SimulatedContexts,
         evaluate_policy,
         greedy_policy,
+        in_se,
         ranker_policy,
         replicate_errors,
         true_values,
@@ -180,13 +179,11 @@ def test_ips_of_unserved_rankings_recovers_their_ground_truth_value(
         f" from {worst.rewarded_matches} rewarded matches"
     )
 
-    def z(value: float, se: float, truth_value: float) -> float:
-        return (value - truth_value) / se if se > 0 else np.copysign(np.inf, value - truth_value)
-
+    logging = report["logging"]
     live = {
-        "logging": z(report["logging"]["value"], report["logging"]["se"], report["logging_truth"]),
-        **{n: z(p["ips"]["value"], p["ips"]["se"], p["truth"]) for n, p in policies.items()},
-        "reversed": z(worst.ips.value, worst.ips.se, worst_truth),
+        "logging": in_se(logging["value"] - report["logging_truth"], logging["se"]),
+        **{n: in_se(p["ips"]["value"] - p["truth"], p["ips"]["se"]) for n, p in policies.items()},
+        "reversed": in_se(worst.ips.value - worst_truth, worst.ips.se),
     }
     # Why not "each 99.9 % interval holds the truth": the delta-method interval of a heavily
     # weighted estimate is skewed. Replays of a CI run's own feeds put the trained ranker's

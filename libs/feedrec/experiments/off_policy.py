@@ -406,15 +406,16 @@ def replicate_errors(
         )
         value, se = estimate(reward.sum(axis=1))
         served = np.where(slots, p[..., 1:].sum(axis=2), 0.0).sum() / n
-        out["logging"][run] = _z(value - served, se)
+        out["logging"][run] = in_se(value - served, se)
         for name, index in chosen.items():
             w = np.where(slots & (drawn == index), 1.0 / mu, 0.0)
             value, se = estimate((w * reward).sum(axis=1))
-            out[name][run] = _z(value - truth[name], se)
+            out[name][run] = in_se(value - truth[name], se)
     return out
 
 
-def _z(error: float, se: float) -> float:
+def in_se(error: float, se: float) -> float:
+    """An estimate's ``error`` in its standard errors (+-inf for a nonzero error at se 0)."""
     if se > 0:
         return error / se
     return 0.0 if error == 0 else math.copysign(math.inf, error)

@@ -125,6 +125,12 @@ class ServiceConfig(BaseModel):
         self.rerank_config()  # raises naming the field, e.g. max_per_topic > topic_window
         return self
 
+    @property
+    def shadowing(self) -> bool:
+        """Whether shadow traffic can run: a registry (its shadow pointers name the candidates)
+        and a share above 0."""
+        return self.registry_dir is not None and self.shadow_share > 0
+
     def rerank_config(self) -> RerankConfig:
         """The re-ranking rules (validated again there: max_per_topic <= topic_window)."""
         return RerankConfig(

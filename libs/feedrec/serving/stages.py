@@ -13,7 +13,7 @@ import logging
 import time
 from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 
@@ -37,6 +37,7 @@ from feedrec.serving.rerank import rerank
 from feedrec.serving.shadow_feed import ShadowFeed
 
 logger = logging.getLogger("feedrec.serve")
+T = TypeVar("T")
 
 
 class Retriever:
@@ -103,47 +104,51 @@ def ranker_models(cfg: ServiceConfig, triton: TritonRankerClient) -> ModelWatche
     return ModelWatcher(registry, "ranker", build, poll_s=cfg.registry_poll_s).start()
 
 
+def shadow_watcher(
+    cfg: ServiceConfig, name: str, build: Callable[[RegistryEntry], T | None]
+) -> ModelWatcher[T | None]:
+    """The registry's shadow version of ``name`` (``ranker``, ``retrieval``) as ``build``
+    makes it, loaded by the first poll; None while none is set, and always None without
+    shadow traffic (``cfg.shadowing``)."""
+    if not cfg.shadowing or cfg.registry_dir is None:
+        return ModelWatcher.fixed(None)
+    registry = ModelRegistry(cfg.registry_dir)
+    return ModelWatcher(registry, name, build, poll_s=cfg.registry_poll_s, pointer="shadow").start()
+
+
 def shadow_rankers(
     cfg: ServiceConfig, triton: TritonRankerClient
 ) -> ModelWatcher[RankerModel | None]:
-    """The registry's shadow ranker (None while there is none; always None without a
-    registry)."""
-    if cfg.registry_dir is None:
-        return ModelWatcher.fixed(None)
-    registry = ModelRegistry(cfg.registry_dir)
-    build: Callable[[RegistryEntry], RankerModel | None] = _registry_ranker(triton)
-    return ModelWatcher(
-        registry, "ranker", build, poll_s=cfg.registry_poll_s, pointer="shadow"
-    ).start()
+    """The registry's shadow ranker (see ``shadow_watcher``)."""
+    return shadow_watcher(cfg, "ranker", _registry_ranker(triton))
+
+
+def _registry_retriever(
+    cfg: ServiceConfig, store: OnlineFeatureStore
+) -> Callable[[RegistryEntry], Retriever]:
+    """Registry entry -> its ``Retriever`` (towers + index) on ``store``."""
+
+    def build(entry: RegistryEntry) -> Retriever:
+        return Retriever(cfg.model_copy(update={"retrieval_dir": entry.path}), store, entry.label)
+
+    return build
 
 
 def retrievers(cfg: ServiceConfig, store: OnlineFeatureStore) -> ModelWatcher[Retriever]:
     """The retrieval model + index to search with: fixed or following the registry."""
     if cfg.registry_dir is None:
         return ModelWatcher.fixed(Retriever(cfg, store))
-
-    def build(entry: RegistryEntry) -> Retriever:
-        return Retriever(cfg.model_copy(update={"retrieval_dir": entry.path}), store, entry.label)
-
     registry = ModelRegistry(cfg.registry_dir)
+    build = _registry_retriever(cfg, store)
     return ModelWatcher(registry, "retrieval", build, poll_s=cfg.registry_poll_s).start()
 
 
 def shadow_retrievers(
     cfg: ServiceConfig, store: OnlineFeatureStore
 ) -> ModelWatcher[Retriever | None]:
-    """The registry's shadow retrieval model + index (None while there is none; always None
-    without a registry). Loaded only while one is set: a second index in memory."""
-    if cfg.registry_dir is None:
-        return ModelWatcher.fixed(None)
-
-    def build(entry: RegistryEntry) -> Retriever | None:
-        return Retriever(cfg.model_copy(update={"retrieval_dir": entry.path}), store, entry.label)
-
-    registry = ModelRegistry(cfg.registry_dir)
-    return ModelWatcher(
-        registry, "retrieval", build, poll_s=cfg.registry_poll_s, pointer="shadow"
-    ).start()
+    """The registry's shadow retrieval model + index (see ``shadow_watcher``). Loaded only
+    while one is set: a second index in memory."""
+    return shadow_watcher(cfg, "retrieval", _registry_retriever(cfg, store))
 
 
 class Scorer:
