@@ -1,7 +1,16 @@
+import math
+
 import numpy as np
 import pytest
 
-from feedrec.serving.rerank import Candidates, RerankConfig, rerank, value_scores
+from feedrec.serving.rerank import (
+    Candidates,
+    RerankConfig,
+    Selection,
+    final_scores,
+    rerank,
+    value_scores,
+)
 
 NO_RULES = RerankConfig(freshness_weight=0.0, max_per_creator=100, max_per_topic=4, fair_share=0)
 
@@ -157,3 +166,81 @@ def test_rules_hold_on_random_draws(seed: int) -> None:
     small = np.asarray(c.small_creator)[sel.index]
     for length in range(1, 51):
         assert small[:length].sum() >= int(0.25 * length)
+
+
+def _brute_force(c: Candidates, count: int, cfg: RerankConfig) -> Selection:
+    """The module doc's rules, slot by slot over every remaining post: the reference for
+    ``rerank``'s per-topic queues."""
+    final, boost = final_scores(c, cfg)
+    order = np.argsort(-final, kind="stable").tolist()
+    creators, topics, small = c.creators.tolist(), c.topics.tolist(), c.small_creator.tolist()
+    chosen: list[int] = []
+    reasons: list[list[str]] = []
+    demoted: dict[int, str] = {}
+    while len(chosen) < count:
+        # The last topic_window - 1 posts chosen (none with a window of one slot).
+        window = [topics[i] for i in chosen[max(0, len(chosen) - cfg.topic_window + 1) :]]
+        window = window if cfg.topic_window > 1 else []
+
+        def held(i: int, window: list[int] = window) -> bool:
+            return window.count(topics[i]) >= cfg.max_per_topic
+
+        def capped(i: int) -> bool:
+            return [creators[j] for j in chosen].count(creators[i]) >= cfg.max_per_creator
+
+        eligible = [i for i in order if i not in chosen and not capped(i)]
+        if not eligible:
+            break
+        overall = next((i for i in eligible if not held(i)), eligible[0])
+        smalls = [i for i in eligible if small[i]]
+        floor = math.floor(cfg.fair_share * (len(chosen) + 1))
+        need_small = bool(smalls) and sum(small[i] for i in chosen) < floor
+        pick = next((i for i in smalls if not held(i)), smalls[0]) if need_small else overall
+        why = ["fairness: small-creator slot"] if pick != overall else []
+        for i in order:  # passed over now: every remaining post above the pick
+            if i == pick:
+                break
+            if i not in chosen and i not in demoted:
+                rule = "max_per_creator" if capped(i) else None
+                demoted[i] = rule or ("topic_window" if held(i) else "fair_share")
+        if pick in demoted:
+            why.append(f"held back: {demoted[pick]}")
+        if held(pick):
+            why.append("diversity: topic window relaxed (no other candidate)")
+        if boost[pick] > 1.005:
+            why.append(f"freshness: x{boost[pick]:.2f}")
+        chosen.append(pick)
+        reasons.append(why)
+    idx = np.asarray(chosen, dtype=np.int64)
+    counts: dict[str, int] = {}
+    for rule in demoted.values():
+        counts[rule] = counts.get(rule, 0) + 1
+    return Selection(idx, final[idx], reasons, counts)
+
+
+@pytest.mark.parametrize("seed", range(300))
+def test_per_topic_queues_pick_what_the_brute_force_scan_picks(seed: int) -> None:
+    rng = np.random.default_rng(seed)
+    n = int(rng.integers(1, 120))
+    p = rng.random((n, 5)) * [1.0, 1.0, 1.0, 0.1, 10.0]
+    c = Candidates(
+        post_ids=np.arange(n),
+        predictions=p,
+        creators=rng.integers(0, int(rng.integers(1, 30)), n),
+        topics=rng.integers(0, int(rng.integers(1, 6)), n),
+        ages_days=rng.random(n) * 5,
+        small_creator=rng.random(n) < rng.random() * 0.5,
+    )
+    window = int(rng.integers(1, 5))
+    cfg = RerankConfig(
+        max_per_creator=int(rng.integers(1, 4)),
+        topic_window=window,
+        max_per_topic=int(rng.integers(1, window + 1)),
+        fair_share=float(rng.random() * 0.6),
+    )
+    count = int(rng.integers(1, 60))
+    got, want = rerank(c, count, cfg), _brute_force(c, count, cfg)
+    assert got.index.tolist() == want.index.tolist()
+    assert np.array_equal(got.score, want.score)
+    assert got.reasons == want.reasons
+    assert got.demoted == want.demoted
