@@ -29,7 +29,8 @@ import platform
 import subprocess
 import sys
 import time
-from contextlib import ExitStack
+from collections.abc import Iterator
+from contextlib import ExitStack, contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -192,11 +193,27 @@ def interleaved_max_rps(
             time.sleep(2.0)  # let queues drain between runs
 
 
-def _measure(
-    stack: Any, run: Any, users: np.ndarray, args: argparse.Namespace, overrides: dict[str, Any]
-) -> tuple[RateSearch, RateSearch]:
-    """Max RPS of the Serve chain and of the twin against the same Triton, searched in turns
-    with both up (an idle side costs the other little: no traffic, a few pollers)."""
+def chain_stack(run: Any, args: argparse.Namespace, overrides: dict[str, Any]) -> Any:
+    """The benchmark's Serve chain: ``feedrec serve up``'s stack on ``run``, not yet started."""
+    from feedrec.serving.stack import ServingStack, StackConfig
+
+    return ServingStack(
+        StackConfig(
+            run_dir=run.root,
+            http_port=args.serve_port,
+            export_portable=False,
+            ranker_runtime=args.ranker_runtime,
+            service_overrides=overrides,
+        )
+    )
+
+
+@contextmanager
+def servers(
+    stack: Any, run: Any, args: argparse.Namespace, overrides: dict[str, Any]
+) -> Iterator[tuple[str, str]]:
+    """The Serve chain (``stack``) and the twin, both up against the same Triton: yields
+    their base URLs (chain, twin)."""
     from feedrec.serving.feed_client import wait_healthy
 
     with stack:
@@ -227,11 +244,20 @@ def _measure(
         try:
             wait_healthy(twin_url, 300.0)
             print(f"FastAPI twin at {twin_url}", flush=True)
-            searches = [RateSearch("serve", stack.url), RateSearch("twin", twin_url)]
-            interleaved_max_rps(searches, users, args.count, args.seconds)
+            yield stack.url, twin_url
         finally:
             twin.terminate()
             twin.wait(timeout=30)
+
+
+def _measure(
+    stack: Any, run: Any, users: np.ndarray, args: argparse.Namespace, overrides: dict[str, Any]
+) -> tuple[RateSearch, RateSearch]:
+    """Max RPS of the Serve chain and of the twin against the same Triton, searched in turns
+    with both up (an idle side costs the other little: no traffic, a few pollers)."""
+    with servers(stack, run, args, overrides) as (serve_url, twin_url):
+        searches = [RateSearch("serve", serve_url), RateSearch("twin", twin_url)]
+        interleaved_max_rps(searches, users, args.count, args.seconds)
     return searches[0], searches[1]
 
 
@@ -259,7 +285,6 @@ def main() -> None:
 
     from feedrec.runtime import RunLayout
     from feedrec.serving.online_store import OnlineFeatureStore
-    from feedrec.serving.stack import ServingStack, StackConfig
 
     started = time.perf_counter()
     run = RunLayout(args.run_dir.resolve())
@@ -275,15 +300,7 @@ def main() -> None:
             url = f"redis://127.0.0.1:{stack_of.enter_context(redis_server())}/0"
             RedisFeatureSource.publish(url, run.data, run.world, progress=False)
             overrides["feature_store"] = url
-        stack = ServingStack(
-            StackConfig(
-                run_dir=run.root,
-                http_port=args.serve_port,
-                export_portable=False,
-                ranker_runtime=args.ranker_runtime,
-                service_overrides=overrides,
-            )
-        )
+        stack = chain_stack(run, args, overrides)
         serve_search, twin_search = _measure(stack, run, users, args, overrides)
     serve_best, twin_best = serve_search.best, twin_search.best
     serve_rps = serve_best.offered_rps if serve_best else 0.0
