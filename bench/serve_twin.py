@@ -2,9 +2,11 @@
 
     python -m bench.serve_twin --run-dir runs/demo --triton-url 127.0.0.1:8001 --port 8100
 
-``FeedPipeline`` gets the stages' methods directly instead of deployment handles: the request
-path, the Triton ranker and the re-ranking are the served ones, so ``bench/serve.py`` measures
-what Ray Serve's composition costs (or buys) and nothing else.
+It builds the Ingress replica's ``FeedService`` with the ``Retriever`` called in-process
+instead of through a deployment handle: the request path, the Triton ranker, the re-ranking,
+the record of every served feed on the run's event bus and the real-time signals are the
+served ones, so ``bench/serve.py`` measures what Ray Serve's composition costs (or buys) and
+nothing else. (Until 2026-11-25 the twin neither recorded feeds nor followed the bus.)
 """
 
 from __future__ import annotations
@@ -13,14 +15,14 @@ import argparse
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import uvicorn
 from fastapi import FastAPI, HTTPException
 
 from feedrec.serving.api import FeedRequest, FeedResponse
 from feedrec.serving.config import ServiceConfig
+from feedrec.serving.feed_service import FeedService
 from feedrec.serving.online_store import OnlineFeatureStore, UserFeatures
-from feedrec.serving.stages import FeedPipeline, RequestError, Reranker, Retriever, Scorer
+from feedrec.serving.stages import RequestError, Retriever
 
 
 def twin_app(cfg: ServiceConfig) -> FastAPI:
@@ -30,24 +32,17 @@ def twin_app(cfg: ServiceConfig) -> FastAPI:
         small_quantile=cfg.small_creator_quantile,
         feature_store=cfg.feature_store,
     )
-    retriever, scorer, reranker = Retriever(cfg, store), Scorer(cfg, store), Reranker(cfg, store)
+    retriever = Retriever(cfg, store)
 
     async def retrieve(user: UserFeatures, k: int, blocked: list[int]) -> Any:
         hits = retriever.search([user])[0]
         return (*retriever.allowed(user, hits, k, blocked), retriever.label)
 
-    async def select(
-        post_ids: list[int], predictions: np.ndarray, count: int, debug: bool, interest: Any
-    ) -> Any:
-        return reranker.select(post_ids, predictions, count, debug, interest)
+    # The Ingress replica's service: ranking in Triton, re-ranking, the record of each served
+    # feed on the run's event bus and the real-time signals that follow it. Only retrieval is
+    # called in-process here, and Ray's metrics have no agent to export to.
+    service = FeedService(cfg, store, retrieve)
 
-    pipeline = FeedPipeline(
-        cfg,
-        store,
-        retrieve=retrieve,
-        rank=scorer.score,
-        rerank=select,
-    )
     app = FastAPI(title="feedrec twin")
 
     @app.get("/healthz")
@@ -57,7 +52,7 @@ def twin_app(cfg: ServiceConfig) -> FastAPI:
     @app.post("/v1/feed", response_model=FeedResponse)
     async def feed(request: FeedRequest) -> FeedResponse:  # type: ignore[valid-type]
         try:
-            return await pipeline.feed(request)
+            return await service.feed(request)
         except RequestError as e:
             raise HTTPException(status_code=422, detail=str(e)) from e
 

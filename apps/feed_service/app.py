@@ -18,7 +18,6 @@ Deploy with ``feedrec serve up`` or ``serve deploy apps/feed_service/serve_confi
 """
 
 import logging
-import time
 from dataclasses import asdict
 from typing import Any, Literal
 
@@ -31,19 +30,15 @@ from feedrec.artifacts import ArtifactError
 from feedrec.artifacts.model_registry import MODEL_NAMES, ModelRegistry, RegistryError
 from feedrec.events.event_log import EventLogError
 from feedrec.events.feed_event import EventBatch, EventsAck
-from feedrec.events.feed_recorder import FeedRecorder
 from feedrec.serving.admin_auth import AdminAuth, AdminAuthError
 from feedrec.serving.api import FeedRequest, FeedResponse, PromoteRequest, ShadowRequest
 from feedrec.serving.config import ServiceConfig
 from feedrec.serving.feed_metrics import FeedMetrics
+from feedrec.serving.feed_service import FeedService
 from feedrec.serving.online_store import OnlineFeatureStore, UserFeatures
-from feedrec.serving.realtime_signals import RealtimeSignals
 from feedrec.serving.request_limits import install_request_limits
 from feedrec.serving.stages import (
-    FeedPipeline,
     RequestError,
-    Reranker,
-    Scorer,
     retrievers,
     shadow_retrievers,
     shadow_watcher,
@@ -118,9 +113,6 @@ class Ingress:
     def __init__(self, retrieval: DeploymentHandle, config: dict[str, Any]) -> None:
         cfg = ServiceConfig(**config)
         store = _store(cfg)
-        reranker = Reranker(cfg, store)
-        # The production ranker (and the shadow one) follow the registry in this replica.
-        scorer = Scorer(cfg, store)
 
         async def retrieve(user: UserFeatures, k: int, blocked: list[int]) -> Any:
             return await retrieval.candidates.remote(user, k, blocked)
@@ -134,35 +126,12 @@ class Ingress:
                 return None
             return await retrieval.shadow_candidates.remote(user, k, blocked)
 
-        async def select(
-            post_ids: list[int], predictions: Any, count: int, debug: bool, interest: Any
-        ) -> Any:
-            return reranker.select(post_ids, predictions, count, debug, interest)
-
         self.metrics = FeedMetrics()
-        self.pipeline = FeedPipeline(
-            cfg,
-            store,
-            retrieve=retrieve,
-            rank=scorer.score,
-            rerank=select,
-            metrics=self.metrics,
-            shadow=scorer.shadow_score if cfg.shadowing else None,
-            shadow_retrieve=shadow_retrieve if cfg.shadowing else None,
+        # Ranking, re-ranking, recording and real-time signals: the twin builds the same.
+        self.service = FeedService(
+            cfg, store, retrieve, shadow_retrieve=shadow_retrieve, metrics=self.metrics
         )
-        bus = cfg.event_bus_location()  # events_bus (e.g. redis://...) or events_dir
-        self.recorder = (
-            FeedRecorder(bus, serving_day=store.day, snapshot=store.snapshot)
-            if bus is not None
-            else None
-        )
-        if self.recorder is not None:
-            self.pipeline.on_shadow = self.recorder.shadow
-        if self.recorder is not None and cfg.realtime:
-            # This replica follows the bus it writes to: hot topics and velocities within ~1 s.
-            signals = RealtimeSignals(store.attrs.post_topic, store.attrs.user_segment)
-            signals.follow(self.recorder.log)
-            self.pipeline.realtime = signals
+        self.recorder = self.service.recorder
         self.admin = AdminAuth.from_file(cfg.admin_token_file)
         self.registry = ModelRegistry(cfg.registry_dir) if cfg.registry_dir else None
 
@@ -235,18 +204,10 @@ class Ingress:
 
     @api.post("/v1/feed", response_model=FeedResponse)
     async def feed(self, request: FeedRequest) -> FeedResponse:  # type: ignore[valid-type]
-        started = time.perf_counter()
         try:
-            response = await self.pipeline.feed(request)
+            return await self.service.feed(request)
         except RequestError as e:
             raise HTTPException(status_code=422, detail=str(e)) from e
-        if self.recorder is not None:
-            try:  # the feed still goes out: an unrecorded feed costs training rows, not users
-                await self.recorder.served(response, (time.perf_counter() - started) * 1e3)
-            except (OSError, EventLogError) as e:
-                self.metrics.event_log_errors.inc(tags={"kind": "served"})
-                logger.error("served feed %s not recorded: %r", response.request_id, e)
-        return response
 
     @api.post("/v1/events", response_model=EventsAck)
     async def events(self, batch: EventBatch) -> EventsAck:
