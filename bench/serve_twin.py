@@ -12,6 +12,7 @@ nothing else. (Until 2026-11-25 the twin neither recorded feeds nor followed the
 from __future__ import annotations
 
 import argparse
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -69,15 +70,26 @@ def main() -> None:
     )
     parser.add_argument("--rank-k", type=int, default=ServiceConfig.model_fields["rank_k"].default)
     parser.add_argument("--feature-store", default=None, help="redis://... (default: embedded)")
-    args = parser.parse_args()
-    cfg = ServiceConfig.from_run(
-        args.run_dir,
-        triton_url=args.triton_url,
-        retrieve_k=args.retrieve_k,
-        rank_k=args.rank_k,
-        feature_store=args.feature_store,
+    parser.add_argument(
+        "--events-dir",
+        type=Path,
+        default=None,
+        help="the twin's own event log (default: a fresh temporary directory)",
     )
-    uvicorn.run(twin_app(cfg), host="127.0.0.1", port=args.port, log_level="warning")
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory(prefix="feedrec-twin-events-") as scratch:
+        # Its own log, not the run's: with a shared one, each server's real-time follower
+        # would parse the other's served feeds (1.4 ms of the Ingress replicas' CPU per twin
+        # request, measured) and learn from traffic it did not serve.
+        cfg = ServiceConfig.from_run(
+            args.run_dir,
+            triton_url=args.triton_url,
+            retrieve_k=args.retrieve_k,
+            rank_k=args.rank_k,
+            feature_store=args.feature_store,
+            events_dir=args.events_dir or Path(scratch),
+        )
+        uvicorn.run(twin_app(cfg), host="127.0.0.1", port=args.port, log_level="warning")
 
 
 if __name__ == "__main__":
