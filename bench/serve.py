@@ -193,6 +193,18 @@ def interleaved_max_rps(
             time.sleep(2.0)  # let queues drain between runs
 
 
+def server_arguments(parser: argparse.ArgumentParser) -> None:
+    """The workload and the two servers' options, shared with ``bench/serve_cpu.py``."""
+    parser.add_argument("--count", type=int, default=50, help="posts per feed")
+    parser.add_argument(
+        "--ranker-runtime", choices=("onnxruntime", "torchrec"), default="onnxruntime"
+    )
+    parser.add_argument("--retrieve-k", type=int, default=1000)
+    parser.add_argument("--rank-k", type=int, default=500)
+    parser.add_argument("--serve-port", type=int, default=8000)
+    parser.add_argument("--twin-port", type=int, default=8100)
+
+
 def chain_stack(run: Any, args: argparse.Namespace, overrides: dict[str, Any]) -> Any:
     """The benchmark's Serve chain: ``feedrec serve up``'s stack on ``run``, not yet started."""
     from feedrec.serving.stack import ServingStack, StackConfig
@@ -265,14 +277,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--run-dir", type=Path, default=Path("runs/demo"))
     parser.add_argument("--seconds", type=float, default=10.0, help="per load step")
-    parser.add_argument("--count", type=int, default=50, help="posts per feed")
-    parser.add_argument(
-        "--ranker-runtime", choices=("onnxruntime", "torchrec"), default="onnxruntime"
-    )
-    parser.add_argument("--retrieve-k", type=int, default=1000)
-    parser.add_argument("--rank-k", type=int, default=500)
-    parser.add_argument("--serve-port", type=int, default=8000)
-    parser.add_argument("--twin-port", type=int, default=8100)
+    server_arguments(parser)
     parser.add_argument(
         "--feature-store",
         choices=("embedded", "redis"),

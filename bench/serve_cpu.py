@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
-from bench.serve import chain_stack, offered_load, servers, warm_up
+from bench.serve import chain_stack, offered_load, server_arguments, servers, warm_up
 
 # (group, substring of the process's command line), first match wins.
 _GROUPS = (
@@ -89,14 +89,7 @@ def main() -> None:
     parser.add_argument("--run-dir", type=Path, default=Path("runs/serve1m"))
     parser.add_argument("--rps", type=float, default=20.0)
     parser.add_argument("--seconds", type=float, default=20.0)
-    parser.add_argument("--count", type=int, default=50)
-    parser.add_argument(
-        "--ranker-runtime", choices=("onnxruntime", "torchrec"), default="onnxruntime"
-    )
-    parser.add_argument("--retrieve-k", type=int, default=1000)
-    parser.add_argument("--rank-k", type=int, default=500)
-    parser.add_argument("--serve-port", type=int, default=8000)
-    parser.add_argument("--twin-port", type=int, default=8100)
+    server_arguments(parser)
     parser.add_argument("--rounds", type=int, default=1, help="measurements per side, in turns")
     args = parser.parse_args()
     if not (args.run_dir / "models").is_dir():
