@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import os
-import socket
-from contextlib import ExitStack
 from pathlib import Path
 
 import ray
@@ -26,29 +24,6 @@ LOCAL_LOGICAL_CPUS = 4
 #: (the throughput mode without direct ingress), whose 6.6 ms a feed HAProxy replaces with 0.3.
 #: Set on a local cluster by :func:`init_ray`; ``cluster.yaml`` starts Ray with the same values.
 SERVE_ENV = {"RAY_SERVE_THROUGHPUT_OPTIMIZED": "1", "RAY_SERVE_ENABLE_HA_PROXY": "1"}
-
-
-#: HAProxy's own listeners besides the HTTP port: Prometheus metrics and the stats page. Ray
-#: gives them fixed ports (9101, 8404) on every node, which a cluster's scraper expects; two
-#: local clusters on one machine (the demo while the tests run) would collide on them.
-HAPROXY_PORT_ENV = ("RAY_SERVE_HAPROXY_METRICS_PORT", "RAY_SERVE_HAPROXY_STATS_PORT")
-
-
-def local_serve_env() -> dict[str, str]:
-    """``SERVE_ENV`` for a local cluster: plus a free port each for HAProxy's metrics and
-    stats, so that local clusters can run side by side."""
-    ports = _free_ports(len(HAPROXY_PORT_ENV))
-    own = {name: str(port) for name, port in zip(HAPROXY_PORT_ENV, ports, strict=True)}
-    return {**SERVE_ENV, **own}
-
-
-def _free_ports(n: int) -> list[int]:
-    """``n`` distinct ports free on loopback now (held open together while chosen)."""
-    with ExitStack() as held:
-        sockets = [held.enter_context(socket.socket()) for _ in range(n)]
-        for s in sockets:
-            s.bind(("127.0.0.1", 0))
-        return [int(s.getsockname()[1]) for s in sockets]
 
 
 def repo_root() -> Path:
@@ -80,7 +55,7 @@ def init_ray(address: str | None = None, *, num_cpus: int | None = None) -> None
     os.environ[ray_constants.ENABLE_RAY_CLUSTERS_ENV_VAR] = "0"
     ray_constants.ENABLE_RAY_CLUSTER = False
     os.environ["PYTHONPATH"] = pythonpath
-    for name, value in local_serve_env().items():  # an explicit setting in the environment wins
+    for name, value in SERVE_ENV.items():  # an explicit setting in the environment wins
         os.environ.setdefault(name, value)
     ray.init(
         num_cpus=num_cpus or max(LOCAL_LOGICAL_CPUS, os.cpu_count() or 1),
