@@ -56,6 +56,10 @@ def init_ray(address: str | None = None, *, num_cpus: int | None = None) -> None
     for name, value in SERVE_ENV.items():  # an explicit setting in the environment wins
         os.environ.setdefault(name, value)
     ray.init(
+        # "local": always a new cluster. Without it Ray joins the machine's "current" cluster
+        # (/tmp/ray/ray_current_cluster), which a crashed driver of Ray's multi-node test
+        # cluster leaves behind pointing at a dead head: the next tests failed to start Ray.
+        address="local",
         num_cpus=num_cpus or max(LOCAL_LOGICAL_CPUS, os.cpu_count() or 1),
         # The dashboard hosts Ray's State API, which Ray Train's placement-group cleaner needs:
         # without it the workers' placement group of a stopped trial (Ray Tune) or a crashed
