@@ -99,8 +99,8 @@ class Traffic:
                     )
                     status, body = r.status_code, (r.json() if r.status_code == 200 else {})
                 except httpx.TransportError:
-                    # No answer at all: HAProxy closes the connection of a request that was
-                    # inside a replica when it died (it replays only requests never sent).
+                    # No answer at all (a connection closed under a request, e.g. by an
+                    # ingress that cannot replay it): a failure like any non-200.
                     status, body = 0, {}
                 self.answers.append(
                     {
@@ -402,9 +402,9 @@ def test_killed_serve_replica_is_replaced(
 
     Retrieval: the Ingress catches the failure, so requests get the flagged fallback until a
     Retrieval replica answers again, never an error, and full quality is back within 15 s.
-    Ingress (two replicas): HAProxy cannot replay a request on another replica once it was
-    sent (the POST may have run), so the requests inside the killed replica can fail (the
-    connection closes without an answer); no request sent after the kill may."""
+    Ingress (two replicas): the proxy cannot retry a request on another replica, so the
+    requests inside the killed replica can fail (a 5xx, or a connection closed without an
+    answer); no request sent after the kill may."""
     traffic = Traffic(registry_stack.url)
     try:
         traffic.wait_for(lambda a: a["fallback"] is False, 30, then=20)
