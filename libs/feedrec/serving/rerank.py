@@ -228,8 +228,10 @@ def rerank(c: Candidates, count: int, cfg: RerankConfig) -> Selection:
             pick = overall
         if pick is None:
             break
-        for r in range(passed, pick):  # the better posts passed over for the first time
-            if taken[r] or r in demoted:
+        # The better posts passed over for the first time: every rank below ``passed`` was
+        # taken or labelled by an earlier slot.
+        for r in range(passed, pick):
+            if taken[r]:
                 continue
             if capped(r):
                 demoted[r] = "max_per_creator"
