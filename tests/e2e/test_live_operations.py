@@ -402,9 +402,10 @@ def test_killed_serve_replica_is_replaced(
 
     Retrieval: the Ingress catches the failure, so requests get the flagged fallback until a
     Retrieval replica answers again, never an error, and full quality is back within 15 s.
-    Ingress (two replicas): the proxy cannot retry a request on another replica, so the
-    requests inside the killed replica can fail (a 5xx, or a connection closed without an
-    answer); no request sent after the kill may."""
+    Ingress (two replicas): HAProxy replays on the other replica a request whose connection
+    closed without an answer (``SERVE_ENV``'s ``empty-response``), whether it was inside the
+    killed replica or sent down a kept-alive connection to it; a request the replica had begun
+    to answer cannot be replayed, so at most one per client, sent before the kill, may fail."""
     traffic = Traffic(registry_stack.url)
     try:
         traffic.wait_for(lambda a: a["fallback"] is False, 30, then=20)

