@@ -17,6 +17,7 @@ The counts (cases sent, status-code histogram) are printed: run with ``-s`` to s
 
 from __future__ import annotations
 
+import asyncio
 import json
 import time
 from collections import Counter
@@ -486,6 +487,41 @@ def test_a_body_at_the_limit_is_served(client: httpx.Client) -> None:
 
 
 def test_still_serves_after_hostile_input(stack: ServingStack) -> None:
+    _serves_a_valid_feed(stack)
+
+
+#: Requests sent at once: several times what the Ingress admits and queues (serve_config.yaml:
+#: max_ongoing_requests 8 + max_queued_requests 8 on each of its 2 replicas).
+BURST = 200
+
+
+def test_a_burst_past_the_ingress_bound_is_shed_with_503_and_retry_after(
+    stack: ServingStack,
+) -> None:
+    """Load beyond what the Ingress admits is refused at once (503 with Retry-After), not
+    queued until clients time out; the admitted requests are answered, and the next request
+    after the burst is served normally."""
+
+    async def burst() -> list[httpx.Response]:
+        limits = httpx.Limits(max_connections=BURST, max_keepalive_connections=BURST)
+        async with httpx.AsyncClient(base_url=stack.url, limits=limits, timeout=60) as client:
+            return await asyncio.gather(
+                *(
+                    client.post("/v1/feed", json={"user_id": i % 50, "count": 5})
+                    for i in range(BURST)
+                )
+            )
+
+    started = time.monotonic()
+    answers = asyncio.run(burst())
+    took = time.monotonic() - started
+    codes = Counter(r.status_code for r in answers)
+    print(f"\nburst of {BURST}: {dict(codes)} in {took:.1f} s")
+    assert set(codes) <= {200, 503}, codes
+    assert codes[503] > 0, "nothing was shed: the bound did not apply"
+    assert codes[200] >= 16, codes  # at least what the two replicas admit at once
+    shed = [r for r in answers if r.status_code == 503]
+    assert all(r.headers.get("retry-after", "").isdigit() for r in shed), shed[0].headers
     _serves_a_valid_feed(stack)
 
 
