@@ -1,18 +1,28 @@
 from pathlib import Path
 
 import numpy as np
+import pyarrow.parquet as pq
 import pytest
 
 from feedrec.data import preprocess
+from feedrec.data.examples import EXAMPLE_SCHEMA, arrow_from_columns
 from feedrec.features.tables import (
     KIND_STATS,
     EntityAttributes,
     FeatureSnapshot,
     FeatureTables,
     SparseStats,
+    topic_slots,
 )
 from feedrec.features.vocabulary import Vocabulary
-from feedrec.schema.registry import CONTENT_DIM, HISTORY_LEN, LABELS, RAW_COLUMNS, WINDOW_DAYS
+from feedrec.schema.registry import (
+    CONTENT_DIM,
+    HISTORY_LEN,
+    LABELS,
+    RAW_COLUMNS,
+    SHOWN_TOPICS_LEN,
+    WINDOW_DAYS,
+)
 
 N_DAYS, U, P, C, T = 10, 3, 4, 2, 3
 
@@ -131,6 +141,13 @@ def test_lookup_matches_a_dense_reference() -> None:
         expected = np.where(topic_likes[order] > 0, order, -1)
         expected = np.pad(expected, (0, HISTORY_LEN - len(expected)), constant_values=-1)
         np.testing.assert_array_equal(raw["u_recent_topics"][i], expected)
+        topic_imps = dense["user_topic"][w, u, :, 0].sum(axis=0)
+        shown = raw["u_shown_topics"][i]
+        slots = np.bincount(shown[shown >= 0], minlength=T)
+        assert slots.sum() == (SHOWN_TOPICS_LEN if topic_imps.sum() else 0)
+        if topic_imps.sum():  # each topic's share of the slots is its share of impressions
+            share = topic_imps / topic_imps.sum()
+            assert np.abs(slots / SHOWN_TOPICS_LEN - share).max() < 1 / SHOWN_TOPICS_LEN
 
 
 def test_full_and_restricted_snapshots_give_the_same_lookup() -> None:
@@ -176,7 +193,18 @@ def test_an_output_of_older_code_is_not_current(tmp_path: Path) -> None:
     _tables().save(out.tables)
     assert not out.is_current()  # no meta.json: the run did not finish
     out.meta.write_text("{}")
+    assert not out.is_current()  # no examples
+    train = out.examples("train")
+    train.mkdir(parents=True)
+    example = {c.name: np.zeros((1, c.length) if c.length else 1) for c in RAW_COLUMNS}
+    example.update({name: np.zeros(1) for name in ("impression_id", "day", "ts", "propensity")})
+    example.update({label: np.zeros(1) for label in LABELS})
+    table = arrow_from_columns(example, EXAMPLE_SCHEMA)
+    pq.write_table(table, train / "0.parquet")
     assert out.is_current()
+    pq.write_table(table.drop_columns(["u_shown_topics"]), train / "0.parquet")
+    assert not out.is_current()  # examples written before that column was declared
+    pq.write_table(table, train / "0.parquet")
     np.savez(out.tables, format=np.asarray(2))  # the layout before user_content
     assert not out.is_current()
 
@@ -246,3 +274,34 @@ def test_join_day_groups_fit_the_budget() -> None:
     np.testing.assert_array_equal(
         stats.post.values, full.values[np.isin(full.keys, stats.post.keys)]
     )
+
+
+def _apportion(counts: np.ndarray, slots: int) -> np.ndarray:
+    """Largest remainder, one row at a time: floors, then +1 by remainder (ties: lower id)."""
+    if counts.sum() == 0:
+        return np.zeros(len(counts), np.int64)
+    exact = counts.astype(np.float64) * slots / counts.sum(dtype=np.float64)
+    alloc = np.floor(exact).astype(np.int64)
+    rest = sorted(range(len(counts)), key=lambda t: (-(exact[t] - alloc[t]), t))
+    for t in rest[: slots - alloc.sum()]:
+        alloc[t] += 1
+    return alloc
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_topic_slots_apportion_like_largest_remainder(seed: int) -> None:
+    rng = np.random.default_rng(seed)
+    n_topics, slots = int(rng.integers(1, 40)), int(rng.integers(1, 20))
+    counts = rng.poisson(rng.uniform(0.1, 3), size=(30, n_topics)).astype(np.float32)
+    counts[rng.random(30) < 0.2] = 0  # users with no impressions in the window
+    out = topic_slots(counts, slots)
+    assert out.shape == (30, slots) and out.dtype == np.int64
+    for row, c in zip(out, counts, strict=True):
+        ids = row[row >= 0]
+        assert (row[len(ids) :] == -1).all() and (np.diff(ids) >= 0).all()
+        np.testing.assert_array_equal(np.bincount(ids, minlength=n_topics), _apportion(c, slots))
+
+
+def test_topic_slots_follow_shares_not_totals() -> None:
+    out = topic_slots(np.array([[3.0, 1.0, 0.0], [30.0, 10.0, 0.0], [0.0, 0.0, 0.0]]), 4)
+    assert out.tolist() == [[0, 0, 0, 1], [0, 0, 0, 1], [-1, -1, -1, -1]]

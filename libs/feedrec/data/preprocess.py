@@ -126,15 +126,17 @@ class PreprocessLayout:
         return self.root / "vocabularies.npz"
 
     def is_current(self) -> bool:
-        """Whether this output exists and its feature tables are of the layout this code reads
-        (an output of older code must be preprocessed again before it is used)."""
+        """Whether this output exists and its feature tables and examples are of the layout this
+        code reads (an output of older code must be preprocessed again before it is used)."""
         if not self.meta.is_file() or not self.tables.is_file():
             return False
         try:
             FeatureTables.load_attributes(self.tables)
         except ValueError:
             return False
-        return True
+        # One file's footer: the examples hold every raw column the registry declares now.
+        first = next(self.examples("train").rglob("*.parquet"), None)
+        return first is not None and pq.read_schema(first).names == EXAMPLE_SCHEMA.names
 
     def examples(self, split: str) -> Path:
         if split not in SPLITS:

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
-from feedrec.schema.registry import CONTENT_DIM, HISTORY_LEN, WINDOW_DAYS
+from feedrec.schema.registry import CONTENT_DIM, HISTORY_LEN, SHOWN_TOPICS_LEN, WINDOW_DAYS
 
 #: Columns of the per-entity daily statistics, in array order.
 USER_STATS = ("imps", "likes", "comments", "shares", "hides", "dwell")
@@ -66,6 +66,38 @@ def members(sorted_keys: np.ndarray, keys: np.ndarray) -> tuple[np.ndarray, np.n
     idx = np.minimum(idx, max(len(sorted_keys) - 1, 0))
     found = sorted_keys[idx] == keys if len(sorted_keys) else np.zeros(len(keys), bool)
     return idx, found
+
+
+def topic_slots(counts: np.ndarray, slots: int) -> np.ndarray:
+    """Each row's topics repeated in proportion to ``counts``, as a fixed-length id list.
+
+    Largest-remainder apportionment: topic t gets floor(slots * share_t) slots, and the slots
+    left go to the largest remainders (ties to the lower topic id). Mean-pooling the list's
+    embeddings then weighs each topic by its share, to within 1 / ``slots``.
+
+    Args:
+        counts: float [N, T] non-negative counts per topic.
+        slots: list length L.
+    Returns:
+        int64 [N, L] topic ids in ascending order, -1 padded: all L slots filled for a row with
+        any count, none for an all-zero row.
+    """
+    counts = np.asarray(counts, dtype=np.float64)
+    n, t = counts.shape
+    total = counts.sum(axis=1, keepdims=True)
+    exact = np.divide(counts * slots, total, out=np.zeros_like(counts), where=total > 0)
+    alloc = np.floor(exact).astype(np.int64)
+    left = np.where(total[:, 0] > 0, slots - alloc.sum(axis=1), 0)
+    order = np.argsort(alloc - exact, axis=1, kind="stable")  # largest remainder first
+    rank = np.empty_like(order)
+    np.put_along_axis(rank, order, np.broadcast_to(np.arange(t), (n, t)), axis=1)
+    alloc += rank < left[:, None]
+    filled = alloc.sum(axis=1)
+    row = np.repeat(np.arange(n), filled)
+    at = np.arange(filled.sum()) - np.repeat(np.cumsum(filled) - filled, filled)
+    out = np.full((n, slots), -1, np.int64)
+    out[row, at] = np.repeat(np.tile(np.arange(t), n), alloc.reshape(-1))
+    return out
 
 
 def by_day(
@@ -253,7 +285,8 @@ class FeatureSnapshot:
         user_id = np.asarray(user_id, dtype=np.int64)
         self._check_day(day)
         stats = self.stats.user.get(user_id)
-        likes_by_topic = self.topic_likes(user_id)[:, :, 1]  # [N, T]
+        by_topic = self.topic_likes(user_id)  # [N, T, (imps, likes)]
+        likes_by_topic = by_topic[:, :, 1]
         # Topics the user liked most in the window (stable order on ties), -1 padded.
         order = np.argsort(-likes_by_topic, axis=1, kind="stable")[:, :HISTORY_LEN]
         top_likes = np.take_along_axis(likes_by_topic, order, axis=1)
@@ -265,6 +298,7 @@ class FeatureSnapshot:
         out["user_segment"] = self.attrs.user_segment[user_id].astype(np.int64)
         out.update({f"u_{name}": stats[:, i] for i, name in enumerate(USER_STATS)})
         out["u_recent_topics"] = recent
+        out["u_shown_topics"] = topic_slots(by_topic[:, :, 0], SHOWN_TOPICS_LEN)
         out["u_liked_content"] = self.stats.user_content.get(user_id)
         return out
 

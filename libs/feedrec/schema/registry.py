@@ -29,6 +29,9 @@ Entity = Literal["user", "post", "creator", "user_topic", "context"]
 
 #: Length of the jagged "recent topics" history (topics the user engaged with most, last 7 days).
 HISTORY_LEN = 5
+#: Slots of the "shown topics" list: the topics of the posts the user was shown in the window,
+#: each repeated in proportion to its impressions (``feedrec.features.tables.topic_slots``).
+SHOWN_TOPICS_LEN = 16
 #: Trailing window (days) of the user and creator aggregates. Post aggregates use all prior days.
 WINDOW_DAYS = 7
 #: Dimension of the post content embedding (stands in for a pretrained text/image encoder).
@@ -116,6 +119,7 @@ class RawColumn:
 _R: frozenset[ModelPart] = frozenset({"ranker"})
 _RU: frozenset[ModelPart] = frozenset({"ranker", "user_tower"})
 _RI: frozenset[ModelPart] = frozenset({"ranker", "item_tower"})
+_U: frozenset[ModelPart] = frozenset({"user_tower"})
 
 TABLES: tuple[TableSpec, ...] = (
     TableSpec("user", 32, vocab="user_id"),
@@ -123,6 +127,7 @@ TABLES: tuple[TableSpec, ...] = (
     TableSpec("post", 32, vocab="post_id"),
     TableSpec("creator", 16, vocab="creator_id"),
     TableSpec("topic", 16, vocab="topic"),
+    TableSpec("shown_topic", 16, vocab="topic"),
     TableSpec("media", 4, vocab="media_type"),
 )
 
@@ -134,6 +139,11 @@ SPARSE_FEATURES: tuple[SparseFeature, ...] = (
     SparseFeature("user_id", "user", _RU),
     SparseFeature("user_segment", "segment", _RU),
     SparseFeature("u_recent_topics", "topic", _RU, pooling="mean", max_len=HISTORY_LEN),
+    # Mean-pooled, the slots weigh each topic's embedding by its share of the user's impressions.
+    # The logging policy shows a user their topics of interest more often, so the ~46 impressions
+    # a week reveal interests the ~3 likes cannot. The ranker reads the same counts for the
+    # candidate's own topic (ut_imps, ut_likes), which is the slice of them it needs.
+    SparseFeature("u_shown_topics", "shown_topic", _U, pooling="mean", max_len=SHOWN_TOPICS_LEN),
     SparseFeature("post_id", "post", _R),
     SparseFeature("creator_id", "creator", _RI),
     SparseFeature("topic", "topic", _RI),
@@ -156,6 +166,7 @@ RAW_COLUMNS: tuple[RawColumn, ...] = (
     RawColumn("u_hides", "user", "float32"),
     RawColumn("u_dwell", "user", "float32"),
     RawColumn("u_recent_topics", "user", "int64", HISTORY_LEN),
+    RawColumn("u_shown_topics", "user", "int64", SHOWN_TOPICS_LEN),
     # sum of the content embeddings of the posts the user liked (trailing window)
     RawColumn("u_liked_content", "user", "float32", CONTENT_DIM),
     # the user's history with this post's topic (trailing window)
