@@ -141,8 +141,9 @@ SPARSE_FEATURES: tuple[SparseFeature, ...] = (
     SparseFeature("u_recent_topics", "topic", _RU, pooling="mean", max_len=HISTORY_LEN),
     # Mean-pooled, the slots weigh each topic's embedding by its share of the user's impressions.
     # The logging policy shows a user their topics of interest more often, so the ~46 impressions
-    # a week reveal interests the ~3 likes cannot. The ranker reads the same counts for the
-    # candidate's own topic (ut_imps, ut_likes), which is the slice of them it needs.
+    # a week reveal interests the ~3 likes cannot: Recall@100 0.0815 vs 0.0731 without (small,
+    # mean of three seeds). A table of its own: sharing `topic`'s gave 0.0787. The ranker reads
+    # the counts of the candidate's own topic (ut_imps, ut_likes), the slice of them it needs.
     SparseFeature("u_shown_topics", "shown_topic", _U, pooling="mean", max_len=SHOWN_TOPICS_LEN),
     SparseFeature("post_id", "post", _R),
     SparseFeature("creator_id", "creator", _RI),
