@@ -19,6 +19,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 RESULTS = Path(__file__).resolve().parent / "results" / "train.json"
 
@@ -35,7 +36,7 @@ def _prepare(run_dir: Path, preset: str) -> None:
         print(pipeline.preprocess(run), flush=True)
 
 
-def _single(run_dir: Path, preset: str, max_steps: int | None) -> dict[str, float]:
+def _single(run_dir: Path, preset: str, max_steps: int | None) -> dict[str, Any]:
     """Runs in its own process so its peak RSS is its own."""
     import torch
 
@@ -50,10 +51,21 @@ def _single(run_dir: Path, preset: str, max_steps: int | None) -> dict[str, floa
         cfg, PreprocessLayout(RunLayout(run_dir).data), max_steps=max_steps, validate=False
     )
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
-    return {"samples_per_s": result.samples_per_s, "peak_rss_mb": peak}
+    return {
+        "samples_per_s": result.samples_per_s,
+        "peak_rss_mb": peak,
+        "phases_s": _phases(result.history[-1]),
+    }
 
 
-def _ray_dmp(run_dir: Path, preset: str) -> dict[str, float]:
+def _phases(epoch: dict[str, float]) -> dict[str, float]:
+    """The epoch's seconds per step phase (``feedrec.training.step_timer``)."""
+    from feedrec.training.step_timer import PHASES
+
+    return {name: epoch[f"seconds_{name}"] for name in PHASES}
+
+
+def _ray_dmp(run_dir: Path, preset: str) -> dict[str, Any]:
     from feedrec.artifacts import load_artifact
     from feedrec.data import PreprocessLayout
     from feedrec.runtime import RunLayout, init_ray
@@ -72,6 +84,7 @@ def _ray_dmp(run_dir: Path, preset: str) -> dict[str, float]:
         "samples_per_s": last["samples_per_s_per_worker"] * cfg.num_workers,
         "peak_rss_mb": last["peak_rss_mb"],
         "workers": cfg.num_workers,
+        "phases_s": _phases(last),  # rank 0's
     }
 
 
@@ -106,6 +119,9 @@ def main() -> None:
             "ray_dmp_worker": round(ray_dmp["peak_rss_mb"], 1),
             "single": round(single["peak_rss_mb"], 1),
         },
+        # Where each side's epoch went: Ray DMP rank 0 (1 thread, batch per worker) and the
+        # single process (all threads, the global batch). forward holds the all-to-alls.
+        "phases_s": {"ray_dmp_rank0": ray_dmp["phases_s"], "single": single["phases_s"]},
         "preset": args.preset,
         "workers": ray_dmp["workers"],
         "host": {"cpus": os.cpu_count(), "machine": platform.machine()},
@@ -115,6 +131,9 @@ def main() -> None:
     for name, row in (("single TorchRec process", single), ("Ray Train DMP x2", ray_dmp)):
         print(f"{name:24}{row['samples_per_s']:>12.0f}{row['peak_rss_mb']:>14.0f}")
     print(f"ratio (Ray DMP / single): {ratio:.2f}x (goal >= 1.3x)")
+    print(f"\nseconds per phase of the epoch{'':>10}{'Ray DMP rank 0':>16}{'single':>10}")
+    for name, seconds in ray_dmp["phases_s"].items():
+        print(f"{name:40}{seconds:>16.1f}{single['phases_s'][name]:>10.1f}")
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     RESULTS.write_text(json.dumps(result, indent=2) + "\n")
     print(f"wrote {RESULTS}")

@@ -28,6 +28,7 @@ from feedrec.models.two_tower import TwoTower, TwoTowerConfig, TwoTowerTrain
 from feedrec.training.checkpoint import TrainState, restore_checkpoint, save_checkpoint
 from feedrec.training.config import TrainConfig
 from feedrec.training.sharding import describe_plan, gather_state_dict, shard
+from feedrec.training.step_timer import StepTimer
 from feedrec.training.warm_start import WarmStart
 
 
@@ -162,15 +163,15 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         # Throughput clock starts at the first batch: Ray Data's pipeline spin-up is not training.
         started: float | None = None
         seen, loss_sum, steps = 0, 0.0, 0
-        for i, cols in enumerate(
-            train_shard.iter_batches(
-                batch_size=cfg.batch_size,
-                batch_format="numpy",
-                drop_last=True,  # every rank must run the same number of collective steps
-                local_shuffle_buffer_size=cfg.batch_size * 4,
-                local_shuffle_seed=cfg.seed + epoch,
-            )
-        ):
+        timer = StepTimer(device)
+        batches = train_shard.iter_batches(
+            batch_size=cfg.batch_size,
+            batch_format="numpy",
+            drop_last=True,  # every rank must run the same number of collective steps
+            local_shuffle_buffer_size=cfg.batch_size * 4,
+            local_shuffle_seed=cfg.seed + epoch,
+        )
+        for i, cols in enumerate(timer.batches(batches)):
             # Resuming mid-epoch: the data position is a batch count. The split is in order
             # (``feedrec.training.trainer.build_trainer``) and the shuffle seeded, so skipping
             # them skips the very rows the lost attempt had trained on.
@@ -180,11 +181,15 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
                 break  # every rank stops at the same batch: the shards are equal-sized
             _fault_drill(cfg, state, rank, world)
             started = started or time.perf_counter()
-            batch = collate(cols).to(device)
-            loss, _ = dmp(batch)
-            optimizer.zero_grad()
-            loss.backward()
-            optimizer.step()
+            with timer.phase("collate"):
+                batch = collate(cols).to(device)
+            with timer.phase("forward"):  # with the sharded tables' input and output all-to-alls
+                loss, _ = dmp(batch)
+            with timer.phase("backward"):
+                optimizer.zero_grad()
+                loss.backward()
+            with timer.phase("optimizer"):
+                optimizer.step()
             loss_sum += loss.item()
             steps += 1
             seen += cfg.batch_size
@@ -204,6 +209,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             "train_loss": loss_sum / max(steps, 1),
             "samples_per_s_per_worker": seen / max(elapsed, 1e-9),
             "peak_rss_mb": float(rss.item()),
+            **timer.metrics(),  # this rank's
             **validate(
                 dmp,
                 cfg,

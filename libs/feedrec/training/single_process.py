@@ -28,6 +28,7 @@ from feedrec.training.config import TrainConfig
 from feedrec.training.loop import build_train_module
 from feedrec.training.loop import validate as validation_metrics
 from feedrec.training.sharding import gather_state_dict, shard
+from feedrec.training.step_timer import StepTimer
 from feedrec.training.trainer import (
     pair_columns,
     ranker_columns,
@@ -98,12 +99,18 @@ def train_single_process(
             path, to_cols, batch_size, seed=cfg.seed + epoch, shuffle_buffer=batch_size * 4
         )
         collate = RankerBatch.from_columns if cfg.model == "ranker" else PairBatch.from_columns
-        for cols in batches:
+        timer = StepTimer(torch.device("cpu"))
+        for cols in timer.batches(batches):
             started = started or time.perf_counter()
-            loss, _ = dmp(collate(cols))
-            optimizer.zero_grad()
-            loss.backward()
-            optimizer.step()
+            with timer.phase("collate"):
+                batch = collate(cols)
+            with timer.phase("forward"):
+                loss, _ = dmp(batch)
+            with timer.phase("backward"):
+                optimizer.zero_grad()
+                loss.backward()
+            with timer.phase("optimizer"):
+                optimizer.step()
             loss_sum += loss.item()
             epoch_steps += 1
             steps += 1
@@ -116,6 +123,7 @@ def train_single_process(
             "epoch": epoch,
             "train_loss": loss_sum / max(epoch_steps, 1),
             "samples_per_s": epoch_steps * batch_size / max(elapsed, 1e-9),
+            **timer.metrics(),
         }
         if validate:
             valid = iter_column_batches(valid_path, valid_cols, batch_size, seed=0, drop_last=False)
