@@ -44,6 +44,25 @@ def build_train_module(
     return TwoTowerTrain(two_tower), two_tower
 
 
+def train_step(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    batch: RankerBatch | PairBatch,
+    timer: StepTimer,
+) -> torch.Tensor:
+    """One optimisation step of a train wrapper (``RankerTrain``/``TwoTowerTrain``, sharded or
+    not) on ``batch``, timed phase by phase. Returns the loss (0-d). On sharded tables the
+    forward holds their input and output all-to-alls."""
+    with timer.phase("forward"):
+        loss, _ = model(batch)
+    with timer.phase("backward"):
+        optimizer.zero_grad()
+        loss.backward()
+    with timer.phase("optimizer"):
+        optimizer.step()
+    return loss
+
+
 def _gather(values: list[np.ndarray]) -> np.ndarray:
     """Concatenate arrays from every rank (valid sets are small)."""
     local = np.concatenate(values) if values else np.zeros((0,))
@@ -183,13 +202,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             started = started or time.perf_counter()
             with timer.phase("collate"):
                 batch = collate(cols).to(device)
-            with timer.phase("forward"):  # with the sharded tables' input and output all-to-alls
-                loss, _ = dmp(batch)
-            with timer.phase("backward"):
-                optimizer.zero_grad()
-                loss.backward()
-            with timer.phase("optimizer"):
-                optimizer.step()
+            loss = train_step(dmp, optimizer, batch, timer)
             loss_sum += loss.item()
             steps += 1
             seen += cfg.batch_size

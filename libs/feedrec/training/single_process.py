@@ -25,7 +25,7 @@ from feedrec.models.batch import PairBatch, RankerBatch
 from feedrec.models.ranker import RankerConfig
 from feedrec.models.two_tower import TwoTowerConfig
 from feedrec.training.config import TrainConfig
-from feedrec.training.loop import build_train_module
+from feedrec.training.loop import build_train_module, train_step
 from feedrec.training.loop import validate as validation_metrics
 from feedrec.training.sharding import gather_state_dict, shard
 from feedrec.training.step_timer import StepTimer
@@ -104,13 +104,7 @@ def train_single_process(
             started = started or time.perf_counter()
             with timer.phase("collate"):
                 batch = collate(cols)
-            with timer.phase("forward"):
-                loss, _ = dmp(batch)
-            with timer.phase("backward"):
-                optimizer.zero_grad()
-                loss.backward()
-            with timer.phase("optimizer"):
-                optimizer.step()
+            loss = train_step(dmp, optimizer, batch, timer)
             loss_sum += loss.item()
             epoch_steps += 1
             steps += 1
