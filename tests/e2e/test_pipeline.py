@@ -50,6 +50,14 @@ def test_pipeline_wrote_every_stage(trained_run: Path) -> None:
     metrics = json.loads((run.eval / "metrics.json").read_text())
     for task in ("like", "comment", "share", "hide"):
         assert metrics["ranking"][task]["oracle"]["auc"] > 0.7  # the world is learnable
+        ranked = metrics["ranking"][task]
+        # Less of the truth ranks worse: without the latent taste, then with the interests
+        # estimated from the logs; even that knows more than the posts' popularity.
+        assert ranked["oracle"]["auc"] > ranked["oracle_no_taste"]["auc"]
+        assert ranked["history_oracle"]["auc"] > ranked["popularity"]["auc"]
+        assert ranked["model"]["auc_vs_history_oracle"] == pytest.approx(
+            ranked["model"]["auc"] / ranked["history_oracle"]["auc"]
+        )
     recall = {s: metrics["retrieval"][s]["recall@100"] for s in ("oracle", "history_oracle")}
     popularity = metrics["retrieval"]["popularity"]["recall@100"]
     # The truth ranks best; the truth as far as the logs show it still beats popularity.

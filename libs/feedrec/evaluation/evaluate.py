@@ -29,13 +29,13 @@ from feedrec.evaluation.metrics import (
     recall_at_k,
     top_k_excluding,
 )
-from feedrec.features.tables import INDEX_TIME_OF_DAY, FeatureSnapshot
+from feedrec.features.tables import INDEX_TIME_OF_DAY, FeatureSnapshot, FeatureTables
 from feedrec.features.transform import FeatureTransform
 from feedrec.models.batch import BINARY_TASKS
 from feedrec.models.predictor import RankerPredictor, TowerEncoder
 from feedrec.retrieval.post_index import PostIndex
 from feedrec.world.config import eligible_posts
-from feedrec.world.generator import INTEREST_CONCENTRATION, load_world_config
+from feedrec.world.generator import load_world_config, truth_for_day
 from feedrec.world.layout import WorldLayout
 from feedrec.world.truth import GroundTruth
 
@@ -78,7 +78,11 @@ def _ranking(
     truth: dict[str, np.ndarray] | None,
     predictor: RankerPredictor,
     transform: FeatureTransform,
+    references: dict[str, dict[str, np.ndarray]],
 ) -> dict[str, Any]:
+    """Per head: AUC, logloss (and ECE) of the model, the oracle, the ``references`` (system ->
+    per-row probabilities of each binary task and expected ``dwell``, see
+    :func:`_truth_references`) and popularity on the test rows ``raw``."""
     pred = predictor.predict(transform(raw, "ranker"))
     out: dict[str, Any] = {"rows": len(pred)}
     for i, task in enumerate(BINARY_TASKS):
@@ -108,6 +112,10 @@ def _ranking(
             out[task]["model"]["auc_vs_oracle"] = (
                 out[task]["model"]["auc"] / out[task]["oracle"]["auc"]
             )
+        for name, probs in references.items():
+            ref = {"auc": auc(y, probs[task]), "logloss": logloss(y, probs[task])}
+            out[task][name] = ref
+            out[task]["model"][f"auc_vs_{name}"] = out[task]["model"]["auc"] / ref["auc"]
     dwell = raw["dwell"]
     out["dwell"] = {
         "model": {"rmse": float(np.sqrt(np.mean((pred[:, -1] - dwell) ** 2)))},
@@ -117,6 +125,40 @@ def _ranking(
     }
     if truth is not None:
         out["dwell"]["oracle"] = {"rmse": float(np.sqrt(np.mean((truth["e_dwell"] - dwell) ** 2)))}
+    for name, probs in references.items():
+        out["dwell"][name] = {"rmse": float(np.sqrt(np.mean((probs["dwell"] - dwell) ** 2)))}
+    return out
+
+
+def _truth_references(
+    world: WorldLayout, tables: FeatureTables, raw: dict[str, np.ndarray], lifetime: float
+) -> dict[str, dict[str, np.ndarray]]:
+    """What the oracle's AUC would be with less of the truth, per test row of ``raw``.
+
+    ``oracle_no_taste`` is the truth without the users' latent taste (every user's topic
+    interests exact): the part of the oracle that no log feature carries is gone.
+    ``history_oracle`` also replaces the interests by their estimate from each user's
+    impressions in the feature window of the row's day (:func:`_logged_truth`). Both keep every
+    post-side parameter exact. Returns: system -> {binary task, "dwell"} -> float64 [N].
+    """
+    keys = (*BINARY_TASKS, "dwell")
+    n = len(raw["user_id"])
+    out = {name: {k: np.zeros(n) for k in keys} for name in ("oracle_no_taste", "history_oracle")}
+    for day in np.unique(raw["day"]):
+        at = np.flatnonzero(raw["day"] == day)
+        gt = truth_for_day(world, int(day))
+        users, rows = np.unique(raw["user_id"][at], return_inverse=True)
+        snap = tables.snapshot(int(day), users, np.zeros(0, np.int64))
+        systems = {
+            "oracle_no_taste": (replace(gt, z_user=np.zeros_like(gt.z_user)), raw["user_id"][at]),
+            "history_oracle": (_logged_truth(gt, snap, users, lifetime), rows),
+        }
+        for name, (truth, user_rows) in systems.items():
+            probs = truth.probabilities(
+                user_rows, raw["post_id"][at], raw["ts"][at], raw["position"][at]
+            )
+            for k in keys:
+                out[name][k][at] = probs[k]
     return out
 
 
@@ -172,9 +214,11 @@ def _retrieval_setup(
     }
     if gt is not None:
         scorers["oracle"] = _truth_scorer(gt, users, corpus, day)
+        no_taste = replace(gt, z_user=np.zeros_like(gt.z_user))
+        scorers["oracle_no_taste"] = _truth_scorer(no_taste, users, corpus, day)
         # The logged truth covers the sampled users only: row r is users[r].
         scorers["history_oracle"] = _truth_scorer(
-            _logged_truth(gt, tables, users), np.arange(len(users)), corpus, day
+            _logged_truth(gt, tables, users, lifetime), np.arange(len(users)), corpus, day
         )
     return _RetrievalSetup(users, engaged, corpus, items, user_emb, scorers)
 
@@ -189,21 +233,43 @@ def _truth_scorer(
     )
 
 
-def _logged_truth(gt: GroundTruth, tables: FeatureSnapshot, users: np.ndarray) -> GroundTruth:
+def interests_from_impressions(impressions: np.ndarray, topic_share: np.ndarray) -> np.ndarray:
+    """Each user's topic interests estimated from what the logging policy showed them.
+
+    The policy draws a post's topic about in proportion to the topic's share of the eligible
+    posts times the user's interest in it (its score is log(interest + 0.02) plus noise), so
+    impressions divided by share estimate the interests up to normalisation. One
+    pseudo-impression per topic is the prior: a user never shown anything gets uniform ones.
+    On the small world this beats the posterior from likes (about 1.6 a user a week): test AUC
+    of like 0.754 vs 0.734 with the rest of the truth exact, and no latent taste.
+
+    Args: impressions float [R, T] per user and topic (the feature window); topic_share float
+    [T], summing to 1. Returns: float64 [R, T], rows summing to 1.
+    """
+    ratio = np.asarray(impressions, np.float64) / np.maximum(topic_share, 1e-12)
+    return (ratio + 1.0) / (ratio.sum(axis=1, keepdims=True) + ratio.shape[1])
+
+
+def _logged_truth(
+    gt: GroundTruth, tables: FeatureSnapshot, users: np.ndarray, lifetime: float
+) -> GroundTruth:
     """The ground truth as far as the logs reveal it about ``users`` (the ``history_oracle``).
 
     Every post-side parameter (topic, creator quality, media, age) stays exact. Each user's
-    topic interests become the Dirichlet posterior mean given their likes per topic in the
-    feature window (what the user tower sees), and their latent taste, which no log feature
-    carries, is zeroed. Ranking by it shows how much of the oracle's recall the logs identify:
-    a reference for the towers, not a bound (a model may read more history than the window).
+    topic interests become their estimate from the impressions per topic in the feature
+    window (:func:`interests_from_impressions`, what ``u_shown_topics`` and ``ut_imps`` carry
+    to the models), and their latent taste, which no log feature carries, is zeroed. It shows
+    how much of the oracle the logs identify: a reference for the models, not a bound (a model
+    may read more history than the window, or estimate some taste from engagement).
 
     Returns: a truth over ``users`` only (user arrays [len(users), ...], row r is ``users[r]``),
     so the large worlds do not copy every user's parameters.
     """
-    likes = tables.topic_likes(users)[:, :, 1].astype(np.float64)  # [R, T]
-    prior = INTEREST_CONCENTRATION
-    theta = (likes + prior) / (likes.sum(axis=1, keepdims=True) + prior * likes.shape[1])
+    corpus = eligible_posts(tables.attrs.post_created_at, tables.day, lifetime)
+    n_topics = tables.stats.n_topics
+    share = np.bincount(tables.attrs.post_topic[corpus], minlength=n_topics) / max(len(corpus), 1)
+    impressions = tables.topic_likes(users)[:, :, 0]
+    theta = interests_from_impressions(impressions, share)
     z_user = np.zeros((len(users), gt.z_user.shape[1]), dtype=gt.z_user.dtype)
     return replace(gt, theta=theta, z_user=z_user, segment=gt.segment[users])
 
@@ -347,7 +413,8 @@ def evaluate(cfg: EvaluationConfig) -> dict[str, Any]:
     encoder = TowerEncoder.from_artifact(tower_art)
     world_cfg = load_world_config(world)
     day = _retrieval_day(meta)
-    tables = FeatureSnapshot.load(data.tables, day)
+    all_tables = FeatureTables.load(data.tables)
+    tables = all_tables.snapshot(day)
     tower_transform = FeatureTransform(tower_art.vocabs)
     lifetime = world_cfg.post_lifetime_days
     train_pairs = split_pairs(data, "train", tables.attrs.n_posts)
@@ -356,8 +423,9 @@ def evaluate(cfg: EvaluationConfig) -> dict[str, Any]:
     k_recall = min(max(RECALL_KS), len(setup.corpus))
     k_full = min(max(FULL_RANKING_KS), len(setup.corpus))
     tops = _tops(setup, seen, k_recall, k_full)
+    references = _truth_references(world, all_tables, test, lifetime) if truth is not None else {}
     metrics = {
-        "ranking": _ranking(test, truth, ranker, FeatureTransform(ranker_art.vocabs)),
+        "ranking": _ranking(test, truth, ranker, FeatureTransform(ranker_art.vocabs), references),
         "retrieval": _retrieval(setup, tops, k_recall),
         "full_ranking": _full_ranking(
             setup, seen, tops, tuple(k for k in FULL_RANKING_KS if k <= k_full)

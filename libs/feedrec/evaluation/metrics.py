@@ -6,15 +6,15 @@ from collections.abc import Mapping
 
 import numpy as np
 
-#: The systems evaluation compares, in report order. ``history_oracle`` (retrieval only) is the
-#: ground truth with each user's interests estimated from their logged likes
-#: (``feedrec.evaluation.evaluate``).
-SYSTEMS = ("model", "oracle", "history_oracle", "popularity")
+#: The systems evaluation compares, in report order. ``oracle_no_taste`` is the ground truth
+#: without the users' latent taste; ``history_oracle`` also estimates each user's topic
+#: interests from their logged impressions (``feedrec.evaluation.evaluate``).
+SYSTEMS = ("model", "oracle", "oracle_no_taste", "history_oracle", "popularity")
 
 
 def systems_in(section: Mapping[str, object]) -> list[str]:
-    """The systems a metrics section has numbers for, in report order (no oracle without a
-    ground truth, no ``history_oracle`` outside retrieval)."""
+    """The systems a metrics section has numbers for, in report order (no oracles without a
+    ground truth)."""
     return [s for s in SYSTEMS if s in section]
 
 

@@ -18,6 +18,7 @@ from feedrec.evaluation.metrics import systems_in
 COLORS = {
     "model": "#1f77b4",
     "oracle": "#2ca02c",
+    "oracle_no_taste": "#8fd18f",
     "history_oracle": "#9467bd",
     "popularity": "#ff7f0e",
 }
@@ -32,11 +33,12 @@ def png_base64(fig: Any) -> str:
 
 def _auc_plot(ranking: dict[str, Any], tasks: list[str]) -> str:
     fig, ax = plt.subplots(figsize=(7, 3.5))
-    width = 0.27
-    for i, system in enumerate(systems_in(ranking[tasks[0]]) if tasks else []):
+    systems = systems_in(ranking[tasks[0]]) if tasks else []
+    width = 0.8 / max(len(systems), 1)
+    for i, system in enumerate(systems):
         values = [ranking[t][system]["auc"] for t in tasks]
         ax.bar(
-            [x + (i - 1) * width for x in range(len(tasks))],
+            [x + (i - (len(systems) - 1) / 2) * width for x in range(len(tasks))],
             values,
             width,
             label=system,
@@ -45,7 +47,7 @@ def _auc_plot(ranking: dict[str, Any], tasks: list[str]) -> str:
     ax.set_xticks(range(len(tasks)), tasks)
     ax.set_ylim(0.45, 1.0)
     ax.set_ylabel("test AUC")
-    ax.set_title("Ranker heads: model vs oracle ceiling vs popularity")
+    ax.set_title("Ranker heads: model vs the oracle and what the logs reveal of it")
     ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0))
     return png_base64(fig)
 

@@ -13,14 +13,14 @@ def format_summary(metrics: dict[str, Any]) -> str:
         t for t in ranking if isinstance(ranking[t], dict) and "auc" in ranking[t].get("model", {})
     ]
     ranked = systems_in(ranking["dwell"])
-    lines = [f"test AUC ({ranking['rows']} impressions)   " + "".join(f"{s:>12}" for s in ranked)]
+    lines = [f"test AUC ({ranking['rows']} impressions)".ljust(36)]
+    lines[0] += "".join(f"{s:>16}" for s in ranked)
     for t in tasks:
-        lines.append(f"  {t:<34}" + "".join(f"{ranking[t][s]['auc']:>12.4f}" for s in ranked))
+        lines.append(f"  {t:<34}" + "".join(f"{ranking[t][s]['auc']:>16.4f}" for s in ranked))
     lines.append(
         f"  {'dwell RMSE (s)':<34}"
-        + "".join(f"{ranking['dwell'][s]['rmse']:>12.3f}" for s in ranked)
+        + "".join(f"{ranking['dwell'][s]['rmse']:>16.3f}" for s in ranked)
     )
-    # Retrieval has one more system (history_oracle), so its own header row.
     retrieved = systems_in(retrieval)
     lines.append(f"retrieval ({retrieval['users']} users, {retrieval['corpus']} posts)")
     lines.append(f"  {'':<34}" + "".join(f"{s:>16}" for s in retrieved))
