@@ -159,7 +159,7 @@ def _parse_ratios(ctx: click.Context, param: click.Parameter, value: str) -> tup
 )
 @click.option(
     "--join-memory-mb",
-    default=1024,
+    default=512,
     show_default=True,
     type=click.IntRange(min=0),
     help="Per-day feature statistics the join keeps in the object store at once; logged days "
