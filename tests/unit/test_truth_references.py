@@ -29,3 +29,27 @@ def test_interests_sharpen_with_more_impressions_and_ignore_empty_topics() -> No
     many = interests_from_impressions(np.array([[30.0, 10.0, 0.0]]), share)[0]
     assert few[0] > few[1] > few[2] and many[0] > few[0] and many[2] < few[2]
     np.testing.assert_allclose([few.sum(), many.sum()], 1.0)
+
+
+def test_the_truth_without_taste_differs_only_in_the_latent_term() -> None:
+    from feedrec.world.truth import LATENT_DIM, N_MEDIA, N_SEGMENTS, GroundTruth
+
+    rng = np.random.default_rng(0)
+    users, posts = 5, 30
+    gt = GroundTruth(
+        theta=rng.dirichlet(np.ones(4), users),
+        z_user=rng.standard_normal((users, LATENT_DIM)),
+        segment=rng.integers(0, N_SEGMENTS, users),
+        z_post=rng.standard_normal((posts, LATENT_DIM)),
+        topic=rng.integers(0, 4, posts),
+        media=rng.integers(0, N_MEDIA, posts),
+        creator=rng.integers(0, 6, posts),
+        created_at=rng.uniform(0.0, 5.0, posts),
+        quality=rng.normal(0.0, 0.5, 6),
+        media_pref=rng.normal(0.0, 1.0, (N_SEGMENTS, N_MEDIA)),
+    )
+    u, p = np.repeat(np.arange(users), posts), np.tile(np.arange(posts), users)
+    no_taste = gt.without_taste()
+    latent = 0.5 * np.einsum("nl,nl->n", gt.z_user[u], gt.z_post[p]) / np.sqrt(LATENT_DIM)
+    np.testing.assert_allclose(gt.affinity(u, p) - no_taste.affinity(u, p), latent, atol=1e-12)
+    assert np.abs(gt.z_user).sum() > 0  # the original keeps its taste

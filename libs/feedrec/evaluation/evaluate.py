@@ -150,7 +150,7 @@ def _truth_references(
         users, rows = np.unique(raw["user_id"][at], return_inverse=True)
         snap = tables.snapshot(int(day), users, np.zeros(0, np.int64))
         systems = {
-            "oracle_no_taste": (replace(gt, z_user=np.zeros_like(gt.z_user)), raw["user_id"][at]),
+            "oracle_no_taste": (gt.without_taste(), raw["user_id"][at]),
             "history_oracle": (_logged_truth(gt, snap, users, lifetime), rows),
         }
         for name, (truth, user_rows) in systems.items():
@@ -214,8 +214,7 @@ def _retrieval_setup(
     }
     if gt is not None:
         scorers["oracle"] = _truth_scorer(gt, users, corpus, day)
-        no_taste = replace(gt, z_user=np.zeros_like(gt.z_user))
-        scorers["oracle_no_taste"] = _truth_scorer(no_taste, users, corpus, day)
+        scorers["oracle_no_taste"] = _truth_scorer(gt.without_taste(), users, corpus, day)
         # The logged truth covers the sampled users only: row r is users[r].
         scorers["history_oracle"] = _truth_scorer(
             _logged_truth(gt, tables, users, lifetime), np.arange(len(users)), corpus, day

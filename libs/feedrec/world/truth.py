@@ -17,7 +17,7 @@ sees the same impression should predict, so their AUC on logged labels is the or
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -65,6 +65,10 @@ class GroundTruth:
             + self.quality[self.creator[posts]]
             + 0.3 * self.media_pref[self.segment[users], self.media[posts]]
         )
+
+    def without_taste(self) -> GroundTruth:
+        """This truth with every user's latent taste zeroed (what no log feature carries)."""
+        return replace(self, z_user=np.zeros_like(self.z_user))
 
     def probabilities(
         self,
