@@ -285,7 +285,7 @@ def test_simulated_ab_trained_ranker_beats_popularity_and_agrees_with_ground_tru
 
     run = RunLayout(trained_run)
     serving_day = int(PreprocessLayout(run.data).read_meta()["serving_day"])
-    cfg = SimulationConfig(duration_s=60, rate_rps=6, clients=3, users=300, min_return_s=5)
+    cfg = SimulationConfig(duration_s=120, rate_rps=9, clients=3, users=300, min_return_s=5)
     result = UserSimulator(loop_stack.url, run.world, serving_day, cfg).run(tmp_path / "sim")
     assert result.failed_feeds == 0 and set(result.variants) == {"control", "popularity"}
     world = tmp_path / "world"
