@@ -267,7 +267,7 @@ def test_simulated_ab_trained_ranker_beats_popularity_and_agrees_with_ground_tru
     loop_stack: ServingStack, trained_run: Path, events_dir: Path, tmp_path: Path
 ) -> None:
     """The acceptance test of online experiments: simulated users (the world's ground truth,
-    with position bias and fatigue) use the live service for a minute, half of them on the
+    with position bias and fatigue) use the live service for two minutes, half of them on the
     popularity arm; their events go through /v1/events and the sink. The trained ranker
     wins on engagement with a 95 % CI that excludes zero, and the lift the ground truth
     predicts for the same exposures lies within the measured 99.9 % interval."""
