@@ -4,9 +4,10 @@
 
 Open-loop arrivals at ``--base`` RPS, then 10x that for 60 s, then ``--base`` again, while a
 thread samples Serve's running replicas per deployment every second. Prints p50/p99 before,
-during and after the step, the status codes (anything but 200, or 503 from Serve's backpressure,
-counts as an error), how long p99 took to come back under 100 ms after the first scale-up, and
-plots latency and replicas over time to ``bench/results/spike.png``. Results go to the
+during and after the step, the status codes (anything but 200, or 503 with ``Retry-After``
+from the Ingress's backpressure, counts as an error), how many requests were shed, how long
+p99 took to come back under 100 ms after the first scale-up, and plots latency, answered and
+shed requests and replicas over time to ``bench/results/spike.png``. Results go to the
 ``spike`` section of ``bench/results/serve.json``.
 """
 
@@ -30,9 +31,10 @@ WINDOW_S = 5.0
 
 async def schedule(
     url: str, phases: list[tuple[float, float]], users: np.ndarray, count: int
-) -> list[tuple[float, float, int]]:
-    """Open-loop load over ``phases`` of (rps, seconds): (start s, latency ms, status) per
-    request; status 0 = no answer (timeout or connection error)."""
+) -> list[tuple[float, float, int, bool]]:
+    """Open-loop load over ``phases`` of (rps, seconds): (start s, latency ms, status,
+    whether the answer had a ``Retry-After`` header) per request; status 0 = no answer
+    (timeout or connection error)."""
     rng = np.random.default_rng(0)
     starts: list[float] = []
     t = 0.0
@@ -40,7 +42,7 @@ async def schedule(
         n = int(rps * seconds)
         starts += [t + i / rps for i in range(n)]
         t += seconds
-    out: list[tuple[float, float, int]] = []
+    out: list[tuple[float, float, int, bool]] = []
     limits = httpx.Limits(max_connections=2000, max_keepalive_connections=2000)
     async with httpx.AsyncClient(base_url=url, limits=limits, timeout=10.0) as client:
 
@@ -48,9 +50,10 @@ async def schedule(
             t0 = time.perf_counter()
             try:
                 r = await client.post("/v1/feed", json={"user_id": user, "count": count})
-                out.append((at, (time.perf_counter() - t0) * 1e3, r.status_code))
+                retry_after = "retry-after" in r.headers
+                out.append((at, (time.perf_counter() - t0) * 1e3, r.status_code, retry_after))
             except httpx.HTTPError:
-                out.append((at, (time.perf_counter() - t0) * 1e3, 0))
+                out.append((at, (time.perf_counter() - t0) * 1e3, 0, False))
 
         begin = time.perf_counter()
         tasks = []
@@ -78,10 +81,15 @@ def sample_replicas(app: str, stop: threading.Event, out: list[dict[str, float]]
         stop.wait(1.0)
 
 
-def _window_stats(records: list[tuple[float, float, int]], end: float) -> list[dict[str, float]]:
+def _window_stats(
+    records: list[tuple[float, float, int, bool]], end: float
+) -> list[dict[str, float]]:
+    """Per ``WINDOW_S`` window of send times: p50/p99 of the answered requests, how many were
+    answered and how many were shed (503)."""
     rows = []
     for lo in np.arange(0.0, end, WINDOW_S):
-        lat = [ms for at, ms, code in records if lo <= at < lo + WINDOW_S and code == 200]
+        window = [(ms, code) for at, ms, code, _ in records if lo <= at < lo + WINDOW_S]
+        lat = [ms for ms, code in window if code == 200]
         if lat:
             rows.append(
                 {
@@ -89,6 +97,7 @@ def _window_stats(records: list[tuple[float, float, int]], end: float) -> list[d
                     "p50_ms": float(np.percentile(lat, 50)),
                     "p99_ms": float(np.percentile(lat, 99)),
                     "n": len(lat),
+                    "shed": sum(code == 503 for _, code in window),
                 }
             )
     return rows
@@ -131,11 +140,13 @@ def main() -> None:
             stop.set()
             sampler.join()
     end = before + args.spike_seconds + after
-    codes = Counter(code for _, _, code in records)
-    errors = sum(n for code, n in codes.items() if code not in (200, 503))
+    codes = Counter(code for _, _, code, _ in records)
+    # Backpressure is an answer, not an error, only when it tells the client when to retry.
+    shed = sum(code == 503 and retry_after for _, _, code, retry_after in records)
+    errors = len(records) - codes[200] - shed
 
     def pct(lo: float, hi: float, q: float) -> float | None:
-        lat = [ms for at, ms, code in records if lo <= at < hi and code == 200]
+        lat = [ms for at, ms, code, _ in records if lo <= at < hi and code == 200]
         return round(float(np.percentile(lat, q)), 1) if lat else None
 
     windows = _window_stats(records, end)
@@ -163,6 +174,10 @@ def main() -> None:
         "p99_after_ms": pct(before + args.spike_seconds + 10, end, 99),
         "p50_during_ms": pct(before, before + args.spike_seconds, 50),
         "status_codes": {str(k): v for k, v in sorted(codes.items())},
+        "shed_with_retry_after": shed,
+        "shed_during": sum(
+            code == 503 for at, _, code, _ in records if before <= at < before + args.spike_seconds
+        ),
         "errors": errors,
         "first_scale_up_s": None if first_up is None else round(first_up, 1),
         "p99_back_under_target_s_after_scale_up": None
@@ -181,7 +196,7 @@ def main() -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, (ax1, ax2) = plt.subplots(2, 1, figsize=(9, 6), sharex=True)
+    fig, (ax1, ax3, ax2) = plt.subplots(3, 1, figsize=(9, 8), sharex=True)
     ts = [w["t"] + WINDOW_S / 2 for w in windows]
     ax1.plot(ts, [w["p99_ms"] for w in windows], label="p99")
     ax1.plot(ts, [w["p50_ms"] for w in windows], label="p50")
@@ -190,6 +205,11 @@ def main() -> None:
     ax1.set_ylabel("latency (ms, 5 s windows)")
     ax1.set_yscale("log")
     ax1.legend(loc="upper right")
+    ax3.plot(ts, [w["n"] / WINDOW_S for w in windows], label="answered 200")
+    ax3.plot(ts, [w["shed"] / WINDOW_S for w in windows], label="shed: 503 + Retry-After")
+    ax3.axvspan(before, before + args.spike_seconds, color="orange", alpha=0.15)
+    ax3.set_ylabel("requests/s (by send time)")
+    ax3.legend(loc="upper right")
     for d in deployments:
         ax2.step([r["t"] for r in replicas], [r.get(d, 0) for r in replicas], where="post", label=d)
     ax2.axvspan(before, before + args.spike_seconds, color="orange", alpha=0.15)
