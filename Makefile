@@ -40,9 +40,11 @@ bench-serve: venv
 	  .venv/bin/feedrec index --run-dir $(SERVE1M) )
 	$(PY) -m bench.serve --run-dir $(SERVE1M)
 
-# A 10x step in load for 60 s: latency and replicas over time -> bench/results/spike.png.
+# A 10x step in load for 60 s, below capacity (3 -> 30 req/s) and past it (6 -> 60): latency,
+# shed requests and replicas over time -> bench/results/spike.png, spike_overload.png.
 bench-spike: venv
 	$(PY) -m bench.spike --run-dir runs/demo
+	$(PY) -m bench.spike --run-dir runs/demo --base 6 --name spike_overload
 
 # faiss index sweep on 1M x 64 vs exact search -> the "ann" section of bench/results/serve.json.
 bench-ann: venv

@@ -1,14 +1,15 @@
 """Traffic spike: a 10x step in offered load for 60 s against the autoscaled Serve chain.
 
-    make bench-spike      # = python -m bench.spike --run-dir runs/demo
+    make bench-spike      # = python -m bench.spike --run-dir runs/demo (3 -> 30 req/s), then
+                          #   --base 6 --name spike_overload (6 -> 60 req/s: past capacity)
 
 Open-loop arrivals at ``--base`` RPS, then 10x that for 60 s, then ``--base`` again, while a
 thread samples Serve's running replicas per deployment every second. Prints p50/p99 before,
 during and after the step, the status codes (anything but 200, or 503 with ``Retry-After``
 from the Ingress's backpressure, counts as an error), how many requests were shed, how long
 p99 took to come back under 100 ms after the first scale-up, and plots latency, answered and
-shed requests and replicas over time to ``bench/results/spike.png``. Results go to the
-``spike`` section of ``bench/results/serve.json``.
+shed requests and replicas over time to ``bench/results/<name>.png``. Results go to the
+``<name>`` section (``--name``, default ``spike``) of ``bench/results/serve.json``.
 """
 
 from __future__ import annotations
@@ -67,7 +68,9 @@ async def schedule(
 
 
 def sample_replicas(app: str, stop: threading.Event, out: list[dict[str, float]]) -> None:
-    """Every second: elapsed s and RUNNING replicas per deployment of ``app``."""
+    """Every second: elapsed s, RUNNING replicas per deployment of ``app`` and, under
+    ``"<deployment> starting"``, those being started (a starting replica loads its tables and
+    models: on a small machine that CPU comes out of the serving replicas' share)."""
     from ray import serve
 
     t0 = time.perf_counter()
@@ -76,7 +79,9 @@ def sample_replicas(app: str, stop: threading.Event, out: list[dict[str, float]]
         if status is not None:
             row: dict[str, float] = {"t": time.perf_counter() - t0}
             for name, dep in status.deployments.items():
-                row[name] = sum(n for s, n in dep.replica_states.items() if str(s) == "RUNNING")
+                states = {str(s): n for s, n in dep.replica_states.items()}
+                row[name] = states.get("RUNNING", 0)
+                row[f"{name} starting"] = states.get("STARTING", 0)
             out.append(row)
         stop.wait(1.0)
 
@@ -111,7 +116,12 @@ def main() -> None:
     parser.add_argument("--spike-seconds", type=float, default=60.0)
     parser.add_argument("--count", type=int, default=50)
     parser.add_argument("--port", type=int, default=8000)
+    parser.add_argument(
+        "--name", default="spike", help="section of serve.json and name of the plot (.png)"
+    )
     args = parser.parse_args()
+    if not args.name.isidentifier():
+        parser.error(f"--name {args.name!r}: letters, digits and _ only")
     if not (args.run_dir / "models").is_dir():
         parser.error(f"--run-dir {args.run_dir}: no trained models (run `make demo` first)")
 
@@ -150,7 +160,7 @@ def main() -> None:
         return round(float(np.percentile(lat, q)), 1) if lat else None
 
     windows = _window_stats(records, end)
-    deployments = sorted({k for row in replicas for k in row if k != "t"})
+    deployments = sorted({k for row in replicas for k in row if k != "t" and "starting" not in k})
     first_up = next(
         (row["t"] for row in replicas if any(row[d] > replicas[0].get(d, 1) for d in deployments)),
         None,
@@ -184,6 +194,14 @@ def main() -> None:
         if recovered is None
         else round(recovered, 1),
         "max_replicas": {d: max(row.get(d, 0) for row in replicas) for d in deployments},
+        "first_start_s": next(
+            (
+                round(row["t"], 1)
+                for row in replicas
+                if any(row.get(f"{d} starting", 0) for d in deployments)
+            ),
+            None,
+        ),
         "windows": windows,
         "replicas": replicas,
     }
@@ -211,19 +229,31 @@ def main() -> None:
     ax3.set_ylabel("requests/s (by send time)")
     ax3.legend(loc="upper right")
     for d in deployments:
-        ax2.step([r["t"] for r in replicas], [r.get(d, 0) for r in replicas], where="post", label=d)
+        times = [r["t"] for r in replicas]
+        line = ax2.step(times, [r.get(d, 0) for r in replicas], where="post", label=d)[0]
+        starting = [r.get(d, 0) + r.get(f"{d} starting", 0) for r in replicas]
+        if any(r.get(f"{d} starting", 0) for r in replicas):
+            ax2.step(
+                times,
+                starting,
+                where="post",
+                ls=":",
+                color=line.get_color(),
+                label=f"{d} incl. starting",
+            )
     ax2.axvspan(before, before + args.spike_seconds, color="orange", alpha=0.15)
     ax2.set_ylabel("running replicas")
     ax2.set_xlabel("seconds")
     ax2.legend(loc="upper right")
     fig.suptitle(f"feed service, {args.base:g} -> {args.base * args.factor:g} RPS step (2 cores)")
     fig.tight_layout()
-    fig.savefig(RESULTS / "spike.png", dpi=100)
+    plot = RESULTS / f"{args.name}.png"
+    fig.savefig(plot, dpi=100)
     results_file = RESULTS / "serve.json"
     results = json.loads(results_file.read_text()) if results_file.exists() else {}
-    results["spike"] = spike
+    results[args.name] = spike
     results_file.write_text(json.dumps(results, indent=2) + "\n")
-    print(f"wrote {results_file} and {RESULTS / 'spike.png'}")
+    print(f"wrote {results_file} ({args.name}) and {plot}")
 
 
 if __name__ == "__main__":

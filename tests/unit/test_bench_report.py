@@ -48,14 +48,17 @@ def _write(d: Path, **files: Any) -> Path:
 
 def test_rows_compare_with_baselines_and_goals(tmp_path: Path) -> None:
     data = {"ray_data_rows_per_s": 70.0, "single_rows_per_s": 100.0, "ratio": 0.7}
-    serve = {**SERVE, "ann": ANN, "spike": SPIKE}
+    overload = {**SPIKE, "shed_with_retry_after": 250, "first_scale_up_s": 50.0}
+    overload["p99_back_under_target_s_after_scale_up"] = 31.0
+    serve = {**SERVE, "ann": ANN, "spike": SPIKE, "spike_overload": overload}
     rows = {
         r.name: r
         for r in report.collect(
             _write(tmp_path, train=TRAIN, data=data, serve=serve, feature_store=FEATURES)
         )
     }
-    assert [r.name for r in rows.values()] == ["train", "serve", "ann", "spike", "data", "features"]
+    names = ["train", "serve", "ann", "spike", "spike_overload", "data", "features"]
+    assert [r.name for r in rows.values()] == names
     assert rows["train"].ratio == pytest.approx(1.3) and rows["train"].met is True  # >= 1.3
     assert "1,300 samples/s" in rows["train"].headline
     assert "1,000 samples/s" in rows["train"].baseline
@@ -63,7 +66,11 @@ def test_rows_compare_with_baselines_and_goals(tmp_path: Path) -> None:
     assert rows["serve"].ratio == pytest.approx(0.8) and rows["serve"].met is True
     # 30x exact at recall 0.96: both ANN goals met
     assert rows["ann"].ratio == pytest.approx(30.0) and rows["ann"].met is True
-    assert rows["spike"].ratio == pytest.approx(3.0) and rows["spike"].met is None
+    # No errors and no scale-up: met; after a scale-up p99 took 31 s > 30 s to recover: not met.
+    assert rows["spike"].ratio == pytest.approx(3.0) and rows["spike"].met is True
+    assert "no scale-up" in rows["spike"].detail
+    assert rows["spike_overload"].met is False and "250 shed" in rows["spike_overload"].headline
+    assert "first scale-up 50 s in, p99 < 100 ms again 31 s later" in rows["spike_overload"].detail
     assert rows["data"].ratio == pytest.approx(0.7) and rows["data"].met is False  # < 0.8
     assert "`ray_data_rows_per_s` 70" in rows["data"].headline
     assert rows["features"].ratio == pytest.approx(0.5) and rows["features"].met is None
@@ -87,6 +94,7 @@ def test_missing_benchmarks_are_not_run(tmp_path: Path) -> None:
         "serve": "not run",
         "ann": status["ann"],
         "spike": "not run",
+        "spike_overload": "not run",
         "data": "not run",
         "features": "not run",
     }
@@ -103,6 +111,10 @@ def test_missing_benchmarks_are_not_run(tmp_path: Path) -> None:
         ({"train": "{oops"}, r"train\.json: not valid JSON"),
         ({"serve": {**SERVE, "twin_rps": "fast"}}, r"'twin_rps' must be a number, got 'fast'"),
         ({"serve": {"ann": 3}}, r"serve\.json: ann: expected a JSON object"),
+        (
+            {"serve": {"spike": {**SPIKE, "first_scale_up_s": "soon"}}},
+            r"serve\.json: spike: key 'first_scale_up_s' must be a number",
+        ),
         ({"feature_store": {"redis": {}}}, r"feature_store\.json: key 'redis\.requests_per_s'"),
     ],
 )
