@@ -1,3 +1,5 @@
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -7,6 +9,7 @@ import torch
 from feedrec.artifacts import ArtifactError, load_artifact, save_artifact
 from feedrec.features.vocabulary import Vocabularies, Vocabulary
 from feedrec.models.ranker import Ranker, RankerConfig
+from feedrec.runtime.ray_cluster import repo_root
 from feedrec.schema import TABLES
 
 
@@ -59,3 +62,23 @@ def test_a_vocabularies_only_load_is_verified_the_same_way(tmp_path: Path) -> No
     weights.write_bytes(weights.read_bytes()[:-10])  # not read, but still checksummed
     with pytest.raises(ArtifactError, match=r"weights\.pt"):
         load_artifact(tmp_path / "a", weights=False)
+
+
+def test_an_ingress_replica_needs_no_torch(tmp_path: Path) -> None:
+    """What an Ingress replica does at start (import the Serve app's module, read the ranker's
+    vocabularies, build its feature transform) imports neither torch, TorchRec nor faiss: they
+    are the Retrieval replicas' alone (an Ingress replica: 668 MiB RSS with them, 350 without)."""
+    _save(tmp_path / "a")
+    probe = (
+        "import sys; from pathlib import Path; import apps.feed_service.app; "
+        "from feedrec.artifacts import load_artifact; "
+        "from feedrec.features.transform import FeatureTransform; "
+        f"art = load_artifact(Path({str(tmp_path / 'a')!r}), weights=False); "
+        "FeatureTransform(art.vocabs); "
+        "print(sorted({m.split('.')[0] for m in sys.modules} & {'torch', 'torchrec', 'faiss'}))"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", probe], capture_output=True, text=True, cwd=repo_root()
+    )
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "[]"

@@ -8,9 +8,10 @@ Layout of an artifact directory::
     <extra files>        e.g. index.faiss + index_post_ids.npy for a retrieval index, ranker.onnx
                          (the ranker exported for onnxruntime, checked against eager)
 
-Importing this module does not import TorchRec (the model classes are imported when a model is
-built), so a process that only verifies an artifact and reads its exported ranker, e.g. a
-Triton python-backend instance, starts in a third of the time.
+Importing this module imports neither torch nor TorchRec: torch is imported when weights are
+saved or loaded, the model classes when a model is built. So a process that only verifies an
+artifact and reads its exported ranker (a Triton python-backend instance) or its vocabularies
+(an Ingress replica, ``load_artifact(weights=False)``) starts faster and holds no torch.
 """
 
 from __future__ import annotations
@@ -25,14 +26,12 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import torch
-from torch import nn
-
 from feedrec.features.vocabulary import Vocabularies
+from feedrec.models.model_config import RankerConfig, TwoTowerConfig
 
 if TYPE_CHECKING:
-    from feedrec.models.ranker import RankerConfig
-    from feedrec.models.two_tower import TwoTowerConfig
+    import torch
+    from torch import nn
 
 MANIFEST = "manifest.json"
 WEIGHTS = "weights.pt"
@@ -65,9 +64,6 @@ def library_versions() -> dict[str, str]:
 
 
 def _model_config(kind: str, config: dict[str, Any]) -> RankerConfig | TwoTowerConfig:
-    from feedrec.models.ranker import RankerConfig
-    from feedrec.models.two_tower import TwoTowerConfig
-
     tuples: dict[str, Any] = {k: tuple(v) if isinstance(v, list) else v for k, v in config.items()}
     if kind == "ranker":
         return RankerConfig(**tuples)
@@ -93,7 +89,7 @@ class ModelArtifact:
         """The served module with its weights, in eval mode."""
         if not self.state_dict:
             raise ArtifactError(f"{self.root}: loaded without its weights (weights=False)")
-        from feedrec.models.ranker import Ranker, RankerConfig
+        from feedrec.models.ranker import Ranker
         from feedrec.models.two_tower import TwoTower
 
         model: nn.Module
@@ -120,6 +116,8 @@ def save_artifact(
     extra_files: dict[str, Path] | None = None,
 ) -> Path:
     """Write an artifact directory (replacing ``root``); the manifest is written last."""
+    import torch
+
     tmp = root.with_name(root.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
@@ -177,9 +175,11 @@ def load_artifact(root: Path, *, weights: bool = True) -> ModelArtifact:
     Triton); :meth:`ModelArtifact.build_model` then refuses."""
     root = Path(root)
     manifest = verify_artifact(root)
-    state_dict = (
-        torch.load(root / WEIGHTS, map_location="cpu", weights_only=True) if weights else {}
-    )
+    state_dict: dict[str, torch.Tensor] = {}
+    if weights:
+        import torch
+
+        state_dict = torch.load(root / WEIGHTS, map_location="cpu", weights_only=True)
     return ModelArtifact(
         root=root,
         kind=manifest["kind"],

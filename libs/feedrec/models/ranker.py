@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Literal
-
 import torch
 from torch import nn
 from torchrec.modules.crossnet import LowRankCrossNet
@@ -13,51 +10,11 @@ from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from feedrec.models.batch import BINARY_TASKS, RankerBatch
 from feedrec.models.embeddings import embedding_bag_collection, pooled, pooled_dim
+from feedrec.models.model_config import RankerConfig
 from feedrec.schema.registry import TASKS, dense_dim
 
 #: Weight of the dwell regression (on log1p seconds) next to the summed binary cross-entropies.
 DWELL_LOSS_WEIGHT = 0.1
-
-
-Interaction = Literal["dcn", "mlp"]
-
-
-@dataclass(frozen=True)
-class RankerConfig:
-    """Architecture. ``num_rows``: embedding rows per registry table (from the vocabularies).
-
-    Args:
-        dense_arch: MLP over the dense features before they meet the embeddings.
-        interaction: ``"dcn"``: DCN-v2 low-rank cross layers over [dense, embeddings] (explicit
-            feature crosses such as user x topic); ``"mlp"``: none (concatenation only).
-        cross_layers, cross_rank: depth and rank of the DCN-v2 cross network.
-        over_arch: the shared bottom MLP, or each expert's MLP when ``num_experts`` > 0.
-        num_experts: 0 = shared bottom; > 0 = MMoE with this many experts and one softmax gate
-            per task (tasks that disagree, like and hide, get different expert mixtures). On the
-            small world, 4 experts lifted validation AUC of hide from 0.62 to 0.72 over a
-            shared bottom (like 0.747 -> 0.755, share 0.771 -> 0.778).
-        task_arch: each task tower's hidden layers, before its 1-unit output.
-    """
-
-    num_rows: dict[str, int]
-    dense_arch: tuple[int, ...] = (64, 32)
-    interaction: Interaction = "dcn"
-    cross_layers: int = 2
-    cross_rank: int = 32
-    over_arch: tuple[int, ...] = (256, 128)
-    num_experts: int = 4
-    task_arch: tuple[int, ...] = (32,)
-
-    def __post_init__(self) -> None:
-        layers = self.dense_arch + self.over_arch + self.task_arch
-        if not self.dense_arch or not self.over_arch or min(layers, default=1) < 1:
-            raise ValueError("ranker config: layer sizes must be non-empty and positive")
-        if self.interaction not in ("dcn", "mlp"):
-            raise ValueError(
-                f"ranker config: interaction must be dcn or mlp, not {self.interaction!r}"
-            )
-        if self.cross_layers < 1 or self.cross_rank < 1 or self.num_experts < 0:
-            raise ValueError("ranker config: cross_layers, cross_rank >= 1; num_experts >= 0")
 
 
 def _tower(in_size: int, hidden: tuple[int, ...]) -> nn.Module:

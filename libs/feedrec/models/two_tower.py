@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 from torch import nn
 from torchrec.modules.mlp import MLP
@@ -11,23 +9,8 @@ from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from feedrec.models.batch import PairBatch
 from feedrec.models.embeddings import embedding_bag_collection, pooled, pooled_dim
+from feedrec.models.model_config import TwoTowerConfig
 from feedrec.schema.registry import ModelPart, dense_dim
-
-
-@dataclass(frozen=True)
-class TwoTowerConfig:
-    """Args: num_rows per table; tower MLP sizes; output embedding dim; softmax temperature."""
-
-    num_rows: dict[str, int]
-    tower_arch: tuple[int, ...] = (128,)
-    embedding_dim: int = 64
-    temperature: float = 0.05
-
-    def __post_init__(self) -> None:
-        if not self.tower_arch or self.embedding_dim < 1 or self.temperature <= 0:
-            raise ValueError(
-                "two-tower config: need a tower layer, embedding_dim >= 1, temperature > 0"
-            )
 
 
 class _Tower(nn.Module):

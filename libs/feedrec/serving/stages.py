@@ -21,8 +21,6 @@ from feedrec.artifacts import load_artifact
 from feedrec.artifacts.model_registry import ModelRegistry, RegistryEntry
 from feedrec.events.feed_event import new_request_id
 from feedrec.features.transform import FeatureTransform
-from feedrec.models.predictor import TowerEncoder
-from feedrec.retrieval.build import load_post_index
 from feedrec.schema.registry import TASKS
 from feedrec.serving.api import FeedItem, FeedResponse
 from feedrec.serving.config import ServiceConfig
@@ -44,6 +42,12 @@ class Retriever:
     """User tower on the online features -> faiss -> filters (followed, seen, hidden, blocked)."""
 
     def __init__(self, cfg: ServiceConfig, store: OnlineFeatureStore, label: str = "") -> None:
+        # Imported here, not with this module: torch, TorchRec and faiss are the Retrieval
+        # replicas' alone; an Ingress replica (ranker in Triton) then starts without them,
+        # ~3 s of CPU and ~300 MB of RSS less.
+        from feedrec.models.predictor import TowerEncoder
+        from feedrec.retrieval.build import load_post_index
+
         self.store = store
         artifact = load_artifact(cfg.retrieval_dir)
         self.label = label or artifact.version
