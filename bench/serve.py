@@ -37,6 +37,7 @@ from typing import Any
 
 import httpx
 import numpy as np
+import yaml
 
 RESULTS = Path(__file__).resolve().parent / "results" / "serve.json"
 RESULTS_REDIS = RESULTS.with_name("serve_redis.json")
@@ -203,12 +204,68 @@ def server_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--rank-k", type=int, default=500)
     parser.add_argument("--serve-port", type=int, default=8000)
     parser.add_argument("--twin-port", type=int, default=8100)
+    parser.add_argument(
+        "--replicas",
+        type=parse_replicas,
+        default={},
+        help="pin replicas, e.g. Ingress=4,Retrieval=2 (others: their min_replicas)",
+    )
+    parser.add_argument(
+        "--autoscale",
+        action="store_true",
+        help="keep serve_config.yaml's autoscaling instead of pinning the replicas",
+    )
+
+
+def parse_replicas(text: str) -> dict[str, int]:
+    """``"Ingress=4,Retrieval=2"`` -> ``{"Ingress": 4, "Retrieval": 2}``; ``""`` -> ``{}``."""
+    out: dict[str, int] = {}
+    for part in filter(None, (p.strip() for p in text.split(","))):
+        name, sep, n = part.partition("=")
+        if not sep or not name or not n.isdigit() or int(n) < 1:
+            raise argparse.ArgumentTypeError(f"--replicas: {part!r} is not DEPLOYMENT=N (N >= 1)")
+        out[name] = int(n)
+    return out
+
+
+def pinned_serve_config(source: Path, app: str, replicas: dict[str, int], out: Path) -> Path:
+    """``source`` (a ``serve deploy`` YAML) with each deployment of ``app`` at a fixed replica
+    count: ``replicas[name]``, else its ``min_replicas``; written to ``out``.
+
+    Why: in a capacity search an overloaded step makes the autoscaler start replicas (two
+    more Ingress replicas after the 80 req/s step on 2026-12-07), so the fleet a step
+    measures, and the start-up CPU it competes with, depend on the steps before it. A pinned
+    fleet measures one configuration, named in the results."""
+    raw = yaml.safe_load(source.read_text())
+    (spec,) = [a for a in raw["applications"] if a["name"] == app]
+    names = {d["name"] for d in spec["deployments"]}
+    if unknown := set(replicas) - names:
+        raise ValueError(f"--replicas: no deployment {sorted(unknown)} in {source}")
+    for d in spec["deployments"]:
+        auto = d.pop("autoscaling_config", None) or {}
+        d["num_replicas"] = replicas.get(d["name"], auto.get("min_replicas", 1))
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(yaml.safe_dump(raw, sort_keys=False))
+    return out
+
+
+def pinned_replicas(run: Any) -> dict[str, int]:
+    """The replica counts :func:`chain_stack` pinned for ``run``."""
+    raw = yaml.safe_load((run.serve / "bench_serve_config.yaml").read_text())
+    return {d["name"]: d["num_replicas"] for a in raw["applications"] for d in a["deployments"]}
 
 
 def chain_stack(run: Any, args: argparse.Namespace, overrides: dict[str, Any]) -> Any:
-    """The benchmark's Serve chain: ``feedrec serve up``'s stack on ``run``, not yet started."""
-    from feedrec.serving.stack import ServingStack, StackConfig
+    """The benchmark's Serve chain: ``feedrec serve up``'s stack on ``run``, not yet started;
+    replicas pinned (:func:`pinned_serve_config`) unless ``--autoscale``."""
+    from feedrec.runtime.ray_cluster import repo_root
+    from feedrec.serving.stack import APP_NAME, ServingStack, StackConfig
 
+    serve_config = repo_root() / "apps" / "feed_service" / "serve_config.yaml"
+    if not args.autoscale:
+        serve_config = pinned_serve_config(
+            serve_config, APP_NAME, args.replicas, run.serve / "bench_serve_config.yaml"
+        )
     return ServingStack(
         StackConfig(
             run_dir=run.root,
@@ -216,6 +273,7 @@ def chain_stack(run: Any, args: argparse.Namespace, overrides: dict[str, Any]) -
             export_portable=False,
             ranker_runtime=args.ranker_runtime,
             service_overrides=overrides,
+            serve_config=serve_config,
         )
     )
 
@@ -340,6 +398,7 @@ def main() -> None:
                 "retrieve_k": args.retrieve_k,
                 "rank_k": args.rank_k,
                 "seconds_per_step": args.seconds,
+                "replicas": "autoscaled" if args.autoscale else pinned_replicas(run),
             },
             "host": {"cpus": os.cpu_count(), "machine": platform.machine()},
             "bench_seconds": round(time.perf_counter() - started, 1),
