@@ -261,12 +261,6 @@ def pinned_serve_config(source: Path, app: str, replicas: dict[str, int], out: P
     return out
 
 
-def pinned_replicas(run: Any) -> dict[str, int]:
-    """The replica counts :func:`chain_stack` pinned for ``run``."""
-    raw = yaml.safe_load((run.serve / "bench_serve_config.yaml").read_text())
-    return {d["name"]: d["num_replicas"] for a in raw["applications"] for d in a["deployments"]}
-
-
 def chain_stack(run: Any, args: argparse.Namespace, overrides: dict[str, Any]) -> Any:
     """The benchmark's Serve chain: ``feedrec serve up``'s stack on ``run``, not yet started;
     replicas pinned (:func:`pinned_serve_config`) unless ``--autoscale``."""
@@ -359,7 +353,9 @@ def main() -> None:
         parser.error(f"--run-dir {args.run_dir}: no trained models (run `make demo` first)")
 
     from feedrec.runtime import RunLayout
+    from feedrec.serving.config import deployment_options
     from feedrec.serving.online_store import OnlineFeatureStore
+    from feedrec.serving.stack import APP_NAME
 
     started = time.perf_counter()
     run = RunLayout(args.run_dir.resolve())
@@ -376,6 +372,10 @@ def main() -> None:
             RedisFeatureSource.publish(url, run.data, run.world, progress=False)
             overrides["feature_store"] = url
         stack = chain_stack(run, args, overrides)
+        fleet = {  # what chain_stack pinned, read back through the stack's own config reader
+            name: opts.get("num_replicas")
+            for name, opts in deployment_options(stack.config.serve_config, APP_NAME).items()
+        }
         serve_search, twin_search = _measure(stack, run, users, args, overrides)
     serve_best, twin_best = serve_search.best, twin_search.best
     serve_rps = serve_best.offered_rps if serve_best else 0.0
@@ -410,7 +410,7 @@ def main() -> None:
                 "retrieve_k": args.retrieve_k,
                 "rank_k": args.rank_k,
                 "seconds_per_step": args.seconds,
-                "replicas": "autoscaled" if args.autoscale else pinned_replicas(run),
+                "replicas": "autoscaled" if args.autoscale else fleet,
             },
             "host": {"cpus": os.cpu_count(), "machine": platform.machine()},
             "bench_seconds": round(time.perf_counter() - started, 1),

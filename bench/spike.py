@@ -86,15 +86,22 @@ def sample_replicas(app: str, stop: threading.Event, out: list[dict[str, float]]
         stop.wait(1.0)
 
 
+def _shed(record: tuple[float, float, int, bool]) -> bool:
+    """Backpressure is an answer, not an error, only when it tells the client when to retry:
+    a 503 with ``Retry-After``."""
+    _, _, code, retry_after = record
+    return code == 503 and retry_after
+
+
 def _window_stats(
     records: list[tuple[float, float, int, bool]], end: float
 ) -> list[dict[str, float]]:
     """Per ``WINDOW_S`` window of send times: p50/p99 of the answered requests, how many were
-    answered and how many were shed (503)."""
+    answered and how many were shed (:func:`_shed`)."""
     rows = []
     for lo in np.arange(0.0, end, WINDOW_S):
-        window = [(ms, code) for at, ms, code, _ in records if lo <= at < lo + WINDOW_S]
-        lat = [ms for ms, code in window if code == 200]
+        window = [r for r in records if lo <= r[0] < lo + WINDOW_S]
+        lat = [ms for _, ms, code, _ in window if code == 200]
         if lat:
             rows.append(
                 {
@@ -102,7 +109,7 @@ def _window_stats(
                     "p50_ms": float(np.percentile(lat, 50)),
                     "p99_ms": float(np.percentile(lat, 99)),
                     "n": len(lat),
-                    "shed": sum(code == 503 for _, code in window),
+                    "shed": sum(map(_shed, window)),
                 }
             )
     return rows
@@ -151,8 +158,7 @@ def main() -> None:
             sampler.join()
     end = before + args.spike_seconds + after
     codes = Counter(code for _, _, code, _ in records)
-    # Backpressure is an answer, not an error, only when it tells the client when to retry.
-    shed = sum(code == 503 and retry_after for _, _, code, retry_after in records)
+    shed = sum(map(_shed, records))
     errors = len(records) - codes[200] - shed
 
     def pct(lo: float, hi: float, q: float) -> float | None:
@@ -186,7 +192,7 @@ def main() -> None:
         "status_codes": {str(k): v for k, v in sorted(codes.items())},
         "shed_with_retry_after": shed,
         "shed_during": sum(
-            code == 503 for at, _, code, _ in records if before <= at < before + args.spike_seconds
+            _shed(r) for r in records if before <= r[0] < before + args.spike_seconds
         ),
         "errors": errors,
         "first_scale_up_s": None if first_up is None else round(first_up, 1),
