@@ -34,6 +34,9 @@ POLL_S = 0.5
 SWITCH_S = 6 * POLL_S
 #: The longest an Ingress replica's gRPC channel waits before reconnecting to a restarted Triton.
 MAX_RECONNECT_BACKOFF_S = dict(CHANNEL_ARGS)["grpc.max_reconnect_backoff_ms"] / 1000
+#: Admin calls are not what these tests time (traffic is): on a loaded 2-core host one can take
+#: longer than httpx's 5 s default while both training and a stack share the cores.
+ADMIN_TIMEOUT_S = 30.0
 
 
 @pytest.fixture(scope="module")
@@ -144,9 +147,12 @@ def test_admin_endpoints_need_the_token(
     registry_stack: ServingStack, admin_token: tuple[Path, str]
 ) -> None:
     url = f"{registry_stack.url}/admin/models"
-    assert httpx.get(url).status_code == 401
-    assert httpx.get(url, headers={"Authorization": "Bearer wrong"}).status_code == 403
-    listed = httpx.get(url, headers={"Authorization": f"Bearer {admin_token[1]}"})
+    assert httpx.get(url, timeout=ADMIN_TIMEOUT_S).status_code == 401
+    wrong = httpx.get(url, headers={"Authorization": "Bearer wrong"}, timeout=ADMIN_TIMEOUT_S)
+    assert wrong.status_code == 403
+    listed = httpx.get(
+        url, headers={"Authorization": f"Bearer {admin_token[1]}"}, timeout=ADMIN_TIMEOUT_S
+    )
     assert listed.status_code == 200
     assert {(m["name"], m["version"], m["production"]) for m in listed.json()} >= {
         ("ranker", 1, True),
@@ -172,13 +178,18 @@ def test_promotion_and_rollback_under_traffic_fail_no_request(
                 f"{registry_stack.url}/admin/models/{name}/promote",
                 json={"version": entry.version},
                 headers=auth,
+                timeout=ADMIN_TIMEOUT_S,
             )
             assert promoted.status_code == 200, promoted.text
         swap_s = traffic.wait_for(
             lambda a: a["ranker"] == "ranker-v2" and a["retrieval"] == "retrieval-v2", 300
         )
         rollback_at = time.monotonic()
-        back = httpx.post(f"{registry_stack.url}/admin/models/ranker/rollback", headers=auth)
+        back = httpx.post(
+            f"{registry_stack.url}/admin/models/ranker/rollback",
+            headers=auth,
+            timeout=ADMIN_TIMEOUT_S,
+        )
         assert back.status_code == 200 and back.json()["version"] == 1, back.text
         rollback_s = traffic.wait_for(lambda a: a["ranker"] == "ranker-v1", 60)
     finally:
@@ -265,12 +276,14 @@ def _shadow_run(
     traffic = Traffic(stack.url)
     try:
         set_at = time.monotonic()
-        done = httpx.post(url, json={"version": candidate.version}, headers=auth)
+        done = httpx.post(
+            url, json={"version": candidate.version}, headers=auth, timeout=ADMIN_TIMEOUT_S
+        )
         assert done.status_code == 200, done.text
         assert done.json()["name"] == name and done.json()["version"] == candidate.version
         _until(lambda: len(_shadow_records(run, start, candidate.label)) >= 20, 120)
         first_s = time.monotonic() - set_at
-        cleared = httpx.post(url, json={"version": None}, headers=auth)
+        cleared = httpx.post(url, json={"version": None}, headers=auth, timeout=ADMIN_TIMEOUT_S)
         assert cleared.status_code == 200 and cleared.json()["previous"] == candidate.version
         time.sleep(4 * POLL_S)  # every replica has read the cleared pointer
         after_clear = EventLog(run.events).end_seq()

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from feedrec.artifacts import ArtifactError, load_artifact, save_artifact
+from feedrec.artifacts.model_registry import ModelRegistry
 from feedrec.features.vocabulary import Vocabularies, Vocabulary
 from feedrec.models.ranker import Ranker, RankerConfig
 from feedrec.runtime.ray_cluster import repo_root
@@ -82,3 +83,28 @@ def test_an_ingress_replica_needs_no_torch(tmp_path: Path) -> None:
     )
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "[]"
+
+
+def test_the_admin_calls_of_an_ingress_replica_need_no_torch(tmp_path: Path) -> None:
+    """Promote, shadow and rollback run in the (torch-free) Ingress replicas: they verify
+    checksums without deserialising weights. Importing torch there took the first promote past a
+    5 s client timeout on a loaded CI host."""
+    _save(tmp_path / "a")
+    registry = ModelRegistry(tmp_path / "registry")
+    metrics = {"auc.like": 0.7}
+    for _ in range(3):
+        registry.register("ranker", tmp_path / "a", metrics=metrics)
+    probe = (
+        "import sys; from pathlib import Path; "
+        "from feedrec.artifacts.model_registry import ModelRegistry; "
+        f"r = ModelRegistry(Path({str(tmp_path / 'registry')!r})); "
+        "r.promote('ranker', 1); r.promote('ranker', 2); r.set_shadow('ranker', 3); "
+        "assert r.rollback('ranker').version == 1; "
+        "print(sorted({m.split('.')[0] for m in sys.modules} & {'torch', 'torchrec', 'faiss'}))"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", probe], capture_output=True, text=True, cwd=repo_root()
+    )
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "[]"
+    assert registry.production_version("ranker") == 1 and registry.shadow_version("ranker") == 3

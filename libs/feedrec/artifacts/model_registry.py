@@ -304,7 +304,10 @@ class ModelRegistry:
         retrain evaluates both on the new test day); default: production's registered ones."""
         gate = gate or PromotionGate()
         candidate = self.entry(name, version)
-        load_artifact(candidate.path)
+        # Checksums, manifest and vocabularies, not the weights: the checksum already proves
+        # they are the registered bytes, and the Ingress replicas that serve this call have no
+        # torch (importing it here took the first promote past a 5 s client timeout in CI).
+        load_artifact(candidate.path, weights=False)
         with self._locked(name) as model_dir:
             pointer = self._pointer(name)
             previous = pointer["version"]
@@ -342,7 +345,8 @@ class ModelRegistry:
             if len(history) < 2:
                 raise RegistryError(f"{name}: no earlier production version to roll back to")
             current, target = history[-1], history[-2]
-            load_artifact(self.entry(name, target).path)  # never roll back onto a corrupt copy
+            # never roll back onto a corrupt copy (checksums; no torch, as in promote)
+            load_artifact(self.entry(name, target).path, weights=False)
             _write_json_atomic(
                 model_dir / PRODUCTION,
                 {"version": target, "history": history[:-1], "updated_unix": int(time.time())},
@@ -362,7 +366,7 @@ class ModelRegistry:
         version. Its files are verified first, and the production version is refused (its
         scores are the served ones already)."""
         if version is not None:
-            load_artifact(self.entry(name, version).path)
+            load_artifact(self.entry(name, version).path, weights=False)  # as in promote
         with self._locked(name) as model_dir:
             if version is not None and version == self.production_version(name):
                 raise RegistryError(f"{name} v{version} is in production: nothing to shadow")
