@@ -65,24 +65,32 @@ def test_a_vocabularies_only_load_is_verified_the_same_way(tmp_path: Path) -> No
         load_artifact(tmp_path / "a", weights=False)
 
 
-def test_an_ingress_replica_needs_no_torch(tmp_path: Path) -> None:
-    """What an Ingress replica does at start (import the Serve app's module, read the ranker's
-    vocabularies, build its feature transform) imports neither torch, TorchRec nor faiss: they
-    are the Retrieval replicas' alone (an Ingress replica: 668 MiB RSS with them, 350 without)."""
-    _save(tmp_path / "a")
+def _heavy_imports(code: str) -> str:
+    """Run ``code`` in a fresh interpreter -> which of torch, TorchRec and faiss it imported."""
     probe = (
-        "import sys; from pathlib import Path; import apps.feed_service.app; "
-        "from feedrec.artifacts import load_artifact; "
-        "from feedrec.features.transform import FeatureTransform; "
-        f"art = load_artifact(Path({str(tmp_path / 'a')!r}), weights=False); "
-        "FeatureTransform(art.vocabs); "
+        f"import sys; from pathlib import Path; {code}; "
         "print(sorted({m.split('.')[0] for m in sys.modules} & {'torch', 'torchrec', 'faiss'}))"
     )
     out = subprocess.run(
         [sys.executable, "-c", probe], capture_output=True, text=True, cwd=repo_root()
     )
     assert out.returncode == 0, out.stderr
-    assert out.stdout.strip() == "[]"
+    return out.stdout.strip()
+
+
+def test_an_ingress_replica_needs_no_torch(tmp_path: Path) -> None:
+    """What an Ingress replica does at start (import the Serve app's module, read the ranker's
+    vocabularies, build its feature transform) imports neither torch, TorchRec nor faiss: they
+    are the Retrieval replicas' alone (an Ingress replica: 668 MiB RSS with them, 350 without)."""
+    _save(tmp_path / "a")
+    code = (
+        "import apps.feed_service.app; "
+        "from feedrec.artifacts import load_artifact; "
+        "from feedrec.features.transform import FeatureTransform; "
+        f"art = load_artifact(Path({str(tmp_path / 'a')!r}), weights=False); "
+        "FeatureTransform(art.vocabs)"
+    )
+    assert _heavy_imports(code) == "[]"
 
 
 def test_the_admin_calls_of_an_ingress_replica_need_no_torch(tmp_path: Path) -> None:
@@ -91,20 +99,13 @@ def test_the_admin_calls_of_an_ingress_replica_need_no_torch(tmp_path: Path) -> 
     5 s client timeout on a loaded CI host."""
     _save(tmp_path / "a")
     registry = ModelRegistry(tmp_path / "registry")
-    metrics = {"auc.like": 0.7}
     for _ in range(3):
-        registry.register("ranker", tmp_path / "a", metrics=metrics)
-    probe = (
-        "import sys; from pathlib import Path; "
+        registry.register("ranker", tmp_path / "a", metrics={"auc.like": 0.7})
+    code = (
         "from feedrec.artifacts.model_registry import ModelRegistry; "
         f"r = ModelRegistry(Path({str(tmp_path / 'registry')!r})); "
         "r.promote('ranker', 1); r.promote('ranker', 2); r.set_shadow('ranker', 3); "
-        "assert r.rollback('ranker').version == 1; "
-        "print(sorted({m.split('.')[0] for m in sys.modules} & {'torch', 'torchrec', 'faiss'}))"
+        "assert r.rollback('ranker').version == 1"
     )
-    out = subprocess.run(
-        [sys.executable, "-c", probe], capture_output=True, text=True, cwd=repo_root()
-    )
-    assert out.returncode == 0, out.stderr
-    assert out.stdout.strip() == "[]"
+    assert _heavy_imports(code) == "[]"
     assert registry.production_version("ranker") == 1 and registry.shadow_version("ranker") == 3
