@@ -86,6 +86,14 @@ def test_goals_not_met(tmp_path: Path) -> None:
     assert rows["ann"].met is False  # 15x < 20x
 
 
+def test_a_ratio_just_under_its_goal_does_not_print_as_the_goal(tmp_path: Path) -> None:
+    serve = {**SERVE, "rps_at_p99_100ms": 160.0, "twin_rps": 229.9}  # 0.696 < 0.7
+    rows = report.collect(_write(tmp_path, serve=serve))
+    text = report.render(rows, "2 CPUs", dt.date(2026, 1, 2), tmp_path)
+    (line,) = [x for x in text.splitlines() if x.startswith("| serve |")]
+    assert "| 0.696x |" in line and "| not met |" in line
+
+
 def test_missing_benchmarks_are_not_run(tmp_path: Path) -> None:
     rows = report.collect(_write(tmp_path, serve={"ann": ANN}))  # only bench-ann has run
     status = {r.name: r.headline for r in rows}
