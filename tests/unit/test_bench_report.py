@@ -77,6 +77,19 @@ def test_rows_compare_with_baselines_and_goals(tmp_path: Path) -> None:
     assert "400 req/s (p50 2.40 ms)" in rows["features"].headline
 
 
+def test_a_spike_whose_p99_recovers_only_after_the_step_misses_the_goal(tmp_path: Path) -> None:
+    overload = {**SPIKE, "first_scale_up_s": 61.3, "p99_back_under_target_s_after_scale_up": None}
+    overload["p99_back_under_target_s_after_scale_up_any_load"] = 23.7
+    serve = {**SERVE, "ann": ANN, "spike": SPIKE, "spike_overload": overload}
+    rows = {r.name: r for r in report.collect(_write(tmp_path, serve=serve))}
+    # 23.7 s is inside the 30 s goal, but the load had dropped by then: not met.
+    assert rows["spike_overload"].met is False
+    assert (
+        "p99 < 100 ms again never under the step's load (23.7 s later, after the step)"
+        in rows["spike_overload"].detail
+    )
+
+
 def test_goals_not_met(tmp_path: Path) -> None:
     serve = {**SERVE, "rps_at_p99_100ms": 140.0, "twin_rps": 150.0, "ann": {**ANN, "qps": 150}}
     train = {**TRAIN, "single_samples_per_s": 1001.0}
