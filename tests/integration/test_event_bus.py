@@ -106,6 +106,31 @@ def test_retention_drops_old_records_and_their_keys(bus: Backend) -> None:
     assert log.retain(0) == 0
 
 
+def test_seq_at_finds_where_the_records_since_a_time_begin(bus: Backend) -> None:
+    log = bus.open()
+    for i in range(60):  # received one a second from t = 1000; ~12 records a 1 KiB segment
+        log.append(
+            [{"idempotency_key": f"key-{i:03d}", "received_at": 1000.0 + i, "pad": "x" * 20}]
+        )
+    start = log.seq_at(1030.0)
+    since = [r.payload["received_at"] for r in log.records(start)]
+    assert [t for t in since if t >= 1030.0] == [1000.0 + i for i in range(30, 60)]
+    # At most the rest of a segment earlier (the embedded log reads one record a segment).
+    assert 30 - 15 <= start <= 30
+    if bus.name == "redis":
+        assert start == 30  # a binary search over single records
+    assert log.seq_at(0.0) == 0
+    assert log.seq_at(1e12) <= 60 and list(log.records(log.seq_at(1e12))) is not None
+    # A record without a time counts as new: nothing after it is skipped.
+    log.append([{"idempotency_key": "no-time"}])
+    log.append([{"idempotency_key": "late", "received_at": 2000.0}])
+    assert log.seq_at(1999.0) <= 60
+    # After retention, the answer is a seq that can still be read.
+    log.retain(30)
+    first = log.seq_at(0.0)
+    assert 0 < first <= 30 and next(iter(log.records(first))).seq == first
+
+
 def test_unencodable_records_write_nothing(bus: Backend) -> None:
     log = bus.open()
     with pytest.raises(ValueError):

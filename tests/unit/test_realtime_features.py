@@ -3,9 +3,14 @@ the serving signals count only events about served slots and shape candidates an
 
 from __future__ import annotations
 
+import threading
+import time
+from pathlib import Path
+
 import numpy as np
 import pytest
 
+from feedrec.events.event_log import EventLog
 from feedrec.features.realtime_features import (
     FEATURES_BY_NAME,
     KEY_COLUMNS,
@@ -14,7 +19,7 @@ from feedrec.features.realtime_features import (
     RealtimeState,
     offline_values,
 )
-from feedrec.serving.realtime_signals import RealtimeSignals
+from feedrec.serving.realtime_signals import REPLAY_S, RealtimeSignals
 from feedrec.serving.rerank import Candidates, RerankConfig, final_scores
 
 
@@ -168,3 +173,30 @@ def test_interest_boosts_only_positive_values() -> None:
     assert final[2] == pytest.approx(-0.5)  # a negative value is not made better
     with pytest.raises(ValueError, match="interest_weight"):
         RerankConfig(interest_weight=-1.0)
+
+
+def test_a_starting_follower_replays_only_the_recent_bus(tmp_path: Path) -> None:
+    # Old traffic (served + liked 10 h ago) in its own segments, then the last hour's.
+    topic = np.arange(20) % 4
+    log = EventLog(tmp_path / "bus", segment_bytes=1024)
+    now = time.time()
+    old, recent = now - 10 * 3600, now - 600
+    for i in range(20):  # ~5 records a segment
+        log.append([{**_served(f"{i:032x}", 3, [1]), "received_at": old}])
+        log.append([_event(f"{i:032x}", "like", 0, 1, 3, old)])
+    log.append([{**_served("f" * 32, 3, [6]), "received_at": recent}])
+    log.append([_event("f" * 32, "like", 0, 6, 3, recent)])
+    stop = threading.Event()
+    signals = RealtimeSignals(topic, np.zeros(10, np.int64))
+    signals.follow(log, stop=stop)  # replays REPLAY_S = 8 h
+    stop.set()
+    # The recent like counts; of the 20 old ones only those in the segment where the last
+    # 8 h begin (1 KiB: 3 records of each kind at most) were read at all.
+    assert 6 in signals.engaged_posts(3)
+    assert 1 <= signals.applied <= 1 + 3
+    assert REPLAY_S == 8 * 3600.0  # eight half-lives of the slowest feature (1 h)
+    everything = RealtimeSignals(topic, np.zeros(10, np.int64))
+    everything.follow(log, stop=stop, replay_s=24 * 3600)
+    assert everything.applied == 21 and everything.engaged_posts(3) == {1, 6}
+    with pytest.raises(ValueError, match="replay_s"):
+        RealtimeSignals(topic, np.zeros(10, np.int64)).follow(log, stop=stop, replay_s=0)

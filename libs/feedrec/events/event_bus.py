@@ -27,6 +27,11 @@ class EventBus(Protocol):
         dropped ``start_seq``)."""
         ...
 
+    def seq_at(self, unix_s: float) -> int:
+        """A seq at or before the first record received at or after ``unix_s`` (so that
+        ``records(seq_at(t))`` holds every record since ``t``, maybe a few older ones)."""
+        ...
+
     def end_seq(self) -> int:
         """The seq the next appended record gets."""
         ...

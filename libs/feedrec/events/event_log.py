@@ -112,6 +112,13 @@ def _scan(data: bytes, start: int = 0) -> Iterator[tuple[int, LogRecord]]:
         yield end, LogRecord(seq, json.loads(body))
 
 
+def record_received_at(body: bytes | str) -> float | None:
+    """A record's ``received_at`` (unix s), None if it has none: every served feed, shadow
+    feed and client event carries it."""
+    value = json.loads(body).get("received_at")
+    return float(value) if isinstance(value, int | float) else None
+
+
 def _record_key(body: bytes) -> str | None:
     """The record's ``KEY_FIELD`` (None: it has none) without parsing the whole body when the
     key comes first (every record this module writes); a full parse otherwise."""
@@ -180,16 +187,32 @@ class EventLog:
                 f.seek(base)
                 data = f.read()
             end = 0
-            for record_end, record in _scan(data):
-                end, last = record_end, record.seq
-                if record.seq >= start_seq:
-                    self._cursor = (record.seq + 1, path.name, base + record_end, record.seq)
-                    yield record
+            for record_end, seq, body in _scan_raw(data):
+                end, last = record_end, seq
+                if seq >= start_seq:  # parse only what is asked for (a follower starts late)
+                    self._cursor = (seq + 1, path.name, base + record_end, seq)
+                    yield LogRecord(seq, json.loads(body))
             if following is not None and (last != following - 1 or end != len(data)):
                 raise EventLogError(
                     f"{path.name} is damaged at byte {end} (records end at seq {last}, the "
                     f"next segment starts at {following})"
                 )
+
+    def seq_at(self, unix_s: float) -> int:
+        """A seq from which every record received (``received_at``) at or after ``unix_s``
+        is read: the first seq of the newest segment whose first record is older, so earlier
+        records may come too. Reads one record per segment."""
+        segments = self.segments()
+        start = segments[0][0] if segments else 0
+        for first, path in segments[1:]:
+            with open(path, "rb") as f:
+                head = f.read(_HEADER.size + MAX_PAYLOAD)
+            record = next(_scan_raw(head), None)
+            received = record_received_at(record[2]) if record is not None else None
+            if received is None or received > unix_s:
+                break  # records from here on may be as new as asked for
+            start = first
+        return start
 
     def end_seq(self) -> int:
         """The seq the next appended record gets (records fully written so far)."""
@@ -198,8 +221,8 @@ class EventLog:
         if segments:
             first, path = segments[-1]
             last = first - 1
-            for _, record in _scan(path.read_bytes()):
-                last = record.seq
+            for _, seq, _ in _scan_raw(path.read_bytes()):
+                last = seq
         return last + 1
 
     # -- writing -----------------------------------------------------------------------------

@@ -48,6 +48,7 @@ from feedrec.events.event_log import (
     AppendResult,
     EventLogError,
     LogRecord,
+    record_received_at,
 )
 from feedrec.runtime.redis_url import SCHEME, RedisUrl, redact
 
@@ -256,6 +257,29 @@ class RedisEventLog:
                 seq += 1
             if len(entries) < PAGE:
                 return
+
+    def seq_at(self, unix_s: float) -> int:
+        """A seq from which every record received (``received_at``) at or after ``unix_s``
+        is read: a binary search over the stream (one single-entry XRANGE a step) for the
+        first record received at or after it; a record without ``received_at`` counts as new.
+        Records are appended about in ``received_at`` order (each writer stamps the time just
+        before it appends), so a record a few ms older may follow."""
+        with self._errors("read"):
+            lo, hi = (int(b) for b in self._bounds(keys=[self._stream, self._first]))
+            while lo < hi:
+                mid = (lo + hi) // 2
+                entries = cast(
+                    list[tuple[str, dict[str, str]]],
+                    self._client.xrange(self._stream, min=f"0-{mid + 1}", count=1),
+                )
+                if not entries:  # the stream was deleted meanwhile
+                    break
+                received = record_received_at(entries[0][1].get(PAYLOAD_FIELD, "{}"))
+                if received is not None and received < unix_s:
+                    lo = mid + 1
+                else:
+                    hi = mid
+        return lo
 
     def end_seq(self) -> int:
         """The seq the next appended record gets."""
