@@ -18,6 +18,7 @@ Deploy with ``feedrec serve up`` or ``serve deploy apps/feed_service/serve_confi
 """
 
 import logging
+import time
 from dataclasses import asdict
 from typing import Any, Literal
 
@@ -35,6 +36,7 @@ from feedrec.serving.api import FeedRequest, FeedResponse, PromoteRequest, Shado
 from feedrec.serving.config import ServiceConfig
 from feedrec.serving.feed_metrics import FeedMetrics
 from feedrec.serving.feed_service import FeedService
+from feedrec.serving.latency_window import LatencyWindow
 from feedrec.serving.online_store import OnlineFeatureStore, UserFeatures
 from feedrec.serving.request_limits import install_request_limits
 from feedrec.serving.stages import (
@@ -127,6 +129,9 @@ class Ingress:
             return await retrieval.shadow_candidates.remote(user, k, blocked)
 
         self.metrics = FeedMetrics()
+        # This replica's recent feed latencies: the p99 the autoscaling policy holds
+        # (feedrec.serving.latency_policy).
+        self.latency = LatencyWindow(seconds=10.0)
         # Ranking, re-ranking, recording and real-time signals: the twin builds the same.
         self.service = FeedService(
             cfg, store, retrieve, shadow_retrieve=shadow_retrieve, metrics=self.metrics
@@ -204,10 +209,18 @@ class Ingress:
 
     @api.post("/v1/feed", response_model=FeedResponse)
     async def feed(self, request: FeedRequest) -> FeedResponse:  # type: ignore[valid-type]
+        started = time.perf_counter()
         try:
-            return await self.service.feed(request)
+            response = await self.service.feed(request)
         except RequestError as e:
             raise HTTPException(status_code=422, detail=str(e)) from e
+        self.latency.add((time.perf_counter() - started) * 1e3)
+        return response
+
+    def record_autoscaling_stats(self) -> dict[str, float]:
+        """Custom autoscaling metrics (Serve calls this each metrics interval): the p99 of the
+        feeds this replica answered in the last 10 s and how many there were."""
+        return self.latency.stats()
 
     @api.post("/v1/events", response_model=EventsAck)
     async def events(self, batch: EventBatch) -> EventsAck:

@@ -25,6 +25,7 @@ Every stage reads and writes one run directory (``--run-dir``, default ``runs/de
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import signal
@@ -533,12 +534,36 @@ serve_feature_store_option = click.option(
 )
 
 
+def _check_serve_config(ctx: click.Context, param: click.Parameter, value: Path | None) -> Any:
+    if value is None:
+        return None
+    from feedrec.serving.config import deployment_options
+    from feedrec.serving.stack import APP_NAME
+
+    try:
+        deployment_options(value, APP_NAME)
+    except ValueError as e:
+        raise click.BadParameter(str(e), ctx=ctx, param=param) from e
+    return value
+
+
+serve_config_option = click.option(
+    "--serve-config",
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    default=None,
+    callback=_check_serve_config,
+    help="The serve deploy YAML whose per-deployment options (autoscaling, ...) apply "
+    "(default: apps/feed_service/serve_config.yaml; on a cluster: serve_config.cluster.yaml).",
+)
+
+
 @serve.command("run")
 @run_dir_option
 @click.option("--host", default="127.0.0.1", show_default=True)
 @click.option("--port", default=8000, show_default=True, type=click.IntRange(1, 65535))
 @serve_registry_option
 @serve_feature_store_option
+@serve_config_option
 @ray_option
 def serve_run(
     run_dir: Path,
@@ -546,22 +571,24 @@ def serve_run(
     port: int,
     registry_dir: Path | None,
     feature_store: str | None,
+    serve_config: Path | None,
     ray_address: str | None,
 ) -> None:
     """Run the stack in the foreground until SIGINT/SIGTERM."""
     from feedrec.serving.stack import ServingStack, StackConfig
 
     overrides = {} if feature_store is None else {"feature_store": feature_store}
-    stack = ServingStack(
-        StackConfig(
-            run_dir=run_dir,
-            http_host=host,
-            http_port=port,
-            ray_address=ray_address,
-            registry=registry_dir,
-            service_overrides=overrides,
-        )
+    config = StackConfig(
+        run_dir=run_dir,
+        http_host=host,
+        http_port=port,
+        ray_address=ray_address,
+        registry=registry_dir,
+        service_overrides=overrides,
     )
+    if serve_config is not None:
+        config = dataclasses.replace(config, serve_config=serve_config.resolve())
+    stack = ServingStack(config)
     stopping = False
 
     def _stop(signum: int, frame: object) -> None:
@@ -584,6 +611,7 @@ def serve_run(
 @click.option("--timeout", default=600.0, show_default=True, help="Seconds to wait for health.")
 @serve_registry_option
 @serve_feature_store_option
+@serve_config_option
 @ray_option
 def serve_up(
     run_dir: Path,
@@ -592,6 +620,7 @@ def serve_up(
     timeout: float,
     registry_dir: Path | None,
     feature_store: str | None,
+    serve_config: Path | None,
     ray_address: str | None,
 ) -> None:
     """Start the stack in the background (PID file in <run>/serve) and wait until healthy."""
@@ -620,6 +649,8 @@ def serve_up(
         cmd += ["--registry", str(registry_dir)]
     if feature_store:
         cmd += ["--feature-store", feature_store]
+    if serve_config:
+        cmd += ["--serve-config", str(serve_config.resolve())]
     with log_file.open("wb") as log:
         proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     pid_file.write_text(str(proc.pid))

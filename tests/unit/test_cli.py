@@ -109,3 +109,14 @@ def test_feature_store_commands_name_a_bad_url_or_a_missing_preprocess(tmp_path:
     assert (
         res.exit_code == 2 and "--feature-store" in res.output and "prefix must match" in res.output
     )
+
+
+def test_serve_config_option_names_a_bad_field(tmp_path: Path) -> None:
+    bad = tmp_path / "serve.yaml"
+    bad.write_text(
+        "applications: [{name: feed, import_path: 'a:b', deployments: "
+        "[{name: Ingress, autoscaling_config: {min_replicas: -1}}]}]\n"
+    )
+    res = CliRunner().invoke(main, ["serve", "up", "--serve-config", str(bad)])
+    assert res.exit_code == 2 and "--serve-config" in res.output
+    assert "deployment Ingress" in res.output and "min_replicas" in res.output
