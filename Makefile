@@ -3,7 +3,7 @@ SHELL := /bin/bash
 PY := .venv/bin/python
 STAMP := .venv/.feedrec-installed
 
-.PHONY: venv demo test lint format clean-run bench bench-report bench-train bench-ann bench-serve bench-spike bench-data bench-features
+.PHONY: venv demo test lint format clean-run bench bench-report bench-train bench-ann bench-serve bench-spike bench-spike-policy bench-data bench-features
 
 venv: $(STAMP)
 
@@ -46,6 +46,13 @@ bench-spike: venv
 	$(PY) -m bench.spike --run-dir runs/demo
 	$(PY) -m bench.spike --run-dir runs/demo --base 6 --name spike_overload
 
+# One 5 -> 50 req/s step under the cluster config's LatencyPolicy and under the laptop
+# config (ongoing requests only), side by side -> spike_scaleup(.png), spike_scaleup_baseline.
+bench-spike-policy: venv
+	$(PY) -m bench.spike --run-dir runs/demo --base 5 --name spike_scaleup \
+	  --serve-config apps/feed_service/serve_config.cluster.yaml
+	$(PY) -m bench.spike --run-dir runs/demo --base 5 --name spike_scaleup_baseline
+
 # faiss index sweep on 1M x 64 vs exact search -> the "ann" section of bench/results/serve.json.
 bench-ann: venv
 	$(PY) -m bench.ann --posts 1000000 --dim 64
@@ -66,6 +73,7 @@ bench: venv
 	$(MAKE) bench-ann
 	$(MAKE) bench-serve
 	$(MAKE) bench-spike
+	$(MAKE) bench-spike-policy
 	$(MAKE) bench-data
 	$(MAKE) bench-features
 	$(PY) -m bench.report

@@ -195,6 +195,41 @@ def _spike_overload(doc: _Doc) -> Row:
     return _spike(doc, "spike_overload")
 
 
+def _spike_policy(doc: _Doc) -> Row:
+    """The same step under the cluster config's LatencyPolicy and under the laptop config."""
+    runs = {}
+    for key in ("spike_scaleup", "spike_scaleup_baseline"):
+        section = doc.get(key)
+        if not isinstance(section, dict):
+            raise ReportError(f"{doc.label}: {key}: expected a JSON object")
+        runs[key] = _Doc(section, f"{doc.label}: {key}")
+    policy, base = runs["spike_scaleup"], runs["spike_scaleup_baseline"]
+
+    def replicas(d: _Doc) -> str:
+        return str((d.get("max_replicas") or {}).get("Ingress", "?"))
+
+    def outcome(d: _Doc) -> str:
+        shed = d.get("shed_with_retry_after") or 0
+        return f"{d.num('errors'):.0f} errors, {_n(float(shed))} shed"
+
+    during, base_during = policy.num("p99_during_ms"), base.num("p99_during_ms")
+    return Row(
+        "spike_policy",
+        "serve.json: spike_scaleup, spike_scaleup_baseline",
+        f"LatencyPolicy (cluster config): p99 {_n(during)} ms during a "
+        f"{_n(policy.num('base_rps'))} -> {_n(policy.num('spike_rps'))} req/s step, "
+        f"Ingress up to {replicas(policy)}",
+        f"laptop config (ongoing requests): p99 {_n(base_during)} ms, Ingress up to "
+        f"{replicas(base)}",
+        during / base_during,
+        "none stated (<= 1 would make it the laptop's default)",
+        None,
+        f"ratio = p99 during, policy / laptop config; policy: {outcome(policy)}, "
+        f"first scale-up {policy.get('first_scale_up_s')} s in; laptop config: {outcome(base)}; "
+        "plots: spike_scaleup.png, spike_scaleup_baseline.png",
+    )
+
+
 def _data(doc: _Doc) -> Row:
     ratio = doc.num("ratio")
     rates = [k for k in doc.data if k.endswith("_per_s")][:2]
@@ -234,9 +269,17 @@ BENCHMARKS: tuple[tuple[str, str, str | None, str, Callable[[_Doc], Row]], ...] 
     ("ann", "serve.json", "ann", f"recall@100 >= {ANN_RECALL_GOAL}", _ann),
     ("spike", "serve.json", "spike", "0 errors", _spike),
     ("spike_overload", "serve.json", "spike_overload", "0 errors", _spike_overload),
+    ("spike_policy", "serve.json", None, "none stated", _spike_policy),
     ("data", "data.json", None, f"ratio >= {DATA_RATIO_GOAL}", _data),
     ("features", "feature_store.json", None, "none stated", _features),
 )
+
+
+#: Keys a whole-file row needs, or it is "not run" (serve.json is shared by several benches).
+_NEEDS = {
+    "serve": ("rps_at_p99_100ms",),
+    "spike_policy": ("spike_scaleup", "spike_scaleup_baseline"),
+}
 
 
 def collect(results_dir: Path) -> list[Row]:
@@ -250,8 +293,8 @@ def collect(results_dir: Path) -> list[Row]:
             data = data.get(section)
             if data is not None and not isinstance(data, dict):
                 raise ReportError(f"{label}: expected a JSON object")
-        # serve.json may hold only the ann/spike sections when bench-serve has not run.
-        if data is None or (name == "serve" and "rps_at_p99_100ms" not in data):
+        # serve.json may hold only some sections: each row needs its own.
+        if data is None or any(key not in data for key in _NEEDS.get(name, ())):
             source = file if section is None else f"{file}: {section}"
             rows.append(Row(name, source, "not run", "", None, goal, None))
             continue

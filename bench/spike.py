@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import json
 import threading
 import time
@@ -147,6 +148,13 @@ def main() -> None:
     parser.add_argument(
         "--name", default="spike", help="section of serve.json and name of the plot (.png)"
     )
+    parser.add_argument(
+        "--serve-config",
+        type=Path,
+        default=None,
+        help="a serve deploy YAML instead of apps/feed_service/serve_config.yaml (e.g. to "
+        "run a baseline with another autoscaling policy)",
+    )
     args = parser.parse_args()
     if not args.name.isidentifier():
         parser.error(f"--name {args.name!r}: letters, digits and _ only")
@@ -154,6 +162,7 @@ def main() -> None:
         parser.error(f"--run-dir {args.run_dir}: no trained models (run `make demo` first)")
 
     from feedrec.runtime import RunLayout
+    from feedrec.serving.config import deployment_options
     from feedrec.serving.online_store import OnlineFeatureStore
     from feedrec.serving.stack import APP_NAME, ServingStack, StackConfig
 
@@ -167,7 +176,12 @@ def main() -> None:
     ]
     replicas: list[dict[str, float]] = []
     stop = threading.Event()
-    with ServingStack(StackConfig(run_dir=run.root, http_port=args.port, export_portable=False)):
+    stack = StackConfig(run_dir=run.root, http_port=args.port, export_portable=False)
+    if args.serve_config is not None:
+        stack = dataclasses.replace(stack, serve_config=args.serve_config.resolve())
+    ingress = deployment_options(stack.serve_config, APP_NAME).get("Ingress", {})
+    policy = (ingress.get("autoscaling_config") or {}).get("policy") or {}
+    with ServingStack(stack):
         sampler = threading.Thread(target=sample_replicas, args=(APP_NAME, stop, replicas))
         sampler.start()
         try:
@@ -196,6 +210,8 @@ def main() -> None:
         windows, first_up, before + args.spike_seconds
     )
     spike = {
+        "serve_config": str(stack.serve_config),
+        "ingress_autoscaling_policy": policy.get("policy_function", "Serve's default"),
         "base_rps": args.base,
         "spike_rps": args.base * args.factor,
         "spike_seconds": args.spike_seconds,

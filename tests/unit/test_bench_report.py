@@ -50,14 +50,17 @@ def test_rows_compare_with_baselines_and_goals(tmp_path: Path) -> None:
     data = {"ray_data_rows_per_s": 70.0, "single_rows_per_s": 100.0, "ratio": 0.7}
     overload = {**SPIKE, "shed_with_retry_after": 250, "first_scale_up_s": 50.0}
     overload["p99_back_under_target_s_after_scale_up"] = 31.0
+    scaled = {**SPIKE, "p99_during_ms": 300.0, "max_replicas": {"Ingress": 4}}
     serve = {**SERVE, "ann": ANN, "spike": SPIKE, "spike_overload": overload}
+    serve |= {"spike_scaleup": scaled, "spike_scaleup_baseline": SPIKE}
     rows = {
         r.name: r
         for r in report.collect(
             _write(tmp_path, train=TRAIN, data=data, serve=serve, feature_store=FEATURES)
         )
     }
-    names = ["train", "serve", "ann", "spike", "spike_overload", "data", "features"]
+    names = ["train", "serve", "ann", "spike", "spike_overload", "spike_policy", "data"]
+    names.append("features")
     assert [r.name for r in rows.values()] == names
     assert rows["train"].ratio == pytest.approx(1.3) and rows["train"].met is True  # >= 1.3
     assert "1,300 samples/s" in rows["train"].headline
@@ -71,6 +74,10 @@ def test_rows_compare_with_baselines_and_goals(tmp_path: Path) -> None:
     assert "no scale-up" in rows["spike"].detail
     assert rows["spike_overload"].met is False and "250 shed" in rows["spike_overload"].headline
     assert "first scale-up 50 s in, p99 < 100 ms again 31 s later" in rows["spike_overload"].detail
+    # The cluster policy's step against the laptop config's: 300 / 150 ms, no goal.
+    assert rows["spike_policy"].ratio == pytest.approx(2.0) and rows["spike_policy"].met is None
+    assert "Ingress up to 4" in rows["spike_policy"].headline
+    assert "p99 150 ms" in rows["spike_policy"].baseline
     assert rows["data"].ratio == pytest.approx(0.7) and rows["data"].met is False  # < 0.8
     assert "`ray_data_rows_per_s` 70" in rows["data"].headline
     assert rows["features"].ratio == pytest.approx(0.5) and rows["features"].met is None
@@ -116,6 +123,7 @@ def test_missing_benchmarks_are_not_run(tmp_path: Path) -> None:
         "ann": status["ann"],
         "spike": "not run",
         "spike_overload": "not run",
+        "spike_policy": "not run",
         "data": "not run",
         "features": "not run",
     }
