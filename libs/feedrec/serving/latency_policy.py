@@ -38,7 +38,8 @@ import math
 import time
 from typing import Any
 
-P99_METRIC = "latency_p99_ms"  # = feedrec.serving.latency_window.P99_METRIC (kept by a test)
+#: Names of the custom autoscaling metrics each replica reports (``LatencyWindow.stats``).
+P99_METRIC = "latency_p99_ms"
 COUNT_METRIC = "latency_requests"
 logger = logging.getLogger("ray.serve")
 

@@ -8,10 +8,11 @@ from collections.abc import Callable
 
 import numpy as np
 
-#: Names of the custom autoscaling metrics a replica reports (``LatencyWindow.stats``) and
-#: ``LatencyPolicy`` reads.
-P99_METRIC = "latency_p99_ms"
-COUNT_METRIC = "latency_requests"
+# The names of the custom autoscaling metrics are the policy's: it is pickled by value into
+# the Serve controller, so it owns them and this module imports them.
+from feedrec.serving.latency_policy import COUNT_METRIC, P99_METRIC
+
+__all__ = ["COUNT_METRIC", "P99_METRIC", "LatencyWindow"]
 
 
 class LatencyWindow:
