@@ -1206,6 +1206,18 @@ def events() -> None:
     is_flag=True,
     help="Then count the live day as a day of the world (preprocess and retrain read it).",
 )
+@click.option(
+    "--retain",
+    is_flag=True,
+    help="Then drop the bus records the sink will not read again and older than --keep-s.",
+)
+@click.option(
+    "--keep-s",
+    type=click.FloatRange(min=0.0),
+    default=None,
+    help="With --retain: keep records received this recently "
+    "[default: the 8 h a starting replica replays].",
+)
 def events_sink(
     run_dir: Path,
     bus: str | None,
@@ -1213,12 +1225,16 @@ def events_sink(
     window_s: float,
     flush: bool,
     close_day: bool,
+    retain: bool,
+    keep_s: float | None,
 ) -> None:
     """Compact the bus into day-partitioned logs (exactly once; safe to re-run any time)."""
     from feedrec.events.event_bus import open_event_bus
-    from feedrec.events.event_log import EventLogError
+    from feedrec.events.event_log import EventLog, EventLogError
     from feedrec.events.event_sink import EventSink, SinkConfig
 
+    if keep_s is not None and not retain:
+        raise click.BadParameter("is only used with --retain", param_hint="--keep-s")
     run = _run(run_dir)
     location = bus if bus is not None else str(run.events)
     if "://" not in location and not Path(location).is_dir():
@@ -1239,6 +1255,15 @@ def events_sink(
             click.echo(f"day {sink.close_day()} is now a day of the world in {sink.world.root}")
         except (FileNotFoundError, ValueError) as e:
             raise click.BadParameter(str(e), param_hint="--close-day") from e
+    if retain:
+        from feedrec.serving.realtime_signals import REPLAY_S
+
+        try:
+            kept_from, dropped = sink.retain(REPLAY_S if keep_s is None else keep_s)
+        except EventLogError as e:
+            raise click.UsageError(str(e)) from e
+        unit = "segments" if isinstance(sink.log, EventLog) else "entries"
+        click.echo(f"retention: the bus keeps seq {kept_from} on; dropped {dropped} {unit}")
 
 
 @main.command()

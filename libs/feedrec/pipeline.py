@@ -331,11 +331,16 @@ def online_experiment(run: RunLayout, url: str, duration_s: float, users: int = 
     from feedrec.experiments.off_policy import write_report as write_off_policy_report
     from feedrec.experiments.user_simulator import SimulationConfig, UserSimulator
     from feedrec.serving.config import ServiceConfig
+    from feedrec.serving.realtime_signals import REPLAY_S
 
     serving_day = int(PreprocessLayout(run.data).read_meta()["serving_day"])
     cfg = SimulationConfig(duration_s=duration_s, users=users, min_return_s=5.0)
     result = UserSimulator(url, run.world, serving_day, cfg).run(run.root / "simulation")
-    sink = EventSink(EventLog(run.events), run.world).run(flush=True)
+    sink_job = EventSink(EventLog(run.events), run.world)
+    sink = sink_job.run(flush=True)
+    # What the sink is done with and a starting replica would not replay: a reused run dir's
+    # bus stays bounded instead of growing by every run and benchmark.
+    kept_from, dropped = sink_job.retain(REPLAY_S)
     truth = pq.read_table(result.truth_path).to_pandas()
     exposures = read_exposures(run.world)  # one read: the A/B report and OPE share it
     report = analyse(simulated_only(exposures, truth), session_gap_s=2.5, truth=truth)
@@ -351,6 +356,8 @@ def online_experiment(run: RunLayout, url: str, duration_s: float, users: int = 
     )
     ope_path = write_off_policy_report(ope, run.root / "experiment" / "ope")
     lines = [result.summary(), sink.summary()]
+    hours = REPLAY_S / 3600
+    lines.append(f"bus retention: kept seq {kept_from} on ({hours:g} h), dropped {dropped} files")
     for lift in report.lifts:
         if lift.metric in ("engagement_rate", "like_rate", "hide_rate"):
             low, high = lift.ci

@@ -61,6 +61,13 @@ def test_events_sink_compacts_a_bus_and_names_a_bad_one(tmp_path: Path) -> None:
     assert res.exit_code == 0, res.output
     assert "1 feeds" in res.output and "1 exposure rows" in res.output
     assert (tmp_path / "world" / "live" / "exposures" / "day=6").is_dir()
+    res = CliRunner().invoke(main, ["events", "sink", "--run-dir", str(tmp_path), "--keep-s", "1"])
+    assert res.exit_code == 2 and "--keep-s" in res.output and "--retain" in res.output
+    res = CliRunner().invoke(
+        main, ["events", "sink", "--run-dir", str(tmp_path), "--retain", "--keep-s", "0"]
+    )
+    # One segment, the active one: retention never deletes it.
+    assert res.exit_code == 0 and "keeps seq 0 on; dropped 0 segments" in res.output, res.output
 
 
 def test_experiment_commands_name_what_is_missing_or_bad(tmp_path: Path) -> None:

@@ -12,7 +12,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from feedrec.data.log_import import LOG_SCHEMA
-from feedrec.events.event_log import EventLog
+from feedrec.events import event_sink
+from feedrec.events.event_log import EventLog, EventLogError
 from feedrec.events.event_sink import LIVE_ID_BASE, EventSink, SinkConfig
 from feedrec.events.feed_event import feed_event
 from feedrec.events.feed_recorder import FeedRecorder
@@ -276,3 +277,107 @@ def test_shadow_feeds_become_shadow_rows_never_log_rows(
     assert rows[0]["pred_like"] == 0.25 and rows[0]["latency_ms"] == 12.5
     assert EventSink(log, world).run().shadow_rows == 0  # exactly once
     assert not _logs(world)  # a shadow feed was never shown: no training rows
+
+
+def test_an_open_feed_is_kept_as_its_key_and_written_from_the_bus(
+    tmp_path: Path, bus_records: BusRecords
+) -> None:
+    """The state holds no served payload (it grew with the feeds in their window: 5 GB for a
+    67k-feed backlog); the feed's rows come from re-reading its record on the bus."""
+    log, world = _bus(tmp_path)
+    sink = EventSink(log, world, SinkConfig(attribution_window_s=60.0))
+    log.append([bus_records.served(RID_A, 7, [100, 101], at=1000.0)])
+    log.append([bus_records.event(RID_A, "like", 1, 101, 7, 1010.0, "like-a-1")])
+    first = sink.run()
+    assert first.pending_feeds == 1 and first.retain_below == 0  # the feed's record, seq 0
+    entry = sink.state()["pending"][RID_A]
+    assert set(entry) == {"seq", "received_at", "user_id", "variant", "posts", "slots"}
+    assert entry["posts"] == [100, 101] and entry["slots"] == {"1": {"types": ["like"], "dwell": 0}}
+    log.append([bus_records.served(RID_B, 8, [200], at=1070.0)])
+    second = sink.run()
+    assert second.feeds_written == 1 and second.retain_below == 2  # B's record
+    exposures = pq.read_table(world / "live" / "exposures" / f"day={DAY}").to_pylist()
+    assert [(e["post_id"], e["like"], e["score"]) for e in exposures] == [
+        (100, 0, 1.0),
+        (101, 1, 0.5),
+    ]
+
+
+def test_retention_below_an_open_feed_is_an_error_naming_the_seq(
+    tmp_path: Path, bus_records: BusRecords
+) -> None:
+    log = EventLog(tmp_path / "bus", segment_bytes=1024)  # a segment per (20-post) feed
+    world = tmp_path / "world"
+    sink = EventSink(log, world, SinkConfig(attribution_window_s=60.0))
+    log.append([bus_records.served(RID_A, 7, list(range(20)), at=1000.0)])
+    log.append([bus_records.served(RID_B, 8, list(range(20)), at=1001.0)])
+    assert sink.run().retain_below == 0
+    assert log.retain(1) == 1  # drops A's served record, which the sink has not written yet
+    log.append([bus_records.served("c" * 32, 9, [300], at=1070.0)])
+    with pytest.raises(EventLogError, match="served at bus seq 0 is still to be written"):
+        sink.run()
+    assert _logs(world) == {}  # nothing half-written, the committed state unchanged
+    assert sink.state()["next_seq"] == 2
+
+
+def test_writing_in_chunks_changes_no_row(
+    tmp_path: Path, bus_records: BusRecords, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def run(root: Path) -> dict[str, list[dict[str, Any]]]:
+        log, world = _bus(root)
+        for i in range(7):
+            rid = f"{i:032x}"
+            log.append([bus_records.served(rid, i, [10 * i, 10 * i + 1], at=1000.0 + i)])
+            log.append([bus_records.event(rid, "like", i % 2, 10 * i + i % 2, i, 1000.5 + i, rid)])
+        EventSink(log, world).run(flush=True)
+        return {
+            str(f.relative_to(world)): pq.read_table(f, partitioning=None).to_pylist()
+            for f in sorted(world.rglob("*.parquet"))
+        }
+
+    whole = run(tmp_path / "whole")
+    monkeypatch.setattr(event_sink, "CHUNK_FEEDS", 3)
+    chunked = run(tmp_path / "chunked")
+    assert chunked == whole and sum(len(rows) for rows in whole.values()) == 7 * 2 + 7
+
+
+def test_a_version_1_state_with_whole_feeds_is_migrated(
+    tmp_path: Path, bus_records: BusRecords
+) -> None:
+    log, world = _bus(tmp_path)
+    served = bus_records.served(RID_A, 7, [100, 101], at=1000.0)
+    log.append([served])
+    state = {
+        "version": 1,
+        "next_seq": 1,
+        "inflight": None,
+        "watermark": 1000.0,
+        "pending": {RID_A: {**served, "seq": 0, "slots": {"0": {"types": ["like"], "dwell": 0}}}},
+        "waiting": [],
+        "finalized": {},
+    }
+    (world / "live").mkdir(parents=True)
+    (world / "live" / "sink_state.json").write_text(json.dumps(state))
+    report = EventSink(log, world).run(flush=True)
+    assert report.feeds_written == 1 and _logs(world)[LIVE_ID_BASE]["like"] == 1
+    assert EventSink(log, world).state()["version"] == 2
+
+
+def test_retention_keeps_open_feeds_and_the_recent_bus(
+    tmp_path: Path, bus_records: BusRecords
+) -> None:
+    log = EventLog(tmp_path / "bus", segment_bytes=1024)  # a segment per (20-post) feed
+    sink = EventSink(log, tmp_path / "world", SinkConfig(attribution_window_s=60.0))
+    rids = [f"{i:032x}" for i in range(4)]
+    for i, rid in enumerate(rids):
+        log.append([bus_records.served(rid, i, list(range(20)), at=1000.0 + i)])
+    assert sink.run().retain_below == 0  # every feed is still in its window
+    assert sink.retain(0.0, now=5000.0) == (0, 0)  # however old: the sink still needs them
+    sink.run(flush=True)
+    with pytest.raises(ValueError, match="keep_s"):
+        sink.retain(-1.0)
+    # Keep what arrived since 1001.5: the embedded log keeps from the segment that may hold
+    # it (seq 1's, whose first record is older), and drops seq 0's.
+    kept_from, dropped = sink.retain(1.5, now=1003.0)
+    assert kept_from == 1 and dropped == 1
+    assert [r.seq for r in log.records(kept_from)] == [1, 2, 3]

@@ -17,6 +17,12 @@ Exactly once, across crashes at any point:
   restarted after a crash redoes exactly that range from the last committed state, so the
   files it rewrites are the same files with the same rows, then commits the new state.
 
+Memory does not grow with the payloads waiting in their window: an open feed is held (and
+committed) as its attribution key only (seq, time, user, variant, posts by slot, labels so
+far); its full served record stays on the bus, which is re-read in seq order when the feed is
+written, a bounded chunk of feeds at a time, streamed into the range's Parquet files. So the
+bus must keep every record at or above the report's ``retain_below``.
+
 Events that cannot be attributed are kept, not dropped: ``rejected/live-<start>-<end>.jsonl``
 holds each with its reason (late: after its feed's window closed; unknown request; mismatch:
 the post, user or variant differ from what was served).
@@ -27,6 +33,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import time
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -40,6 +47,7 @@ import pyarrow.parquet as pq
 
 from feedrec.data.log_import import LOG_SCHEMA
 from feedrec.events.event_bus import EventBus
+from feedrec.events.event_log import EventLogError
 from feedrec.events.feed_event import (
     EVENT,
     FEEDBACK_TYPES,
@@ -54,7 +62,9 @@ from feedrec.world.layout import WorldLayout
 #: Live impression ids: far above any generated or imported id (those count from 0), and
 #: derived from the served record's bus seq, so a rewritten range gets the same ids.
 LIVE_ID_BASE = 1 << 62
-STATE_VERSION = 1
+STATE_VERSION = 2
+#: Feeds (and shadow feeds) turned into rows and written per chunk: bounds the rows in memory.
+CHUNK_FEEDS = 1000
 
 EXPOSURE_SCHEMA = pa.schema(
     [
@@ -136,6 +146,7 @@ class SinkReport:
     rejected: Counter[str] = field(default_factory=Counter)
     pending_feeds: int = 0
     waiting_events: int = 0
+    retain_below: int = 0
     files: list[str] = field(default_factory=list)
 
     def summary(self) -> str:
@@ -145,7 +156,8 @@ class SinkReport:
             f"{self.log_rows} log rows, {self.exposure_rows} exposure rows from "
             f"{self.feeds_written} feeds, {self.shadow_rows} shadow rows; rejected: {rejected}; "
             f"waiting: {self.pending_feeds} feeds in their window, {self.waiting_events} "
-            f"events without their feed yet; next seq {self.next_seq}"
+            f"events without their feed yet; next seq {self.next_seq}; the sink needs no bus "
+            f"record below seq {self.retain_below}"
         )
 
 
@@ -155,10 +167,38 @@ def _empty_state() -> dict[str, Any]:
         "next_seq": 0,
         "inflight": None,
         "watermark": 0.0,
-        "pending": {},  # request_id -> served record + "seq" + "slots": {position: labels}
+        "pending": {},  # request_id -> _pending_entry(served record) + "slots": {position: labels}
         "waiting": [],  # events whose served record has not been read yet
         "finalized": {},  # request_id -> received_at, to tell late events from unknown ones
     }
+
+
+def _pending_entry(served: dict[str, Any]) -> dict[str, Any]:
+    """What an open feed keeps in the state: enough to attribute its events (``seq`` finds
+    the full served record on the bus when the feed is written)."""
+    return {
+        "seq": int(served["seq"]),
+        "received_at": float(served["received_at"]),
+        "user_id": int(served["user_id"]),
+        "variant": served["variant"],
+        "posts": [int(item["post_id"]) for item in served["items"]],
+        "slots": served.get("slots", {}),
+    }
+
+
+def _migrate(state: dict[str, Any]) -> dict[str, Any]:
+    """State version 1 held each open feed's whole served record; keep its key only."""
+    state["pending"] = {rid: _pending_entry(served) for rid, served in state["pending"].items()}
+    state["version"] = STATE_VERSION
+    return state
+
+
+def _fsync_path(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def _atomic_write(path: Path, write: Any) -> None:
@@ -169,11 +209,40 @@ def _atomic_write(path: Path, write: Any) -> None:
     with open(tmp, "rb") as f:
         os.fsync(f.fileno())
     os.replace(tmp, path)
-    fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    _fsync_path(path.parent)
+
+
+class _RangeFiles:
+    """The Parquet files of one bus range, written in chunks (one row group each) to tmp
+    files, then each fsynced and renamed into place by :meth:`commit` (a crash before that
+    leaves only tmp files, which the redo overwrites)."""
+
+    def __init__(self) -> None:
+        self._open: dict[Path, tuple[Path, pq.ParquetWriter]] = {}
+
+    def write(self, path: Path, table: pa.Table) -> None:
+        if path not in self._open:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_name(f".{path.name}.tmp")
+            self._open[path] = (tmp, pq.ParquetWriter(tmp, table.schema))
+        self._open[path][1].write_table(table)
+
+    def commit(self) -> list[Path]:
+        for path, (tmp, writer) in self._open.items():
+            writer.close()
+            with open(tmp, "rb") as f:
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+            _fsync_path(path.parent)
+        paths = list(self._open)
+        self._open.clear()
+        return paths
+
+    def abort(self) -> None:
+        for tmp, writer in self._open.values():
+            writer.close()
+            tmp.unlink(missing_ok=True)
+        self._open.clear()
 
 
 class EventSink:
@@ -227,6 +296,8 @@ class EventSink:
         if not self.state_path.exists():
             return _empty_state()
         state = json.loads(self.state_path.read_text())
+        if state.get("version") == 1:
+            return _migrate(state)
         if state.get("version") != STATE_VERSION:
             version = state.get("version")
             raise ValueError(f"{self.state_path}: unknown sink state version {version}")
@@ -264,7 +335,25 @@ class EventSink:
         report.next_seq = state["next_seq"]
         report.pending_feeds = len(state["pending"])
         report.waiting_events = len(state["waiting"])
+        report.retain_below = self.retain_below(state)
         return report
+
+    def retain(self, keep_s: float, *, now: float | None = None) -> tuple[int, int]:
+        """Drop the bus records that the sink will not read again and that were received
+        more than ``keep_s`` before ``now`` (a starting replica replays the recent ones, and
+        a retried event's idempotency key is only recognised while its record is kept).
+        Returns (the seq kept from, the units the bus dropped: segments or entries)."""
+        if not (math.isfinite(keep_s) and keep_s >= 0):
+            raise ValueError(f"retention: keep_s must be >= 0, got {keep_s}")
+        since = (time.time() if now is None else now) - keep_s
+        min_seq = min(self.retain_below(self.state()), self.log.seq_at(since))
+        return min_seq, self.log.retain(min_seq)
+
+    @staticmethod
+    def retain_below(state: dict[str, Any]) -> int:
+        """The lowest bus seq the sink will read again: the oldest open feed's served record,
+        else the next unread record. Retention may drop everything below it."""
+        return min([int(e["seq"]) for e in state["pending"].values()] + [state["next_seq"]])
 
     @staticmethod
     def _open(state: dict[str, Any]) -> bool:
@@ -288,13 +377,48 @@ class EventSink:
         range's files, then commit (unless ``crash``)."""
         state = json.loads(json.dumps(committed))  # deep copy: the committed state stays
         start = state["next_seq"]
+        name = f"live-{start:012d}-{end:012d}"
+        files = _RangeFiles()
+        try:
+            feeds, rejected = self._apply(state, end, flush, files, name, report)
+            self._write_feeds(feeds, files, name, report)
+            for path in files.commit():
+                report.files.append(str(path))
+        except BaseException:
+            files.abort()
+            raise
+        if rejected:
+            path = self.live / "rejected" / f"{name}.jsonl"
+            text = "".join(json.dumps(e, sort_keys=True) + "\n" for e in rejected)
+            _atomic_write(path, lambda tmp: tmp.write_text(text))
+            report.files.append(str(path))
+        for event in rejected:
+            report.rejected[event["reason"].split(":")[0]] += 1
+        state["next_seq"] = end
+        state["inflight"] = None
+        if not crash:
+            self._commit(state)
+        return state
+
+    def _apply(
+        self,
+        state: dict[str, Any],
+        end: int,
+        flush: bool,
+        files: _RangeFiles,
+        name: str,
+        report: SinkReport,
+    ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+        """Read bus records [next_seq, end) into ``state`` (open feeds, waiting events, the
+        watermark); shadow feeds go straight to ``files``. Returns the open-feed entries
+        whose window closed (in seq order, out of ``state``) and the rejected events."""
         pending: dict[str, Any] = state["pending"]
         finalized: dict[str, float] = state["finalized"]
         waiting: list[dict[str, Any]] = state["waiting"]
         rejected: list[dict[str, Any]] = []
         shadows: list[dict[str, Any]] = []
         watermark = float(state["watermark"])
-        for record in self._records(start, end):
+        for record in self._records(state["next_seq"], end):
             report.records += 1
             watermark = max(watermark, float(record.get("received_at", 0.0)))
             if record.get("kind") == SERVED:
@@ -302,12 +426,11 @@ class EventSink:
                 rid = record["request_id"]
                 if rid in pending or rid in finalized:
                     continue
-                record["slots"] = {}
-                pending[rid] = record
+                entry = pending[rid] = _pending_entry(record)
                 still = []
                 for event in waiting:
                     if event["request_id"] == rid:
-                        self._attribute(record, event, rejected)
+                        self._attribute(entry, event, rejected)
                     else:
                         still.append(event)
                 waiting[:] = still
@@ -322,98 +445,107 @@ class EventSink:
                     waiting.append(record)
             elif record.get("kind") == SHADOW:
                 shadows.append(record)
-        window = self.cfg.attribution_window_s
-        done = [
-            rid
-            for rid, served in pending.items()
-            if flush or served["received_at"] <= watermark - window
-        ]
-        feeds = [pending.pop(rid) for rid in sorted(done, key=lambda r: pending[r]["seq"])]
-        for served in feeds:
-            finalized[served["request_id"]] = served["received_at"]
-        cutoff = watermark - window
+                if len(shadows) >= CHUNK_FEEDS:
+                    self._write_shadow(shadows, files, name, report)
+                    shadows = []
+        self._write_shadow(shadows, files, name, report)
+        cutoff = watermark - self.cfg.attribution_window_s
+        done = [rid for rid, entry in pending.items() if flush or entry["received_at"] <= cutoff]
+        done.sort(key=lambda rid: pending[rid]["seq"])
+        for rid in done:
+            finalized[rid] = pending[rid]["received_at"]
+        feeds = [pending.pop(rid) for rid in done]
         expired = [e for e in waiting if flush or e["received_at"] <= cutoff]
         waiting[:] = [e for e in waiting if not (flush or e["received_at"] <= cutoff)]
         rejected += [{**e, "reason": "unknown request_id"} for e in expired]
-        for rid in [r for r, t in finalized.items() if t <= watermark - 2 * window]:
+        for rid in [r for r, t in finalized.items() if t <= cutoff - self.cfg.attribution_window_s]:
             del finalized[rid]  # an event this late is rejected as unknown instead of late
         state["watermark"] = watermark
-        self._write(start, end, feeds, rejected, report)
-        self._write_shadow(start, end, shadows, report)
-        for event in rejected:
-            report.rejected[event["reason"].split(":")[0]] += 1
-        report.feeds_written += len(feeds)
-        state["next_seq"] = end
-        state["inflight"] = None
-        if not crash:
-            self._commit(state)
-        return state
+        return feeds, rejected
 
     @staticmethod
     def _attribute(
-        served: dict[str, Any], event: dict[str, Any], rejected: list[dict[str, Any]]
+        entry: dict[str, Any], event: dict[str, Any], rejected: list[dict[str, Any]]
     ) -> None:
-        posts = [int(item["post_id"]) for item in served["items"]]
-        problem = attribution_problem(served["user_id"], posts, served["variant"], event)
+        problem = attribution_problem(entry["user_id"], entry["posts"], entry["variant"], event)
         if problem is not None:
             rejected.append({**event, "reason": f"mismatch: {problem}"})
             return
         position = int(event["position"])
-        slot = served["slots"].setdefault(str(position), {"types": [], "dwell": 0.0})
+        slot = entry["slots"].setdefault(str(position), {"types": [], "dwell": 0.0})
         if event["type"] not in slot["types"]:
             slot["types"].append(event["type"])
         if event["type"] == "dwell":
             slot["dwell"] = max(slot["dwell"], float(event["dwell_s"]))
 
-    def _write(
-        self,
-        start: int,
-        end: int,
-        feeds: list[dict[str, Any]],
-        rejected: list[dict[str, Any]],
-        report: SinkReport,
+    def _served(self, feeds: list[dict[str, Any]]) -> Iterator[dict[str, Any]]:
+        """The full served record of each open-feed entry in ``feeds`` (in seq order), with
+        its ``slots``: one pass over the bus from the first one's seq."""
+        if not feeds:
+            return
+        wanted = iter(feeds)
+        entry = next(wanted)
+        records = self.log.records(entry["seq"])
+        while True:
+            try:
+                record = next(records, None)
+            except EventLogError as e:  # retention dropped it: say what the sink needed
+                raise EventLogError(
+                    f"sink: the feed served at bus seq {entry['seq']} is still to be written, "
+                    f"but {e}; retention must keep every seq >= the sink's retain_below"
+                ) from e
+            if record is None or record.seq > entry["seq"]:
+                raise EventLogError(f"sink: the bus has no record at seq {entry['seq']}")
+            if record.seq < entry["seq"]:
+                continue
+            yield {**record.payload, "seq": record.seq, "slots": entry["slots"]}
+            following = next(wanted, None)
+            if following is None:
+                return
+            entry = following
+
+    def _write_feeds(
+        self, feeds: list[dict[str, Any]], files: _RangeFiles, name: str, report: SinkReport
     ) -> None:
-        name = f"live-{start:012d}-{end:012d}"
-        rows = _exposure_rows(feeds)
-        if rows["request_id"]:
-            table = pa.table(rows, schema=EXPOSURE_SCHEMA)
-            days = np.floor(np.asarray(rows["ts"])).astype(np.int64)
-            for day in np.unique(days):
-                part = table.filter(pa.array(days == day))
-                impressed = part.filter(pc.equal(part["impressed"], 1))
-                paths = (
-                    (self.world.log_day(int(day)) / f"{name}.parquet", impressed, LOG_SCHEMA),
-                    (self.live / "exposures" / f"day={day}" / f"{name}.parquet", part, None),
-                )
-                for path, data, schema in paths:
-                    if schema is not None:
-                        if data.num_rows == 0:
-                            continue
-                        data = data.select(schema.names).cast(schema)
-                    _atomic_write(path, lambda tmp, data=data: pq.write_table(data, tmp))
-                    report.files.append(str(path))
-                report.log_rows += impressed.num_rows
-                report.exposure_rows += part.num_rows
-        if rejected:
-            path = self.live / "rejected" / f"{name}.jsonl"
-            text = "".join(json.dumps(e, sort_keys=True) + "\n" for e in rejected)
-            _atomic_write(path, lambda tmp: tmp.write_text(text))
-            report.files.append(str(path))
+        """Stream the finalised ``feeds`` into the range's log and exposure files, one chunk
+        of :data:`CHUNK_FEEDS` served records at a time."""
+        chunk: list[dict[str, Any]] = []
+        for served in self._served(feeds):
+            chunk.append(served)
+            if len(chunk) >= CHUNK_FEEDS:
+                self._write_chunk(chunk, files, name, report)
+                chunk = []
+        self._write_chunk(chunk, files, name, report)
+        report.feeds_written += len(feeds)
+
+    def _write_chunk(
+        self, feeds: list[dict[str, Any]], files: _RangeFiles, name: str, report: SinkReport
+    ) -> None:
+        for day, part in _by_day(_exposure_rows(feeds), EXPOSURE_SCHEMA):
+            impressed = part.filter(pc.equal(part["impressed"], 1))
+            if impressed.num_rows:
+                log = impressed.select(LOG_SCHEMA.names).cast(LOG_SCHEMA)
+                files.write(self.world.log_day(int(day)) / f"{name}.parquet", log)
+            files.write(self.live / "exposures" / f"day={day}" / f"{name}.parquet", part)
+            report.log_rows += impressed.num_rows
+            report.exposure_rows += part.num_rows
 
     def _write_shadow(
-        self, start: int, end: int, shadows: list[dict[str, Any]], report: SinkReport
+        self, shadows: list[dict[str, Any]], files: _RangeFiles, name: str, report: SinkReport
     ) -> None:
-        rows = _shadow_rows(shadows)
-        if not rows["request_id"]:
-            return
-        table = pa.table(rows, schema=SHADOW_SCHEMA)
-        days = np.floor(np.asarray(rows["ts"])).astype(np.int64)
-        for day in np.unique(days):
-            part = table.filter(pa.array(days == day))
-            path = self.live / "shadow" / f"day={day}" / f"live-{start:012d}-{end:012d}.parquet"
-            _atomic_write(path, lambda tmp, part=part: pq.write_table(part, tmp))
-            report.files.append(str(path))
-        report.shadow_rows += table.num_rows
+        for day, part in _by_day(_shadow_rows(shadows), SHADOW_SCHEMA):
+            files.write(self.live / "shadow" / f"day={day}" / f"{name}.parquet", part)
+            report.shadow_rows += part.num_rows
+
+
+def _by_day(rows: dict[str, list[Any]], schema: pa.Schema) -> Iterator[tuple[int, pa.Table]]:
+    """The rows (columns of ``schema``) as one table per world day of their ``ts``."""
+    if not rows["ts"]:
+        return
+    table = pa.table(rows, schema=schema)
+    days = np.floor(np.asarray(rows["ts"])).astype(np.int64)
+    for day in np.unique(days):
+        yield int(day), table.filter(pa.array(days == day))
 
 
 def _shadow_rows(shadows: list[dict[str, Any]]) -> dict[str, list[Any]]:
@@ -433,34 +565,48 @@ def _shadow_rows(shadows: list[dict[str, Any]]) -> dict[str, list[Any]]:
 
 
 def _exposure_rows(feeds: list[dict[str, Any]]) -> dict[str, list[Any]]:
-    """Columns of ``EXPOSURE_SCHEMA`` for every slot of the finalised feeds."""
+    """Columns of ``EXPOSURE_SCHEMA`` for every slot of the finalised feeds (built a feed,
+    not a slot, at a time: most slots were never seen, and the sink's cost is these rows)."""
     rows: dict[str, list[Any]] = {f.name: [] for f in EXPOSURE_SCHEMA}
+    per_feed = ("variant", "user_id", "ts", "received_at", "model_version", "snapshot")
+    labels = ("view", *FEEDBACK_TYPES)
     for served in feeds:
-        for item in served["items"]:
-            position = int(item["position"])
+        items = served["items"]
+        n = len(items)
+        positions = [int(item["position"]) for item in items]
+        rows["request_id"] += [served["request_id"]] * n
+        base = LIVE_ID_BASE + served["seq"] * MAX_COUNT
+        rows["impression_id"] += [base + position for position in positions]
+        for key in per_feed:
+            rows[key] += [served[key]] * n
+        rows["fallback"] += [bool(served["fallback"])] * n
+        rows["cold_start"] += [bool(served["cold_start"])] * n
+        rows["latency_ms"] += [float(served["latency_ms"])] * n
+        rows["post_id"] += [int(item["post_id"]) for item in items]
+        rows["position"] += positions
+        rows["score"] += [float(item["score"]) for item in items]
+        for task in TASKS:
+            rows[f"pred_{task}"] += [item["scores"].get(task) for item in items]
+        rows["propensity"] += [float(item["propensity"]) for item in items]
+        # Records written before exploration existed carry neither key.
+        rows["explored"] += [bool(served.get("explored", False))] * n
+        rows["pool"] += [served.get("pool") or []] * n
+        # Labels: zero, except the slots events named.
+        first = len(rows["impressed"])
+        rows["impressed"] += [0] * n
+        for label in labels:
+            rows[label] += [0] * n
+        rows["dwell"] += [0.0] * n
+        for i, position in enumerate(positions):
             slot = served["slots"].get(str(position))
-            types = set(slot["types"]) if slot else set()
-            engaged = {e for e in FEEDBACK_TYPES if e in types}
-            viewed = bool(engaged) or "view" in types or (slot is not None and slot["dwell"] > 0)
-            rows["request_id"].append(served["request_id"])
-            rows["impression_id"].append(LIVE_ID_BASE + served["seq"] * MAX_COUNT + position)
-            for key in ("variant", "user_id", "ts", "received_at", "model_version", "snapshot"):
-                rows[key].append(served[key])
-            rows["fallback"].append(bool(served["fallback"]))
-            rows["cold_start"].append(bool(served["cold_start"]))
-            rows["latency_ms"].append(float(served["latency_ms"]))
-            rows["post_id"].append(int(item["post_id"]))
-            rows["position"].append(position)
-            rows["score"].append(float(item["score"]))
-            for task in TASKS:
-                rows[f"pred_{task}"].append(item["scores"].get(task))
-            rows["propensity"].append(float(item["propensity"]))
-            # Records written before exploration existed carry neither key.
-            rows["explored"].append(bool(served.get("explored", False)))
-            rows["pool"].append(served.get("pool") or [])
-            rows["impressed"].append(int(slot is not None))
-            rows["view"].append(int(viewed))
-            for e in FEEDBACK_TYPES:
-                rows[e].append(int(e in engaged))
-            rows["dwell"].append(float(slot["dwell"]) if slot and viewed else 0.0)
+            if slot is None:
+                continue
+            types = set(slot["types"])
+            engaged = [e for e in FEEDBACK_TYPES if e in types]
+            viewed = bool(engaged) or "view" in types or slot["dwell"] > 0
+            rows["impressed"][first + i] = 1
+            rows["view"][first + i] = int(viewed)
+            for e in engaged:
+                rows[e][first + i] = 1
+            rows["dwell"][first + i] = float(slot["dwell"]) if viewed else 0.0
     return rows
