@@ -1218,6 +1218,13 @@ def events() -> None:
     help="With --retain: keep records received this recently "
     "[default: the 8 h a starting replica replays].",
 )
+@click.option(
+    "--follow-s",
+    type=click.FloatRange(min=0.0, min_open=True),
+    default=None,
+    help="Run until stopped (SIGTERM, Ctrl-C), a pass every this many seconds "
+    "(a long-lived job: `ray job submit -- feedrec events sink --follow-s 60 --retain`).",
+)
 def events_sink(
     run_dir: Path,
     bus: str | None,
@@ -1227,6 +1234,7 @@ def events_sink(
     close_day: bool,
     retain: bool,
     keep_s: float | None,
+    follow_s: float | None,
 ) -> None:
     """Compact the bus into day-partitioned logs (exactly once; safe to re-run any time)."""
     from feedrec.events.event_bus import open_event_bus
@@ -1235,6 +1243,10 @@ def events_sink(
 
     if keep_s is not None and not retain:
         raise click.BadParameter("is only used with --retain", param_hint="--keep-s")
+    if follow_s is not None and (flush or close_day):
+        raise click.BadParameter(
+            "runs until stopped: --flush and --close-day end one pass", param_hint="--follow-s"
+        )
     run = _run(run_dir)
     location = bus if bus is not None else str(run.events)
     if "://" not in location and not Path(location).is_dir():
@@ -1245,9 +1257,21 @@ def events_sink(
             world_dir or run.world,
             SinkConfig(attribution_window_s=window_s),
         )
-        click.echo(sink.run(flush=flush).summary())
     except ValueError as e:
         raise click.BadParameter(str(e), param_hint="--bus") from e
+    except EventLogError as e:
+        raise click.UsageError(str(e)) from e
+    unit = "segments" if isinstance(sink.log, EventLog) else "entries"
+    keep: float | None = None
+    if retain:
+        from feedrec.serving.realtime_signals import REPLAY_S
+
+        keep = REPLAY_S if keep_s is None else keep_s
+    if follow_s is not None:
+        _follow_sink(sink, follow_s, keep, unit)
+        return
+    try:
+        click.echo(sink.run(flush=flush).summary())
     except EventLogError as e:
         raise click.UsageError(str(e)) from e
     if close_day:
@@ -1255,15 +1279,43 @@ def events_sink(
             click.echo(f"day {sink.close_day()} is now a day of the world in {sink.world.root}")
         except (FileNotFoundError, ValueError) as e:
             raise click.BadParameter(str(e), param_hint="--close-day") from e
-    if retain:
-        from feedrec.serving.realtime_signals import REPLAY_S
-
+    if keep is not None:
         try:
-            kept_from, dropped = sink.retain(REPLAY_S if keep_s is None else keep_s)
+            kept_from, dropped = sink.retain(keep)
         except EventLogError as e:
             raise click.UsageError(str(e)) from e
-        unit = "segments" if isinstance(sink.log, EventLog) else "entries"
         click.echo(f"retention: the bus keeps seq {kept_from} on; dropped {dropped} {unit}")
+
+
+def _follow_sink(sink: Any, interval_s: float, keep_s: float | None, unit: str) -> None:
+    """``feedrec events sink --follow-s``: passes until SIGTERM (``ray job stop``) or Ctrl-C
+    set the stop event; a pass in progress finishes first. Prints the passes that did work."""
+    import threading
+
+    from feedrec.events.event_log import EventLogError
+
+    stop = threading.Event()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, lambda *_: stop.set())
+
+    def stamp() -> str:
+        return time.strftime("%Y-%m-%d %H:%M:%S")
+
+    def on_pass(report: Any, retained: tuple[int, int] | None) -> None:
+        if report.records or (retained is not None and retained[1]):
+            kept = "" if retained is None else f"; retention keeps seq {retained[0]} on, "
+            kept += "" if retained is None else f"dropped {retained[1]} {unit}"
+            click.echo(f"{stamp()} {report.summary()}{kept}")
+
+    def on_outage(e: Exception) -> None:
+        click.echo(f"{stamp()} bus unavailable, next try in {interval_s:g} s: {e}", err=True)
+
+    click.echo(f"{stamp()} sink following {sink.log} every {interval_s:g} s")
+    try:
+        sink.follow(interval_s, stop, on_pass, keep_s=keep_s, on_outage=on_outage)
+    except EventLogError as e:
+        raise click.UsageError(str(e)) from e
+    click.echo(f"{stamp()} sink stopped")
 
 
 @main.command()

@@ -14,6 +14,7 @@ import signal
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -366,3 +367,50 @@ def test_the_feed_recorder_writes_to_the_bus_its_location_names(
     ack, duplicates = asyncio.run(recorder.events(batch))  # the client's retry
     assert (ack.accepted, ack.duplicates, duplicates) == (0, 1, (True,))
     assert [r.payload["idempotency_key"] for r in recorder.log.records()] == ["event:key-like-1"]
+
+
+def test_a_following_sink_rides_out_a_redis_crash(
+    redis_server: RedisServer, tmp_path: Path, bus_records: BusRecords
+) -> None:
+    """``feedrec events sink --follow-s``: a pass that finds the server gone is reported and
+    retried; once the server is back (same AOF), the feeds are written exactly once."""
+    log = open_event_bus(redis_server.url())
+    world = tmp_path / "world"
+    sink = EventSink(log, world, SinkConfig(attribution_window_s=60.0))
+    log.append([bus_records.served("a" * 32, 7, [100, 101], at=1000.0)])
+    stop = threading.Event()
+    passes: list[int] = []
+    outages: list[str] = []
+    errors: list[BaseException] = []
+
+    def follow() -> None:
+        try:
+            sink.follow(
+                0.05,
+                stop,
+                lambda report, _: passes.append(report.records),
+                on_outage=lambda e: outages.append(str(e)),
+            )
+        except BaseException as e:  # the assertion below shows it
+            errors.append(e)
+
+    job = threading.Thread(target=follow)
+    job.start()
+    try:
+        deadline = time.monotonic() + 60
+        while not passes and time.monotonic() < deadline:
+            time.sleep(0.01)
+        redis_server.kill()
+        while not outages and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert outages and str(redis_server.port) in outages[0]
+        redis_server.start()
+        log.append([bus_records.served("b" * 32, 8, [200], at=1070.0)])  # A's window closes
+        while sink.state()["next_seq"] < 2 and time.monotonic() < deadline:
+            time.sleep(0.02)
+    finally:
+        stop.set()
+        job.join(timeout=30)
+    assert not job.is_alive() and errors == []
+    exposures = pq.read_table(world / "live" / "exposures").to_pylist()
+    assert sorted(e["post_id"] for e in exposures) == [100, 101]  # A once; B still open

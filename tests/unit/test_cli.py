@@ -127,3 +127,38 @@ def test_serve_config_option_names_a_bad_field(tmp_path: Path) -> None:
     res = CliRunner().invoke(main, ["serve", "up", "--serve-config", str(bad)])
     assert res.exit_code == 2 and "--serve-config" in res.output
     assert "deployment Ingress" in res.output and "min_replicas" in res.output
+
+
+def test_events_sink_follows_until_sigterm(tmp_path: Path, bus_records: BusRecords) -> None:
+    """``--follow-s``: a long-lived job (``ray job submit``); SIGTERM (``ray job stop``) ends
+    it cleanly after its pass, with the feeds it saw written exactly once."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from feedrec.events.event_log import EventLog
+
+    res = CliRunner().invoke(
+        main, ["events", "sink", "--run-dir", str(tmp_path), "--follow-s", "1", "--flush"]
+    )
+    assert res.exit_code == 2 and "--follow-s" in res.output and "--flush" in res.output
+    log = EventLog(tmp_path / "events")
+    log.append([bus_records.served("a" * 32, 7, [100], at=1000.0)])
+    log.append([bus_records.served("b" * 32, 8, [200], at=5000.0)])  # A's window closes
+    cmd = [sys.executable, "-m", "feedrec.cli", "events", "sink", "--run-dir", str(tmp_path)]
+    proc = subprocess.Popen(
+        [*cmd, "--follow-s", "0.2", "--retain"], stdout=subprocess.PIPE, text=True
+    )
+    try:
+        deadline = time.monotonic() + 60
+        exposures = tmp_path / "world" / "live" / "exposures"
+        while not any(exposures.rglob("*.parquet")) and time.monotonic() < deadline:
+            assert proc.poll() is None, "the sink job exited on its own"
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGTERM)
+        out, _ = proc.communicate(timeout=30)
+    finally:
+        proc.kill()
+    assert proc.returncode == 0, out
+    assert "1 exposure rows from 1 feeds" in out and out.rstrip().endswith("sink stopped")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import threading
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -14,7 +15,7 @@ import pytest
 from feedrec.data.log_import import LOG_SCHEMA
 from feedrec.events import event_sink
 from feedrec.events.event_log import EventLog, EventLogError
-from feedrec.events.event_sink import LIVE_ID_BASE, EventSink, SinkConfig
+from feedrec.events.event_sink import LIVE_ID_BASE, EventSink, SinkConfig, SinkReport
 from feedrec.events.feed_event import feed_event
 from feedrec.events.feed_recorder import FeedRecorder
 from feedrec.schema.registry import TASKS
@@ -381,3 +382,34 @@ def test_retention_keeps_open_feeds_and_the_recent_bus(
     kept_from, dropped = sink.retain(1.5, now=1003.0)
     assert kept_from == 1 and dropped == 1
     assert [r.seq for r in log.records(kept_from)] == [1, 2, 3]
+
+
+def test_a_following_sink_writes_feeds_as_bus_time_closes_their_windows(
+    tmp_path: Path, bus_records: BusRecords
+) -> None:
+    log, world = _bus(tmp_path)
+    sink = EventSink(log, world, SinkConfig(attribution_window_s=60.0))
+    log.append([bus_records.served(RID_A, 7, [100, 101], at=1000.0)])
+    log.append([bus_records.event(RID_A, "like", 1, 101, 7, 1010.0, "like-a-1")])
+    stop = threading.Event()
+    passes: list[SinkReport] = []
+    job = threading.Thread(
+        target=sink.follow, args=(0.02, stop, lambda report, _: passes.append(report))
+    )
+    job.start()
+    try:
+        deadline = time.monotonic() + 20
+        while not passes and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert passes and passes[0].pending_feeds == 1 and _logs(world) == {}
+        log.append([bus_records.served(RID_B, 8, [200], at=1070.0)])  # A's window closes
+        while not _logs(world) and time.monotonic() < deadline:
+            time.sleep(0.02)
+    finally:
+        stop.set()
+        job.join(timeout=20)
+    assert not job.is_alive()
+    assert [row["like"] for row in _logs(world).values()] == [1]
+    assert sink.state()["next_seq"] == 3 and list(sink.state()["pending"]) == [RID_B]
+    with pytest.raises(ValueError, match="interval_s"):
+        sink.follow(0.0, stop, lambda *_: None)

@@ -33,9 +33,10 @@ from __future__ import annotations
 import json
 import math
 import os
+import threading
 import time
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -55,6 +56,7 @@ from feedrec.events.feed_event import (
     SHADOW,
     attribution_problem,
 )
+from feedrec.events.redis_event_log import EventBusUnavailable
 from feedrec.schema.registry import LABELS, TASKS
 from feedrec.serving.api import MAX_COUNT
 from feedrec.world.layout import WorldLayout
@@ -337,6 +339,38 @@ class EventSink:
         report.waiting_events = len(state["waiting"])
         report.retain_below = self.retain_below(state)
         return report
+
+    def follow(
+        self,
+        interval_s: float,
+        stop: threading.Event,
+        on_pass: Callable[[SinkReport, tuple[int, int] | None], None],
+        *,
+        keep_s: float | None = None,
+        on_outage: Callable[[EventBusUnavailable], None] | None = None,
+    ) -> None:
+        """Run as a long-lived job: compact what reached the bus, then (with ``keep_s``)
+        apply :meth:`retain`, every ``interval_s`` until ``stop`` is set; ``on_pass`` gets
+        each pass's report and retention (kept from, dropped). A window closes when bus time
+        (the newest record's ``received_at``) passes it, so with no new traffic the last
+        feeds wait for the next records (or a ``run(flush=True)``). Stopping between passes
+        loses nothing; a kill in the middle of one is the crash that ``run`` redoes. A bus
+        that is unreachable for a pass (Redis restarting) is reported to ``on_outage`` and
+        tried again next pass; any other error ends the job."""
+        if not (math.isfinite(interval_s) and interval_s > 0):
+            raise ValueError(f"sink follow: interval_s must be > 0, got {interval_s}")
+        while True:
+            try:
+                report = self.run()
+                retained = self.retain(keep_s) if keep_s is not None else None
+            except EventBusUnavailable as e:
+                if on_outage is None:
+                    raise
+                on_outage(e)
+            else:
+                on_pass(report, retained)
+            if stop.wait(interval_s):
+                return
 
     def retain(self, keep_s: float, *, now: float | None = None) -> tuple[int, int]:
         """Drop the bus records that the sink will not read again and that were received
