@@ -1452,8 +1452,9 @@ def experiments_report(
     default_truth = run.root / "simulation" / "truth.parquet"
     truth_path = truth or (default_truth if default_truth.exists() else None)
     try:
-        exposures = read_exposures(world_dir or run.world)
         truth_table = pq.read_table(truth_path).to_pandas() if truth_path else None
+        feeds = None if truth_table is None else truth_table["request_id"].unique()
+        exposures = read_exposures(world_dir or run.world, request_ids=feeds)
         if truth_table is not None:
             exposures = simulated_only(exposures, truth_table)
             click.echo(f"feeds of the simulation in {truth_path} only")
@@ -1551,8 +1552,11 @@ def experiments_ope(
     out_dir: Path | None,
 ) -> None:
     """Off-policy evaluation: IPS/SNIPS of candidate rankers from an exploring variant's log."""
+    import pyarrow.parquet as pq
+
     from feedrec.experiments.experiment_report import read_exposures
     from feedrec.experiments.off_policy import evaluate_exposures, write_report
+    from feedrec.experiments.user_simulator import TRUTH_FILE
     from feedrec.serving.config import ServiceConfig
 
     run = _run(run_dir)
@@ -1565,8 +1569,12 @@ def experiments_ope(
     default_sim = run.root / "simulation"
     sim = simulation_dir or (default_sim if (default_sim / "simulation.json").exists() else None)
     try:
+        feeds = None  # with a simulation: only its feeds are evaluated, so only they are read
+        if sim is not None:
+            truth_file = sim / TRUTH_FILE
+            feeds = pq.read_table(truth_file, columns=["request_id"]).column(0).to_pylist()
         report = evaluate_exposures(
-            read_exposures(world_dir or run.world),
+            read_exposures(world_dir or run.world, request_ids=feeds),
             world_dir=run.world,
             data_dir=run.data,
             candidates=named,

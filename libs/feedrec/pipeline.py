@@ -342,7 +342,8 @@ def online_experiment(run: RunLayout, url: str, duration_s: float, users: int = 
     # bus stays bounded instead of growing by every run and benchmark.
     kept_from, dropped = sink_job.retain(REPLAY_S)
     truth = pq.read_table(result.truth_path).to_pandas()
-    exposures = read_exposures(run.world)  # one read: the A/B report and OPE share it
+    # One read, of this simulation's feeds only: the A/B report and OPE share it.
+    exposures = read_exposures(run.world, request_ids=truth["request_id"].unique())
     report = analyse(simulated_only(exposures, truth), session_gap_s=2.5, truth=truth)
     path = write_report(report, run.root / "experiment")
     ope = evaluate_exposures(

@@ -229,6 +229,9 @@ def test_an_exploring_feed_keeps_its_pool_and_propensities_in_the_exposures(
     assert rows["pool"].map(list).tolist() == [[100, 101, 102, 103]] * 2 + [[]]
     assert rows["explored"].tolist() == [True, True, False]
     assert rows["propensity"].tolist() == pytest.approx([0.075, 0.775, 1.0])
+    # A simulation reads only its own feeds (the rest of the world's traffic stays on disk).
+    assert read_exposures(world, request_ids=[RID_B])["post_id"].tolist() == [200]
+    assert read_exposures(world, request_ids=[]).empty
 
 
 def test_shadow_feeds_become_shadow_rows_never_log_rows(
