@@ -3,7 +3,7 @@ SHELL := /bin/bash
 PY := .venv/bin/python
 STAMP := .venv/.feedrec-installed
 
-.PHONY: venv demo test lint format clean-run bench bench-report bench-train bench-ann bench-serve bench-spike bench-spike-policy bench-data bench-features
+.PHONY: venv demo test lint format clean-run bench bench-report bench-train bench-ann bench-serve bench-spike bench-spike-policy bench-data bench-features bench-sink
 
 venv: $(STAMP)
 
@@ -66,6 +66,11 @@ bench-data: venv
 bench-features: venv
 	$(PY) -m bench.feature_store --run-dir runs/demo
 
+# The event sink's peak RSS on 10k and 40k open feeds, and its speed against a bare read of
+# the bus -> bench/results/sink.json.
+bench-sink: venv
+	$(PY) -m bench.sink --feeds 10000 --scale 4
+
 # Every benchmark, one after the other (never in parallel: they would share the cores they
 # measure), then bench/REPORT.md. bench-spike and bench-features need `make demo` first.
 bench: venv
@@ -76,6 +81,7 @@ bench: venv
 	$(MAKE) bench-spike-policy
 	$(MAKE) bench-data
 	$(MAKE) bench-features
+	$(MAKE) bench-sink
 	$(PY) -m bench.report
 
 # bench/REPORT.md from the results already in bench/results (absent ones: "not run").

@@ -12,7 +12,8 @@ Sources: ``train.json`` (``make bench-train``); ``serve.json`` top level (``make
 its ``ann`` section (``make bench-ann``) and ``spike`` and ``spike_overload`` sections
 (``make bench-spike``);
 ``data.json`` (the Ray Data benchmark): ``ratio`` plus its first two ``*_per_s`` keys, read as
-the measured side and the baseline; ``feature_store.json`` (``make bench-features``).
+the measured side and the baseline; ``feature_store.json`` (``make bench-features``);
+``sink.json`` (``make bench-sink``).
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ SERVE_RPS_GOAL = 150.0  # Serve chain, req/s at p99 <= 100 ms (bench/serve.py)
 ANN_RECALL_GOAL = 0.95  # recall@100 the sweep must reach (bench/ann.py --target-recall)
 ANN_SPEEDUP_GOAL = 20.0  # QPS over exact search (bench/ann.py)
 DATA_RATIO_GOAL = 0.8  # Ray Data preprocessing vs its single-process baseline
+SINK_RSS_RATIO_GOAL = 1.25  # the event sink's peak RSS, 4x the backlog over 1x (bench/sink.py)
 
 
 class ReportError(ValueError):
@@ -262,6 +264,24 @@ def _features(doc: _Doc) -> Row:
     )
 
 
+def _sink(doc: _Doc) -> Row:
+    ratio = doc.num("rss_ratio")
+    small, large = doc.num("sizes.small.sink.peak_rss_mb"), doc.num("sizes.large.sink.peak_rss_mb")
+    feeds_small, feeds_large = doc.num("sizes.small.feeds"), doc.num("sizes.large.feeds")
+    speed = doc.num("sink_over_read_speed")
+    return Row(
+        "sink",
+        "sink.json",
+        f"event sink peak RSS {_n(large)} MB on {_n(feeds_large)} open feeds",
+        f"{_n(small)} MB on {_n(feeds_small)} open feeds",
+        ratio,
+        f"ratio <= {SINK_RSS_RATIO_GOAL} (memory flat in the backlog)",
+        ratio <= SINK_RSS_RATIO_GOAL,
+        f"sink {_n(doc.num('sizes.large.sink.records_per_s'))} records/s, {speed:.2f}x a bare "
+        f"parse of the bus; {_host(doc)}",
+    )
+
+
 # (name, file, section or None, goal shown when not run, builder)
 BENCHMARKS: tuple[tuple[str, str, str | None, str, Callable[[_Doc], Row]], ...] = (
     ("train", "train.json", None, f"ratio >= {TRAIN_RATIO_GOAL}", _train),
@@ -272,6 +292,7 @@ BENCHMARKS: tuple[tuple[str, str, str | None, str, Callable[[_Doc], Row]], ...] 
     ("spike_policy", "serve.json", None, "none stated", _spike_policy),
     ("data", "data.json", None, f"ratio >= {DATA_RATIO_GOAL}", _data),
     ("features", "feature_store.json", None, "none stated", _features),
+    ("sink", "sink.json", None, f"ratio <= {SINK_RSS_RATIO_GOAL}", _sink),
 )
 
 

@@ -39,6 +39,16 @@ FEATURES = {
     "workload": {"retrieve_k": 1000, "rank_k": 500},
 }
 
+SINK = {
+    "rss_ratio": 1.25,
+    "sink_over_read_speed": 0.2,
+    "sizes": {
+        "small": {"feeds": 10_000, "sink": {"peak_rss_mb": 560.0, "records_per_s": 2100.0}},
+        "large": {"feeds": 40_000, "sink": {"peak_rss_mb": 700.0, "records_per_s": 2200.0}},
+    },
+    "host": {"cpus": 2},
+}
+
 
 def _write(d: Path, **files: Any) -> Path:
     for name, doc in files.items():
@@ -56,11 +66,11 @@ def test_rows_compare_with_baselines_and_goals(tmp_path: Path) -> None:
     rows = {
         r.name: r
         for r in report.collect(
-            _write(tmp_path, train=TRAIN, data=data, serve=serve, feature_store=FEATURES)
+            _write(tmp_path, train=TRAIN, data=data, serve=serve, feature_store=FEATURES, sink=SINK)
         )
     }
     names = ["train", "serve", "ann", "spike", "spike_overload", "spike_policy", "data"]
-    names.append("features")
+    names += ["features", "sink"]
     assert [r.name for r in rows.values()] == names
     assert rows["train"].ratio == pytest.approx(1.3) and rows["train"].met is True  # >= 1.3
     assert "1,300 samples/s" in rows["train"].headline
@@ -82,6 +92,18 @@ def test_rows_compare_with_baselines_and_goals(tmp_path: Path) -> None:
     assert "`ray_data_rows_per_s` 70" in rows["data"].headline
     assert rows["features"].ratio == pytest.approx(0.5) and rows["features"].met is None
     assert "400 req/s (p50 2.40 ms)" in rows["features"].headline
+    # 700 / 560 MB = 1.25: at the goal, met; the sink's speed is shown, not judged.
+    assert rows["sink"].ratio == pytest.approx(1.25) and rows["sink"].met is True
+    assert "700 MB on 40,000 open feeds" in rows["sink"].headline
+    assert "0.20x a bare parse" in rows["sink"].detail
+
+
+def test_a_sink_whose_memory_grows_with_the_backlog_misses_its_goal(tmp_path: Path) -> None:
+    grown = json.loads(json.dumps(SINK))
+    grown["sizes"]["large"]["sink"]["peak_rss_mb"] = 2000.0
+    grown["rss_ratio"] = 2000.0 / 560.0
+    rows = {r.name: r for r in report.collect(_write(tmp_path, sink=grown))}
+    assert rows["sink"].met is False
 
 
 def test_a_spike_whose_p99_recovers_only_after_the_step_misses_the_goal(tmp_path: Path) -> None:
@@ -126,6 +148,7 @@ def test_missing_benchmarks_are_not_run(tmp_path: Path) -> None:
         "spike_policy": "not run",
         "data": "not run",
         "features": "not run",
+        "sink": "not run",
     }
     assert status["ann"].startswith("IVF64,Flat")
     text = report.render(rows, "2 CPUs", dt.date(2026, 1, 2), tmp_path)
