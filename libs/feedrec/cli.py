@@ -1223,7 +1223,7 @@ def events() -> None:
     type=click.FloatRange(min=0.0, min_open=True),
     default=None,
     help="Run until stopped (SIGTERM, Ctrl-C), a pass every this many seconds "
-    "(a long-lived job: `ray job submit -- feedrec events sink --follow-s 60 --retain`).",
+    "(a long-lived job: `ray job submit -- python -m jobs.events sink --follow-s 60 --retain`).",
 )
 def events_sink(
     run_dir: Path,

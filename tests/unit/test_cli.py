@@ -138,6 +138,7 @@ def test_events_sink_follows_until_sigterm(tmp_path: Path, bus_records: BusRecor
     import time
 
     from feedrec.events.event_log import EventLog
+    from feedrec.runtime.ray_cluster import repo_root
 
     res = CliRunner().invoke(
         main, ["events", "sink", "--run-dir", str(tmp_path), "--follow-s", "1", "--flush"]
@@ -146,9 +147,13 @@ def test_events_sink_follows_until_sigterm(tmp_path: Path, bus_records: BusRecor
     log = EventLog(tmp_path / "events")
     log.append([bus_records.served("a" * 32, 7, [100], at=1000.0)])
     log.append([bus_records.served("b" * 32, 8, [200], at=5000.0)])  # A's window closes
-    cmd = [sys.executable, "-m", "feedrec.cli", "events", "sink", "--run-dir", str(tmp_path)]
+    # The Ray job entry point (`ray job submit -- python -m jobs.events sink ...`).
+    cmd = [sys.executable, "-m", "jobs.events", "sink", "--run-dir", str(tmp_path)]
     proc = subprocess.Popen(
-        [*cmd, "--follow-s", "0.2", "--retain"], stdout=subprocess.PIPE, text=True
+        [*cmd, "--follow-s", "0.2", "--retain"],
+        stdout=subprocess.PIPE,
+        text=True,
+        cwd=repo_root(),
     )
     try:
         deadline = time.monotonic() + 60
