@@ -101,19 +101,11 @@ def build_bus(root: Path, n_feeds: int, batch: int = 500) -> int:
     return sum(p.stat().st_size for p in root.glob("segment-*.log"))
 
 
-def peak_rss_mb() -> float:
-    """This process's peak RSS (``VmHWM``: per address space, so an exec starts it afresh;
-    ``ru_maxrss`` would carry over the parent's peak from the fork)."""
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) / 1024
-    raise RuntimeError("no VmHWM in /proc/self/status")
-
-
 def child(mode: str, bus: Path, world: Path) -> dict[str, Any]:
     """One measurement in this (fresh) process."""
     from feedrec.events.event_log import EventLog
     from feedrec.events.event_sink import EventSink
+    from feedrec.runtime.peak_rss import peak_rss_mb
 
     log = EventLog(bus)
     t = time.perf_counter()

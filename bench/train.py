@@ -14,7 +14,6 @@ import argparse
 import json
 import os
 import platform
-import resource
 import subprocess
 import sys
 import time
@@ -42,6 +41,7 @@ def _single(run_dir: Path, preset: str, max_steps: int | None) -> dict[str, Any]
 
     from feedrec.data import PreprocessLayout
     from feedrec.runtime import RunLayout
+    from feedrec.runtime.peak_rss import peak_rss_mb
     from feedrec.training.config import PRESETS
     from feedrec.training.single_process import train_single_process
 
@@ -50,7 +50,7 @@ def _single(run_dir: Path, preset: str, max_steps: int | None) -> dict[str, Any]
     result = train_single_process(
         cfg, PreprocessLayout(RunLayout(run_dir).data), max_steps=max_steps, validate=False
     )
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+    peak = peak_rss_mb()
     return {
         "samples_per_s": result.samples_per_s,
         "peak_rss_mb": peak,

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import resource
 import signal
 import tempfile
 import time
@@ -25,6 +24,7 @@ from feedrec.evaluation.metrics import auc, logloss
 from feedrec.models.batch import BINARY_TASKS, PairBatch, RankerBatch
 from feedrec.models.ranker import Ranker, RankerConfig, RankerTrain
 from feedrec.models.two_tower import TwoTower, TwoTowerConfig, TwoTowerTrain
+from feedrec.runtime.peak_rss import peak_rss_mb
 from feedrec.training.checkpoint import TrainState, restore_checkpoint, save_checkpoint
 from feedrec.training.config import TrainConfig
 from feedrec.training.sharding import describe_plan, gather_state_dict, shard
@@ -212,9 +212,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
                 progress = {"epoch": epoch, "step": state.global_step, "train_loss": loss.item()}
                 _report(progress, dmp, optimizer, state, rank)
         elapsed = time.perf_counter() - (started or time.perf_counter())
-        # Peak resident memory of the hungriest rank so far (ru_maxrss is KiB on Linux).
-        peak_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-        rss = torch.tensor([peak_kib / 1024.0], device=device)
+        # Peak resident memory of the hungriest rank so far.
+        rss = torch.tensor([peak_rss_mb()], device=device)
         dist.all_reduce(rss, op=dist.ReduceOp.MAX)
         metrics = {
             "epoch": epoch,
