@@ -1237,7 +1237,7 @@ def events_sink(
     follow_s: float | None,
 ) -> None:
     """Compact the bus into day-partitioned logs (exactly once; safe to re-run any time)."""
-    from feedrec.events.event_bus import open_event_bus
+    from feedrec.events.event_bus import open_event_bus, redact
     from feedrec.events.event_log import EventLog, EventLogError
     from feedrec.events.event_sink import EventSink, SinkConfig
 
@@ -1268,7 +1268,7 @@ def events_sink(
 
         keep = REPLAY_S if keep_s is None else keep_s
     if follow_s is not None:
-        _follow_sink(sink, follow_s, keep, unit)
+        _follow_sink(sink, redact(location), follow_s, keep, unit)
         return
     try:
         click.echo(sink.run(flush=flush).summary())
@@ -1287,7 +1287,9 @@ def events_sink(
         click.echo(f"retention: the bus keeps seq {kept_from} on; dropped {dropped} {unit}")
 
 
-def _follow_sink(sink: Any, interval_s: float, keep_s: float | None, unit: str) -> None:
+def _follow_sink(
+    sink: Any, location: str, interval_s: float, keep_s: float | None, unit: str
+) -> None:
     """``feedrec events sink --follow-s``: passes until SIGTERM (``ray job stop``) or Ctrl-C
     set the stop event; a pass in progress finishes first. Prints the passes that did work."""
     import threading
@@ -1310,7 +1312,7 @@ def _follow_sink(sink: Any, interval_s: float, keep_s: float | None, unit: str) 
     def on_outage(e: Exception) -> None:
         click.echo(f"{stamp()} bus unavailable, next try in {interval_s:g} s: {e}", err=True)
 
-    click.echo(f"{stamp()} sink following {sink.log} every {interval_s:g} s")
+    click.echo(f"{stamp()} sink following {location} every {interval_s:g} s")
     try:
         sink.follow(interval_s, stop, on_pass, keep_s=keep_s, on_outage=on_outage)
     except EventLogError as e:

@@ -166,4 +166,5 @@ def test_events_sink_follows_until_sigterm(tmp_path: Path, bus_records: BusRecor
     finally:
         proc.kill()
     assert proc.returncode == 0, out
+    assert f"sink following {tmp_path / 'events'} every 0.2 s" in out
     assert "1 exposure rows from 1 feeds" in out and out.rstrip().endswith("sink stopped")
