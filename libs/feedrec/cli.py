@@ -1305,8 +1305,9 @@ def _follow_sink(
 
     def on_pass(report: Any, retained: tuple[int, int] | None) -> None:
         if report.records or (retained is not None and retained[1]):
-            kept = "" if retained is None else f"; retention keeps seq {retained[0]} on, "
-            kept += "" if retained is None else f"dropped {retained[1]} {unit}"
+            kept = ""
+            if retained is not None:
+                kept = f"; retention keeps seq {retained[0]} on, dropped {retained[1]} {unit}"
             click.echo(f"{stamp()} {report.summary()}{kept}")
 
     def on_outage(e: Exception) -> None:
@@ -1446,7 +1447,6 @@ def experiments_report(
     from feedrec.experiments.experiment_report import (
         analyse,
         read_exposures,
-        simulated_only,
         write_report,
     )
 
@@ -1458,7 +1458,6 @@ def experiments_report(
         feeds = None if truth_table is None else truth_table["request_id"].unique()
         exposures = read_exposures(world_dir or run.world, request_ids=feeds)
         if truth_table is not None:
-            exposures = simulated_only(exposures, truth_table)
             click.echo(f"feeds of the simulation in {truth_path} only")
         report = analyse(
             exposures, baseline=baseline, session_gap_s=session_gap_s, truth=truth_table

@@ -324,7 +324,6 @@ def online_experiment(run: RunLayout, url: str, duration_s: float, users: int = 
     from feedrec.experiments.experiment_report import (
         analyse,
         read_exposures,
-        simulated_only,
         write_report,
     )
     from feedrec.experiments.off_policy import evaluate_exposures
@@ -344,7 +343,7 @@ def online_experiment(run: RunLayout, url: str, duration_s: float, users: int = 
     truth = pq.read_table(result.truth_path).to_pandas()
     # One read, of this simulation's feeds only: the A/B report and OPE share it.
     exposures = read_exposures(run.world, request_ids=truth["request_id"].unique())
-    report = analyse(simulated_only(exposures, truth), session_gap_s=2.5, truth=truth)
+    report = analyse(exposures, session_gap_s=2.5, truth=truth)
     path = write_report(report, run.root / "experiment")
     ope = evaluate_exposures(
         exposures,

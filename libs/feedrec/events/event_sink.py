@@ -203,15 +203,20 @@ def _fsync_path(path: Path) -> None:
         os.close(fd)
 
 
-def _atomic_write(path: Path, write: Any) -> None:
-    """Write through ``write(tmp_path)``, fsync, then rename over ``path`` (and fsync the dir)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    write(tmp)
+def _publish(tmp: Path, path: Path) -> None:
+    """fsync the written ``tmp``, rename it over ``path``, fsync the directory."""
     with open(tmp, "rb") as f:
         os.fsync(f.fileno())
     os.replace(tmp, path)
     _fsync_path(path.parent)
+
+
+def _atomic_write(path: Path, write: Any) -> None:
+    """Write through ``write(tmp_path)``, then :func:`_publish` it as ``path``."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    write(tmp)
+    _publish(tmp, path)
 
 
 class _RangeFiles:
@@ -232,10 +237,7 @@ class _RangeFiles:
     def commit(self) -> list[Path]:
         for path, (tmp, writer) in self._open.items():
             writer.close()
-            with open(tmp, "rb") as f:
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-            _fsync_path(path.parent)
+            _publish(tmp, path)
         paths = list(self._open)
         self._open.clear()
         return paths
