@@ -3,7 +3,7 @@ SHELL := /bin/bash
 PY := .venv/bin/python
 STAMP := .venv/.feedrec-installed
 
-.PHONY: venv demo test lint format clean-run bench bench-report bench-train bench-ann bench-serve bench-spike bench-spike-policy bench-data bench-features bench-sink
+.PHONY: venv demo test lint format clean-run bench bench-report bench-train bench-ann bench-serve bench-spike bench-spike-policy bench-data bench-features bench-sink bench-signals
 
 venv: $(STAMP)
 
@@ -71,6 +71,9 @@ bench-features: venv
 bench-sink: venv
 	$(PY) -m bench.sink --feeds 10000 --scale 4
 
+bench-signals: venv
+	$(PY) -m bench.signals --feeds 20000 --scale 4
+
 # Every benchmark, one after the other (never in parallel: they would share the cores they
 # measure), then bench/REPORT.md. bench-spike and bench-features need `make demo` first.
 bench: venv
@@ -82,6 +85,7 @@ bench: venv
 	$(MAKE) bench-data
 	$(MAKE) bench-features
 	$(MAKE) bench-sink
+	$(MAKE) bench-signals
 	$(PY) -m bench.report
 
 # bench/REPORT.md from the results already in bench/results (absent ones: "not run").

@@ -13,7 +13,7 @@ its ``ann`` section (``make bench-ann``) and ``spike`` and ``spike_overload`` se
 (``make bench-spike``);
 ``data.json`` (the Ray Data benchmark): ``ratio`` plus its first two ``*_per_s`` keys, read as
 the measured side and the baseline; ``feature_store.json`` (``make bench-features``);
-``sink.json`` (``make bench-sink``).
+``sink.json`` (``make bench-sink``); ``signals.json`` (``make bench-signals``).
 """
 
 from __future__ import annotations
@@ -282,6 +282,23 @@ def _sink(doc: _Doc) -> Row:
     )
 
 
+def _signals(doc: _Doc) -> Row:
+    feeds = doc.num("sizes.long.feeds")
+    restore, replay = doc.num("sizes.long.restore.start_s"), doc.num("sizes.long.replay.start_s")
+    growth = doc.num("start_growth.restore"), doc.num("start_growth.replay")
+    return Row(
+        "signals",
+        "signals.json",
+        f"replica start from the signals' snapshot {restore:.2f} s on a {_n(feeds)}-feed bus",
+        f"replaying the bus {replay:.2f} s",
+        replay / restore,
+        "none stated (a replica's start should not grow with the bus)",
+        None,
+        f"at {doc.num('scale'):.0f}x the bus the start grew {growth[0]:.2f}x from the snapshot, "
+        f"{growth[1]:.2f}x replaying; {_host(doc)}",
+    )
+
+
 # (name, file, section or None, goal shown when not run, builder)
 BENCHMARKS: tuple[tuple[str, str, str | None, str, Callable[[_Doc], Row]], ...] = (
     ("train", "train.json", None, f"ratio >= {TRAIN_RATIO_GOAL}", _train),
@@ -293,6 +310,7 @@ BENCHMARKS: tuple[tuple[str, str, str | None, str, Callable[[_Doc], Row]], ...] 
     ("data", "data.json", None, f"ratio >= {DATA_RATIO_GOAL}", _data),
     ("features", "feature_store.json", None, "none stated", _features),
     ("sink", "sink.json", None, f"ratio <= {SINK_RSS_RATIO_GOAL}", _sink),
+    ("signals", "signals.json", None, "none stated", _signals),
 )
 
 

@@ -38,8 +38,9 @@ SLOTS = 50
 POOL = 200
 
 
-def _records(feeds: range, start: float) -> list[dict[str, Any]]:
-    """The served feeds numbered ``feeds``, and events for every other one, in bus order."""
+def _records(feeds: range, start: float, spacing_s: float = 0.01) -> list[dict[str, Any]]:
+    """The served feeds numbered ``feeds`` (feed i received at ``start + i * spacing_s``),
+    and events for every other one, in bus order."""
     from feedrec.events.feed_event import event_record, feed_event, served_record
     from feedrec.schema.registry import TASKS
 
@@ -53,7 +54,7 @@ def _records(feeds: range, start: float) -> list[dict[str, Any]]:
                 request_id=rid,
                 user_id=i % 20_000,
                 ts=14.5,
-                received_at=start + i * 0.01,
+                received_at=start + i * spacing_s,
                 variant="explore" if explore else "control",
                 model_version="3",
                 snapshot="day14-bench",
@@ -85,18 +86,21 @@ def _records(feeds: range, start: float) -> list[dict[str, Any]]:
                     variant="explore" if explore else "control",
                     idempotency_key=f"{kind}-{rid}",
                 )
-                out.append(event_record(event, start + i * 0.01 + 0.005))
+                out.append(event_record(event, start + (i + 0.5) * spacing_s))
     return out
 
 
-def build_bus(root: Path, n_feeds: int, batch: int = 500) -> int:
-    """Write the synthetic bus at ``root``, ``batch`` feeds at a time; returns its bytes."""
+def build_bus(
+    root: Path, n_feeds: int, batch: int = 500, spacing_s: float = 0.01, start: float | None = None
+) -> int:
+    """Write the synthetic bus at ``root``, ``batch`` feeds at a time, feeds ``spacing_s``
+    apart from ``start`` (default: now); returns its bytes."""
     from feedrec.events.event_log import EventLog
 
     log = EventLog(root, fsync=False)  # a benchmark's input, not a service's acknowledgement
-    start = time.time()
+    start = time.time() if start is None else start
     for first in range(0, n_feeds, batch):
-        records = _records(range(first, min(first + batch, n_feeds)), start)
+        records = _records(range(first, min(first + batch, n_feeds)), start, spacing_s)
         log.append(records)
     return sum(p.stat().st_size for p in root.glob("segment-*.log"))
 

@@ -132,6 +132,23 @@ def test_seq_at_finds_where_the_records_since_a_time_begin(bus: Backend) -> None
     assert 0 < first <= 30 and next(iter(log.records(first))).seq == first
 
 
+def test_a_snapshot_is_kept_by_name_and_the_newer_seq_wins(bus: Backend) -> None:
+    log, other = bus.open(), bus.open()
+    assert log.snapshot_seq("signals") is None and log.load_snapshot("signals") is None
+    data = bytes(range(256)) * 10  # any bytes, NUL and non-UTF-8 included
+    log.save_snapshot("signals", 100, data)
+    assert other.snapshot_seq("signals") == 100
+    assert other.load_snapshot("signals") == (100, data)
+    other.save_snapshot("signals", 250, b"newer")
+    log.save_snapshot("signals", 180, b"older, saved later")  # a slower replica's
+    assert log.load_snapshot("signals") == (250, b"newer")
+    assert log.snapshot_seq("other") is None  # names are separate
+    log.append([{"x": 1}])
+    assert log.retain(1) >= 0 and log.load_snapshot("signals") == (250, b"newer")
+    with pytest.raises(ValueError, match="snapshot name"):
+        log.save_snapshot("../escape", 1, b"")
+
+
 def test_unencodable_records_write_nothing(bus: Backend) -> None:
     log = bus.open()
     with pytest.raises(ValueError):

@@ -49,6 +49,13 @@ SINK = {
     "host": {"cpus": 2},
 }
 
+SIGNALS = {
+    "scale": 4,
+    "start_growth": {"replay": 4.2, "restore": 1.4},
+    "sizes": {"long": {"feeds": 80_000, "replay": {"start_s": 20.0}, "restore": {"start_s": 4.0}}},
+    "host": {"cpus": 2},
+}
+
 
 def _write(d: Path, **files: Any) -> Path:
     for name, doc in files.items():
@@ -66,11 +73,19 @@ def test_rows_compare_with_baselines_and_goals(tmp_path: Path) -> None:
     rows = {
         r.name: r
         for r in report.collect(
-            _write(tmp_path, train=TRAIN, data=data, serve=serve, feature_store=FEATURES, sink=SINK)
+            _write(
+                tmp_path,
+                train=TRAIN,
+                data=data,
+                serve=serve,
+                feature_store=FEATURES,
+                sink=SINK,
+                signals=SIGNALS,
+            )
         )
     }
     names = ["train", "serve", "ann", "spike", "spike_overload", "spike_policy", "data"]
-    names += ["features", "sink"]
+    names += ["features", "sink", "signals"]
     assert [r.name for r in rows.values()] == names
     assert rows["train"].ratio == pytest.approx(1.3) and rows["train"].met is True  # >= 1.3
     assert "1,300 samples/s" in rows["train"].headline
@@ -96,6 +111,10 @@ def test_rows_compare_with_baselines_and_goals(tmp_path: Path) -> None:
     assert rows["sink"].ratio == pytest.approx(1.25) and rows["sink"].met is True
     assert "700 MB on 40,000 open feeds" in rows["sink"].headline
     assert "0.20x a bare parse" in rows["sink"].detail
+    # 20 s replaying / 4 s from the snapshot: shown, no goal.
+    assert rows["signals"].ratio == pytest.approx(5.0) and rows["signals"].met is None
+    assert "4.00 s on a 80,000-feed bus" in rows["signals"].headline
+    assert "grew 1.40x from the snapshot, 4.20x replaying" in rows["signals"].detail
 
 
 def test_a_sink_whose_memory_grows_with_the_backlog_misses_its_goal(tmp_path: Path) -> None:
@@ -149,6 +168,7 @@ def test_missing_benchmarks_are_not_run(tmp_path: Path) -> None:
         "data": "not run",
         "features": "not run",
         "sink": "not run",
+        "signals": "not run",
     }
     assert status["ann"].startswith("IVF64,Flat")
     text = report.render(rows, "2 CPUs", dt.date(2026, 1, 2), tmp_path)

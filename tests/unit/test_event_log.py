@@ -126,3 +126,15 @@ def test_a_catching_up_writer_finds_keys_first_or_not_and_never_a_nested_one(
         "idempotency_key": "written",
         "x": {"idempotency_key": "inner"},
     }
+
+
+def test_a_saved_snapshot_replaces_the_older_files_and_leaves_no_tmp(tmp_path: Path) -> None:
+    log = EventLog(tmp_path / "bus")
+    log.append([{"x": 1}])
+    for seq in (10, 20, 30):
+        log.save_snapshot("signals", seq, str(seq).encode())
+    log.save_snapshot("other", 5, b"o")
+    files = sorted(p.name for p in (tmp_path / "bus" / "snapshots").iterdir())
+    assert files == ["other-000000000005.bin", "signals-000000000030.bin"]
+    assert log.load_snapshot("signals") == (30, b"30")
+    assert [r.payload for r in log.records()] == [{"x": 1}]  # segments are untouched

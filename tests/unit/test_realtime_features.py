@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 from feedrec.events.event_log import EventLog
+from feedrec.events.feed_event import ATTRIBUTION_WINDOW_S
 from feedrec.features.realtime_features import (
     FEATURES_BY_NAME,
     KEY_COLUMNS,
@@ -19,7 +20,12 @@ from feedrec.features.realtime_features import (
     RealtimeState,
     offline_values,
 )
-from feedrec.serving.realtime_signals import REPLAY_S, RealtimeSignals
+from feedrec.serving.realtime_signals import (
+    REPLAY_S,
+    SNAPSHOT_NAME,
+    RealtimeSignals,
+    SnapshotError,
+)
 from feedrec.serving.rerank import Candidates, RerankConfig, final_scores
 
 
@@ -200,3 +206,147 @@ def test_a_starting_follower_replays_only_the_recent_bus(tmp_path: Path) -> None
     assert everything.applied == 21 and everything.engaged_posts(3) == {1, 6}
     with pytest.raises(ValueError, match="replay_s"):
         RealtimeSignals(topic, np.zeros(10, np.int64)).follow(log, stop=stop, replay_s=0)
+
+
+def _traffic(n_feeds: int, start: float, seed: int = 0) -> list[dict]:
+    """Served feeds (5 slots) and events about them, in bus order over ~3 h: engagements
+    and hides on served slots, some on slots never served, some after the window closed."""
+    rng = np.random.default_rng(seed)
+    out: list[dict] = []
+    feeds: list[tuple[str, int, list[int], float]] = []
+    t = start
+    for i in range(n_feeds):
+        t += float(rng.uniform(0, 20))
+        rid, user = f"{seed:08x}{i:024x}", int(rng.integers(0, 30))
+        posts = rng.choice(50, 5, replace=False).tolist()
+        out.append({**_served(rid, user, posts), "received_at": t})
+        feeds.append((rid, user, posts, t))
+        for _ in range(int(rng.integers(0, 4))):
+            rid_e, user_e, posts_e, _ = feeds[int(rng.integers(max(0, i - 150), i + 1))]
+            slot = int(rng.integers(0, 5))
+            kind = str(rng.choice(["impression", "like", "comment", "share", "hide"]))
+            post = posts_e[slot] if rng.random() > 0.1 else 49 - posts_e[slot]
+            out.append(_event(rid_e, kind, slot, post, user_e, t + float(rng.uniform(0, 5))))
+    return out
+
+
+def _same_signals(a: RealtimeSignals, b: RealtimeSignals, now: float) -> None:
+    assert (a.applied, a.ignored, a.watermark) == (b.applied, b.ignored, b.watermark)
+    assert a._served == b._served
+    for user in range(30):
+        assert a.engaged_posts(user) == b.engaged_posts(user)
+        assert a.hot_topics(user, now=now) == b.hot_topics(user, now=now)
+        topics = np.arange(5)
+        assert (
+            a.topic_share(user, topics, now=now).tolist()
+            == b.topic_share(user, topics, now=now).tolist()
+        )
+    assert a.velocity(np.arange(50), now=now).tolist() == b.velocity(np.arange(50), now).tolist()
+    for name, columns in a.state.to_arrays().items():
+        other = b.state.to_arrays()[name]
+        for part, values in columns.items():
+            assert values.tolist() == other[part].tolist(), (name, part)
+
+
+def test_a_restored_snapshot_then_the_rest_equals_applying_everything() -> None:
+    topic, segment = np.arange(50) % 5, np.zeros(30, np.int64)
+    records = _traffic(600, start=1e6)
+    everything = RealtimeSignals(topic, segment)
+    for record in records:
+        everything.apply(record)
+    assert everything.applied > 100 and everything.ignored > 10
+
+    half = len(records) // 2
+    first = RealtimeSignals(topic, segment)
+    for record in records[:half]:
+        first.apply(record)
+    first.next_seq = half
+    data = first.snapshot()
+    resumed = RealtimeSignals(topic, segment)
+    resumed.restore(data)
+    assert resumed.next_seq == half
+    _same_signals(first, resumed, now=records[half - 1]["received_at"])
+    for record in records[half:]:
+        resumed.apply(record)
+    _same_signals(everything, resumed, now=records[-1]["received_at"] + 60)
+
+
+def test_an_event_counts_only_within_its_feeds_attribution_window() -> None:
+    signals = RealtimeSignals(np.arange(20) % 4, np.zeros(10, np.int64))
+    t = 1e6
+    signals.apply({**_served("a" * 32, 3, [1, 2]), "received_at": t})
+    signals.apply(_event("a" * 32, "like", 0, 1, 3, t + ATTRIBUTION_WINDOW_S - 1))
+    signals.apply({**_served("b" * 32, 4, [5]), "received_at": t + ATTRIBUTION_WINDOW_S + 1})
+    signals.apply(_event("a" * 32, "like", 1, 2, 3, t + ATTRIBUTION_WINDOW_S + 2))  # late
+    assert (signals.applied, signals.ignored) == (1, 1)
+    assert "a" * 32 not in signals._served and "b" * 32 in signals._served
+
+
+def test_a_snapshot_that_is_damaged_or_of_other_features_is_refused_unchanged() -> None:
+    topic, segment = np.arange(50) % 5, np.zeros(30, np.int64)
+    source = RealtimeSignals(topic, segment)
+    for record in _traffic(50, start=1e6):
+        source.apply(record)
+    data = source.snapshot()
+    target = RealtimeSignals(topic, segment)
+    target.apply({**_served("c" * 32, 1, [7]), "received_at": 5.0})
+    for bad in (data[: len(data) // 2], b"not a snapshot"):
+        with pytest.raises(SnapshotError, match="damaged"):
+            target.restore(bad)
+    other = RealtimeSignals(topic, segment)
+    other.state = RealtimeState(REALTIME_FEATURES[:2])
+    with pytest.raises(SnapshotError, match="other real-time features"):
+        target.restore(other.snapshot())
+    assert list(target._served) == ["c" * 32] and target.next_seq == 0
+
+
+def test_a_starting_follower_restores_the_newest_snapshot_and_replays_only_the_rest(
+    tmp_path: Path,
+) -> None:
+    topic, segment = np.arange(50) % 5, np.zeros(30, np.int64)
+    records = _traffic(400, start=time.time() - 3600)
+    log = EventLog(tmp_path / "bus")
+    log.append(records[:300])
+    stop = threading.Event()
+    try:
+        first = RealtimeSignals(topic, segment)
+        first.follow(log, poll_s=0.01, stop=stop, snapshot_every=100)
+        assert first.restored_from is None and first.next_seq == 300  # nothing to restore
+        deadline = time.time() + 10
+        while log.snapshot_seq(SNAPSHOT_NAME) != 300 and time.time() < deadline:
+            time.sleep(0.01)
+        assert log.snapshot_seq(SNAPSHOT_NAME) == 300
+        log.append(records[300:])
+        second = RealtimeSignals(topic, segment)
+        second.follow(log, stop=stop, snapshot_every=0)
+        assert second.restored_from == 300 and second.next_seq == len(records)
+        assert second.applied - first.applied <= sum(r["kind"] == "event" for r in records[300:])
+    finally:
+        stop.set()
+    everything = RealtimeSignals(topic, segment)
+    for record in records:
+        everything.apply(record)
+    _same_signals(everything, second, now=records[-1]["received_at"] + 1)
+
+
+def test_a_follower_replays_the_horizon_when_the_snapshot_is_unusable(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    topic, segment = np.arange(50) % 5, np.zeros(30, np.int64)
+    records = _traffic(100, start=time.time() - 3600)
+    log = EventLog(tmp_path / "bus")
+    log.append(records)
+    stop = threading.Event()
+    stop.set()  # no polling thread work: only the start is checked
+    log.save_snapshot(SNAPSHOT_NAME, 10, b"damaged")
+    damaged = RealtimeSignals(topic, segment)
+    damaged.follow(log, stop=stop)
+    assert damaged.restored_from is None and "not restoring the snapshot" in caplog.text
+    log.save_snapshot(SNAPSHOT_NAME, len(records) + 5, RealtimeSignals(topic, segment).snapshot())
+    beyond = RealtimeSignals(topic, segment)  # a snapshot of a bus deleted and begun again
+    beyond.follow(log, stop=stop)
+    assert beyond.restored_from is None
+    for follower in (damaged, beyond):  # both replayed the whole (1 h old) bus
+        assert follower.next_seq == len(records) and follower.applied == damaged.applied
+    with pytest.raises(ValueError, match="snapshot_every"):
+        RealtimeSignals(topic, segment).follow(log, stop=stop, snapshot_every=-1)

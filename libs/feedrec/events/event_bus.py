@@ -16,7 +16,8 @@ from feedrec.events.redis_event_log import SCHEME, RedisEventLog, RedisLocation,
 
 
 class EventBus(Protocol):
-    """What the recorder (writes) and the sink (reads, retention) need from a bus."""
+    """What the recorder (writes), the sink (reads, retention) and the real-time signals
+    (reads, snapshots of their state) need from a bus."""
 
     def append(self, payloads: Sequence[Mapping[str, Any]]) -> AppendResult:
         """Write the records whose idempotency key is new; return once they are durable."""
@@ -38,6 +39,19 @@ class EventBus(Protocol):
 
     def retain(self, min_seq: int) -> int:
         """Drop (some of) the records below ``min_seq``; returns how many units went."""
+        ...
+
+    def save_snapshot(self, name: str, seq: int, data: bytes) -> None:
+        """Store ``data``, a reader's state after every record below ``seq``, as ``name``
+        (kept next to the bus, so every reader of the bus finds it; the newer seq wins)."""
+        ...
+
+    def snapshot_seq(self, name: str) -> int | None:
+        """The seq of the newest snapshot called ``name`` (None: there is none); cheap."""
+        ...
+
+    def load_snapshot(self, name: str) -> tuple[int, bytes] | None:
+        """The newest snapshot called ``name``: (seq, data), or None."""
         ...
 
 

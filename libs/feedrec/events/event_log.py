@@ -5,6 +5,7 @@ Layout of ``root``::
     LOCK                          writers serialise on flock(LOCK)
     segment-000000000000.log      records with seq 0 ..
     segment-000000052113.log      records from seq 52113 (named after its first record)
+    snapshots/NAME-000000060000.bin   a reader's state after the records below seq 60000
 
 A record on disk is ``MAGIC | length u32 | crc32 u32 | seq u64 | payload`` (little endian), the
 payload a compact JSON object. ``append`` returns only after ``fsync``: an acknowledged record
@@ -27,6 +28,7 @@ import fcntl
 import itertools
 import json
 import os
+import re
 import struct
 import zlib
 from collections.abc import Iterator, Mapping, Sequence
@@ -42,6 +44,14 @@ KEY_FIELD = "idempotency_key"
 #: Largest payload accepted: a record is one event or one served feed, far below this.
 MAX_PAYLOAD = 1 << 20
 SEGMENT_BYTES = 64 << 20
+#: What a snapshot may be called (it becomes part of a file name or a Redis key).
+SNAPSHOT_NAME = re.compile(r"^[a-z0-9][a-z0-9-]{0,63}$")
+
+
+def check_snapshot_name(name: str) -> str:
+    if not SNAPSHOT_NAME.match(name):
+        raise ValueError(f"snapshot name {name!r} must match {SNAPSHOT_NAME.pattern}")
+    return name
 
 
 class EventLogError(RuntimeError):
@@ -335,6 +345,59 @@ class EventLog:
             os.fsync(fd)
         finally:
             os.close(fd)
+
+    # -- snapshots ---------------------------------------------------------------------------
+
+    def _snapshots(self, name: str) -> list[tuple[int, Path]]:
+        """(seq, path) of the stored snapshots called ``name``, oldest first."""
+        prefix = check_snapshot_name(name) + "-"
+        out = []
+        for path in (self.root / "snapshots").glob(f"{prefix}*.bin"):
+            seq = path.stem[len(prefix) :]
+            if seq.isdigit():
+                out.append((int(seq), path))
+        return sorted(out)
+
+    def save_snapshot(self, name: str, seq: int, data: bytes) -> None:
+        """Store ``data``, a reader's state after every record below ``seq``, as ``name``
+        (durably: tmp file, fsync, rename), then delete that name's older snapshots. Keyed by
+        seq, so when two readers save at once the newer state is the one found."""
+        folder = self.root / "snapshots"
+        folder.mkdir(exist_ok=True)
+        path = folder / f"{check_snapshot_name(name)}-{seq:012d}.bin"
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        with open(tmp, "wb") as f:
+            f.write(data)
+            if self.fsync:
+                os.fsync(f.fileno())
+        os.replace(tmp, path)
+        if self.fsync:
+            fd = os.open(folder, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        for older, old_path in self._snapshots(name):
+            if older < seq:
+                old_path.unlink(missing_ok=True)
+
+    def snapshot_seq(self, name: str) -> int | None:
+        """The seq of the newest snapshot called ``name`` (None: there is none)."""
+        found = self._snapshots(name)
+        return found[-1][0] if found else None
+
+    def load_snapshot(self, name: str) -> tuple[int, bytes] | None:
+        """The newest snapshot called ``name``: (seq, data), or None."""
+        for _ in range(3):  # a concurrent save may delete the one listed: list again
+            found = self._snapshots(name)
+            if not found:
+                return None
+            seq, path = found[-1]
+            try:
+                return seq, path.read_bytes()
+            except FileNotFoundError:
+                continue
+        return None
 
     def retain(self, min_seq: int) -> int:
         """Delete segments whose records all have ``seq < min_seq`` (never the active one);

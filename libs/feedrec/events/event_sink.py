@@ -50,6 +50,7 @@ from feedrec.data.log_import import LOG_SCHEMA
 from feedrec.events.event_bus import EventBus
 from feedrec.events.event_log import EventLogError
 from feedrec.events.feed_event import (
+    ATTRIBUTION_WINDOW_S,
     EVENT,
     FEEDBACK_TYPES,
     SERVED,
@@ -121,7 +122,7 @@ class SinkConfig:
     receive time); later ones are rejected as late. max_records: bus records per output range
     (bounds the sink's memory per step)."""
 
-    attribution_window_s: float = 1800.0
+    attribution_window_s: float = ATTRIBUTION_WINDOW_S
     max_records: int = 200_000
 
     def __post_init__(self) -> None:

@@ -32,6 +32,9 @@ SERVED, EVENT, SHADOW = "served", "event", "shadow"
 #: Event types that are explicit feedback on a post (labels of the logs; the real-time
 #: signals remember the posts they were about).
 FEEDBACK_TYPES = ("like", "comment", "share", "hide")
+#: How long after a feed is served (bus receive time) its events still count: the sink rejects
+#: later ones as late, and the real-time signals forget the feed, so both count the same.
+ATTRIBUTION_WINDOW_S = 1800.0
 
 
 def attribution_problem(

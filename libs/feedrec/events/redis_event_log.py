@@ -9,6 +9,7 @@ Keys, for a stream named ``NAME``:
                       ``0-(start+1)``
     NAME:idempotency  sorted set: idempotency key -> seq of the record that carries it
     NAME:first        the first seq retention kept (absent: 0)
+    NAME:snapshot:S   hash {seq, data}: a reader's state S after the records below seq
 
 ``append`` is one Lua script, so it is atomic across any number of writer processes: per
 record it skips one whose key is in ``NAME:idempotency`` (a duplicate, reported with the earlier
@@ -48,6 +49,7 @@ from feedrec.events.event_log import (
     AppendResult,
     EventLogError,
     LogRecord,
+    check_snapshot_name,
     record_received_at,
 )
 from feedrec.runtime.redis_url import SCHEME, RedisUrl, redact
@@ -109,6 +111,14 @@ local dropped = redis.call('XTRIM', KEYS[1], 'MINID', string.format('0-%d', min 
 redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', string.format('(%d', min))
 redis.call('SET', KEYS[3], string.format('%d', min))
 return dropped
+"""
+
+_SAVE_SNAPSHOT = """
+-- KEYS: snapshot hash. ARGV: seq, data. Keeps the newer of the stored and the given state.
+local stored = redis.call('HGET', KEYS[1], 'seq')
+if stored and tonumber(stored) >= tonumber(ARGV[1]) then return 0 end
+redis.call('HSET', KEYS[1], 'seq', ARGV[1], 'data', ARGV[2])
+return 1
 """
 
 
@@ -187,6 +197,13 @@ class RedisEventLog:
         self._bounds = self._client.register_script(_BOUNDS)
         self._read = self._client.register_script(_READ)
         self._retain = self._client.register_script(_RETAIN)
+        # Snapshots are bytes: a client that does not decode replies.
+        self._bytes_client = location.url.client(
+            socket_timeout=timeout_s,
+            socket_connect_timeout=timeout_s,
+            retry=Retry(NoBackoff(), 0),
+        )
+        self._save_snapshot = self._bytes_client.register_script(_SAVE_SNAPSHOT)
         with self._errors("open"):
             self._check_server(require_fsync)
 
@@ -230,6 +247,7 @@ class RedisEventLog:
     def close(self) -> None:
         """Release this writer's connections (the bus itself is unaffected)."""
         self._client.close()
+        self._bytes_client.close()
 
     # -- reading -----------------------------------------------------------------------------
 
@@ -305,6 +323,32 @@ class RedisEventLog:
         return AppendResult(
             seqs=tuple(int(s) for s in out[1::2]), duplicates=tuple(bool(d) for d in out[::2])
         )
+
+    # -- snapshots ---------------------------------------------------------------------------
+
+    def _snapshot_key(self, name: str) -> str:
+        return f"{self._stream}:snapshot:{check_snapshot_name(name)}"
+
+    def save_snapshot(self, name: str, seq: int, data: bytes) -> None:
+        """Store ``data``, a reader's state after every record below ``seq``, as ``name``,
+        unless a newer one is stored already (one script: atomic)."""
+        with self._errors("save snapshot"):
+            self._save_snapshot(keys=[self._snapshot_key(name)], args=[seq, data])
+
+    def snapshot_seq(self, name: str) -> int | None:
+        """The seq of the snapshot called ``name`` (None: there is none)."""
+        with self._errors("read snapshot"):
+            seq = self._client.hget(self._snapshot_key(name), "seq")
+        return None if seq is None else int(cast(str, seq))
+
+    def load_snapshot(self, name: str) -> tuple[int, bytes] | None:
+        """The snapshot called ``name``: (seq, data), or None."""
+        with self._errors("read snapshot"):
+            seq, data = cast(
+                list[bytes | None],
+                self._bytes_client.hmget(self._snapshot_key(name), ["seq", "data"]),
+            )
+        return None if seq is None or data is None else (int(seq), data)
 
     def retain(self, min_seq: int) -> int:
         """Drop the records with ``seq < min_seq`` (at most up to the end) and their keys from

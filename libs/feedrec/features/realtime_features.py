@@ -166,3 +166,37 @@ class RealtimeState:
 
     def keys(self, name: str) -> int:
         return len(self._sums[name])
+
+    def to_arrays(self) -> dict[str, dict[str, np.ndarray]]:
+        """The state as arrays, per feature: ``keys`` [N, key columns] int64, ``sums`` [N]
+        and ``last`` [N] (the key's last event time): what a snapshot stores."""
+        out = {}
+        with self._lock:
+            for name, feature in self.features.items():
+                sums = self._sums[name]
+                width = len(KEY_COLUMNS[feature.key])
+                keys = np.array(list(sums), dtype=np.int64).reshape(len(sums), width)
+                pairs = np.array(list(sums.values()), dtype=np.float64).reshape(len(sums), 2)
+                out[name] = {"keys": keys, "sums": pairs[:, 0], "last": pairs[:, 1]}
+        return out
+
+    def load_arrays(self, arrays: Mapping[str, Mapping[str, np.ndarray]]) -> None:
+        """Replace the state by :meth:`to_arrays`' output (every feature of this state)."""
+        loaded = {}
+        for name, feature in self.features.items():
+            keys, sums, last = (np.asarray(arrays[name][k]) for k in ("keys", "sums", "last"))
+            width = len(KEY_COLUMNS[feature.key])
+            if keys.ndim != 2 or keys.shape[1] != width or not len(keys) == len(sums) == len(last):
+                raise ValueError(
+                    f"feature {name}: keys {keys.shape}, sums {sums.shape} and last {last.shape} "
+                    f"do not make {width}-column keys with one sum and time each"
+                )
+            loaded[name] = dict(
+                zip(
+                    map(tuple, keys.tolist()),
+                    zip(sums.tolist(), last.tolist(), strict=True),
+                    strict=True,
+                )
+            )
+        with self._lock:
+            self._sums = loaded

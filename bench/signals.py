@@ -1,0 +1,158 @@
+"""A replica's start: its real-time signals catching up with the bus, with and without a
+snapshot, at two bus lengths.
+
+    python -m bench.signals --feeds 20000 --scale 4      # make bench-signals
+
+Builds two embedded buses of served feeds (the shape the Ingress records, from
+``bench.sink``) at 40 feeds/s, N and ``scale`` x N feeds long, all within the last
+``REPLAY_S``. Then, each in a fresh process so that its time and peak RSS are its own:
+
+* **replay** (the baseline, what a replica did before snapshots): ``RealtimeSignals.follow``
+  on the bus without a snapshot, so it applies every record of the last ``REPLAY_S``;
+* **save**: the state after all but the last ``SNAPSHOT_EVERY`` records, saved as the bus's
+  snapshot (the worst case a follower leaves: the next save is due);
+* **restore**: ``follow`` again, now restoring that snapshot and applying the rest.
+
+Prints, per size, the start of each and their ratio (replay over restore), and the restore's
+start at the long bus over the short one: the replay grows with the bus, the restore with the
+feeds inside the attribution window (at most ``ATTRIBUTION_WINDOW_S`` x the feed rate) plus
+``SNAPSHOT_EVERY`` records. Writes ``bench/results/signals.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+from bench.sink import build_bus
+
+RESULTS = Path(__file__).resolve().parent / "results" / "signals.json"
+FEEDS_PER_S = 40.0  # about the Serve chain's capacity on this machine (README, bench-serve)
+POSTS, USERS = 1_000_000, 20_000  # bench.sink's ids
+
+
+def _signals() -> Any:
+    import numpy as np
+
+    from feedrec.serving.realtime_signals import RealtimeSignals
+
+    return RealtimeSignals(np.arange(POSTS) % 50, np.zeros(USERS, np.int64))
+
+
+def child(mode: str, bus: Path) -> dict[str, Any]:
+    """One measurement in this (fresh) process."""
+    from feedrec.events.event_log import EventLog
+    from feedrec.runtime.peak_rss import peak_rss_mb
+    from feedrec.serving.realtime_signals import SNAPSHOT_EVERY, SNAPSHOT_NAME
+
+    log = EventLog(bus)
+    signals = _signals()
+    t = time.perf_counter()
+    out: dict[str, Any] = {}
+    if mode == "save":
+        stop_at = max(log.end_seq() - SNAPSHOT_EVERY, 0)
+        for record in log.records(0):
+            if record.seq >= stop_at:
+                break
+            signals.apply(record.payload)
+        signals.next_seq = stop_at
+        applied = time.perf_counter()
+        data = signals.snapshot()
+        log.save_snapshot(SNAPSHOT_NAME, stop_at, data)
+        out |= {"seq": stop_at, "snapshot_mb": round(len(data) / 2**20, 2)}
+        out["save_s"] = round(time.perf_counter() - applied, 3)
+    else:
+        stop = threading.Event()
+        stop.set()  # the start only: no polling thread work
+        signals.follow(log, stop=stop, snapshot_every=0)
+        out["start_s"] = round(time.perf_counter() - t, 3)
+        out["restored_from"] = signals.restored_from
+    out |= {
+        "next_seq": signals.next_seq,
+        "served_in_window": len(signals._served),
+        "peak_rss_mb": round(peak_rss_mb(), 1),
+    }
+    return out
+
+
+def _measure(mode: str, bus: Path) -> dict[str, Any]:
+    cmd = [sys.executable, "-m", "bench.signals", "--child", mode, "--bus", str(bus)]
+    res = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    if res.returncode != 0:
+        raise SystemExit(f"{mode} on {bus} failed:\n{res.stderr[-3000:]}")
+    return dict(json.loads(res.stdout.strip().splitlines()[-1]))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--feeds", type=int, default=20_000, help="feeds on the short bus")
+    parser.add_argument("--scale", type=int, default=4, help="the long bus: this many x")
+    parser.add_argument("--out", type=Path, default=RESULTS)
+    parser.add_argument("--child", choices=("replay", "save", "restore"), help=argparse.SUPPRESS)
+    parser.add_argument("--bus", type=Path, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        print(json.dumps(child(args.child, args.bus)))
+        return
+    if args.feeds < 1 or args.scale < 2:
+        parser.error("--feeds must be >= 1 and --scale >= 2")
+    t0 = time.perf_counter()
+    sizes: dict[str, Any] = {}
+    with tempfile.TemporaryDirectory(prefix="feedrec-bench-signals-") as tmp:
+        for label, n in (("short", args.feeds), ("long", args.feeds * args.scale)):
+            bus = Path(tmp) / label
+            # The bus ends a minute ago: all of it within the replay horizon (8 h).
+            start = time.time() - 60 - n / FEEDS_PER_S
+            size = build_bus(bus, n, spacing_s=1 / FEEDS_PER_S, start=start)
+            replay = _measure("replay", bus)
+            save = _measure("save", bus)
+            restore = _measure("restore", bus)
+            if restore["restored_from"] != save["seq"]:
+                raise SystemExit(f"{label}: the restore did not start from the saved snapshot")
+            sizes[label] = {"feeds": n, "bus_mb": round(size / 2**20, 1), "replay": replay}
+            sizes[label] |= {"save": save, "restore": restore}
+            sizes[label]["replay_over_restore"] = round(replay["start_s"] / restore["start_s"], 2)
+            print(
+                f"{label}: {n} feeds, {replay['next_seq']:,} records, {size / 2**20:.0f} MB of "
+                f"bus; replay {replay['start_s']:.2f} s ({replay['peak_rss_mb']:.0f} MB); "
+                f"snapshot {save['snapshot_mb']:.1f} MB of {save['served_in_window']:,} feeds in "
+                f"the window, saved in {save['save_s']:.2f} s; restore + "
+                f"{replay['next_seq'] - save['seq']:,} records {restore['start_s']:.2f} s "
+                f"({restore['peak_rss_mb']:.0f} MB): {sizes[label]['replay_over_restore']:.1f}x",
+                flush=True,
+            )
+    short, long = sizes["short"], sizes["long"]
+    growth = {
+        mode: round(long[mode]["start_s"] / short[mode]["start_s"], 2)
+        for mode in ("replay", "restore")
+    }
+    print(
+        f"start at {args.scale}x the bus: replay {growth['replay']:.2f}x, restore "
+        f"{growth['restore']:.2f}x; on the long bus the snapshot starts "
+        f"{long['replay_over_restore']:.1f}x faster"
+    )
+    result = {
+        "speedup": long["replay_over_restore"],
+        "start_growth": growth,
+        "scale": args.scale,
+        "feeds_per_s": FEEDS_PER_S,
+        "sizes": sizes,
+        "host": {"cpus": os.cpu_count(), "machine": platform.machine()},
+        "bench_seconds": round(time.perf_counter() - t0, 1),
+    }
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=2) + "\n")
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
