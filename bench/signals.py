@@ -23,16 +23,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
-import subprocess
-import sys
 import tempfile
 import threading
 import time
 from pathlib import Path
 from typing import Any
 
+from bench.measurement import in_fresh_process, write_result
 from bench.sink import build_bus
 
 RESULTS = Path(__file__).resolve().parent / "results" / "signals.json"
@@ -85,11 +82,7 @@ def child(mode: str, bus: Path) -> dict[str, Any]:
 
 
 def _measure(mode: str, bus: Path) -> dict[str, Any]:
-    cmd = [sys.executable, "-m", "bench.signals", "--child", mode, "--bus", str(bus)]
-    res = subprocess.run(cmd, capture_output=True, text=True, check=False)
-    if res.returncode != 0:
-        raise SystemExit(f"{mode} on {bus} failed:\n{res.stderr[-3000:]}")
-    return dict(json.loads(res.stdout.strip().splitlines()[-1]))
+    return in_fresh_process("bench.signals", "--child", mode, "--bus", str(bus))
 
 
 def main() -> None:
@@ -146,12 +139,8 @@ def main() -> None:
         "scale": args.scale,
         "feeds_per_s": FEEDS_PER_S,
         "sizes": sizes,
-        "host": {"cpus": os.cpu_count(), "machine": platform.machine()},
-        "bench_seconds": round(time.perf_counter() - t0, 1),
     }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2) + "\n")
-    print(f"wrote {args.out}")
+    write_result(args.out, result, t0)
 
 
 if __name__ == "__main__":

@@ -22,15 +22,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
-import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
+from bench.measurement import in_fresh_process, write_result
 from bench.report import SINK_RSS_RATIO_GOAL
 
 RESULTS = Path(__file__).resolve().parent / "results" / "sink.json"
@@ -131,11 +128,7 @@ def child(mode: str, bus: Path, world: Path) -> dict[str, Any]:
 
 
 def _measure(mode: str, bus: Path, world: Path) -> dict[str, Any]:
-    cmd = [sys.executable, "-m", "bench.sink", "--child", mode, "--bus", str(bus)]
-    res = subprocess.run([*cmd, "--world", str(world)], capture_output=True, text=True, check=False)
-    if res.returncode != 0:
-        raise SystemExit(f"{mode} on {bus} failed:\n{res.stderr[-3000:]}")
-    return dict(json.loads(res.stdout.strip().splitlines()[-1]))
+    return in_fresh_process("bench.sink", "--child", mode, "--bus", str(bus), "--world", str(world))
 
 
 def main() -> None:
@@ -181,12 +174,8 @@ def main() -> None:
         "sink_over_read_speed": round(speed, 3),
         "scale": args.scale,
         "sizes": sizes,
-        "host": {"cpus": os.cpu_count(), "machine": platform.machine()},
-        "bench_seconds": round(time.perf_counter() - t0, 1),
     }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2) + "\n")
-    print(f"wrote {args.out}")
+    write_result(args.out, result, t0)
 
 
 if __name__ == "__main__":
