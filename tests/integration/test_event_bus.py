@@ -394,7 +394,8 @@ def test_a_following_sink_rides_out_a_redis_crash(
     log = open_event_bus(redis_server.url())
     world = tmp_path / "world"
     sink = EventSink(log, world, SinkConfig(attribution_window_s=60.0))
-    log.append([bus_records.served("a" * 32, 7, [100, 101], at=1000.0)])
+    t0 = time.time()  # recent: the sink's clock records do not close A's window in the test
+    log.append([bus_records.served("a" * 32, 7, [100, 101], at=t0)])
     stop = threading.Event()
     passes: list[int] = []
     outages: list[str] = []
@@ -422,8 +423,8 @@ def test_a_following_sink_rides_out_a_redis_crash(
             time.sleep(0.01)
         assert outages and str(redis_server.port) in outages[0]
         redis_server.start()
-        log.append([bus_records.served("b" * 32, 8, [200], at=1070.0)])  # A's window closes
-        while sink.state()["next_seq"] < 2 and time.monotonic() < deadline:
+        log.append([bus_records.served("b" * 32, 8, [200], at=t0 + 70)])  # A's window closes
+        while "b" * 32 not in sink.state()["pending"] and time.monotonic() < deadline:
             time.sleep(0.02)
     finally:
         stop.set()

@@ -387,32 +387,70 @@ def test_retention_keeps_open_feeds_and_the_recent_bus(
     assert [r.seq for r in log.records(kept_from)] == [1, 2, 3]
 
 
+def _follow(
+    sink: EventSink, interval_s: float, until: Any, timeout_s: float = 20.0
+) -> list[SinkReport]:
+    """Run ``sink.follow`` in a thread until ``until(passes)`` holds; its pass reports."""
+    stop = threading.Event()
+    passes: list[SinkReport] = []
+    job = threading.Thread(
+        target=sink.follow, args=(interval_s, stop, lambda report, _: passes.append(report))
+    )
+    job.start()
+    try:
+        deadline = time.monotonic() + timeout_s
+        while not until(passes) and time.monotonic() < deadline:
+            time.sleep(0.01)
+    finally:
+        stop.set()
+        job.join(timeout=20)
+    assert not job.is_alive()
+    return passes
+
+
 def test_a_following_sink_writes_feeds_as_bus_time_closes_their_windows(
     tmp_path: Path, bus_records: BusRecords
 ) -> None:
     log, world = _bus(tmp_path)
     sink = EventSink(log, world, SinkConfig(attribution_window_s=60.0))
-    log.append([bus_records.served(RID_A, 7, [100, 101], at=1000.0)])
-    log.append([bus_records.event(RID_A, "like", 1, 101, 7, 1010.0, "like-a-1")])
-    stop = threading.Event()
-    passes: list[SinkReport] = []
-    job = threading.Thread(
-        target=sink.follow, args=(0.02, stop, lambda report, _: passes.append(report))
-    )
-    job.start()
-    try:
-        deadline = time.monotonic() + 20
-        while not passes and time.monotonic() < deadline:
-            time.sleep(0.01)
-        assert passes and passes[0].pending_feeds == 1 and _logs(world) == {}
-        log.append([bus_records.served(RID_B, 8, [200], at=1070.0)])  # A's window closes
-        while not _logs(world) and time.monotonic() < deadline:
-            time.sleep(0.02)
-    finally:
-        stop.set()
-        job.join(timeout=20)
-    assert not job.is_alive()
+    t0 = time.time()  # recent: no clock record is due within the test
+    log.append([bus_records.served(RID_A, 7, [100, 101], at=t0)])
+    log.append([bus_records.event(RID_A, "like", 1, 101, 7, t0 + 10, "like-a-1")])
+    passes = _follow(sink, 0.02, lambda passes: bool(passes))
+    assert passes[0].pending_feeds == 1 and _logs(world) == {}
+    log.append([bus_records.served(RID_B, 8, [200], at=t0 + 70)])  # A's window closes
+    _follow(sink, 0.02, lambda _: bool(_logs(world)))
     assert [row["like"] for row in _logs(world).values()] == [1]
     assert sink.state()["next_seq"] == 3 and list(sink.state()["pending"]) == [RID_B]
+    assert [r.payload["kind"] for r in log.records()] == ["served", "event", "served"]
+
+
+def test_with_no_traffic_the_following_sink_moves_bus_time_on_with_clock_records(
+    tmp_path: Path, bus_records: BusRecords
+) -> None:
+    log, world = _bus(tmp_path)
+    cfg = SinkConfig(attribution_window_s=0.5)
+    t0 = time.time()
+    log.append([bus_records.served(RID_A, 7, [100, 101], at=t0)])
+    log.append([bus_records.event(RID_A, "like", 1, 101, 7, t0 + 0.1, "like-a-1")])
+    # No record comes after these: the sink's own clock records close A's window.
+    _follow(EventSink(log, world, cfg), 0.1, lambda _: bool(_logs(world)))
+    assert [row["like"] for row in _logs(world).values()] == [1]
+    kinds = [r.payload["kind"] for r in log.records()]
+    assert kinds[:2] == ["served", "event"] and set(kinds[2:]) == {"clock"}
+    # The closing is on the bus: a sink reading it from scratch, without a flush, writes the
+    # same rows; and with nothing open the follower writes no more clocks.
+    again = tmp_path / "again"
+    EventSink(log, again, cfg).run()
+    assert _logs(again) == _logs(world)
+    end = log.end_seq()
+    _follow(EventSink(log, world, cfg), 0.05, lambda passes: len(passes) >= 3)
+    assert log.end_seq() == end
+
+
+def test_following_needs_a_positive_interval(tmp_path: Path) -> None:
+    log, world = _bus(tmp_path)
+    sink = EventSink(log, world, SinkConfig(attribution_window_s=60.0))
+    stop = threading.Event()
     with pytest.raises(ValueError, match="interval_s"):
         sink.follow(0.0, stop, lambda *_: None)

@@ -56,6 +56,7 @@ from feedrec.events.feed_event import (
     SERVED,
     SHADOW,
     attribution_problem,
+    clock_record,
 )
 from feedrec.events.redis_event_log import EventBusUnavailable
 from feedrec.schema.registry import LABELS, TASKS
@@ -150,6 +151,7 @@ class SinkReport:
     pending_feeds: int = 0
     waiting_events: int = 0
     retain_below: int = 0
+    bus_time: float = 0.0  # the newest ``received_at`` read (unix s): the sink's clock
     files: list[str] = field(default_factory=list)
 
     def summary(self) -> str:
@@ -341,6 +343,7 @@ class EventSink:
         report.pending_feeds = len(state["pending"])
         report.waiting_events = len(state["waiting"])
         report.retain_below = self.retain_below(state)
+        report.bus_time = float(state["watermark"])
         return report
 
     def follow(
@@ -355,16 +358,19 @@ class EventSink:
         """Run as a long-lived job: compact what reached the bus, then (with ``keep_s``)
         apply :meth:`retain`, every ``interval_s`` until ``stop`` is set; ``on_pass`` gets
         each pass's report and retention (kept from, dropped). A window closes when bus time
-        (the newest record's ``received_at``) passes it, so with no new traffic the last
-        feeds wait for the next records (or a ``run(flush=True)``). Stopping between passes
-        loses nothing; a kill in the middle of one is the crash that ``run`` redoes. A bus
-        that is unreachable for a pass (Redis restarting) is reported to ``on_outage`` and
-        tried again next pass; any other error ends the job."""
+        (the newest record's ``received_at``) passes it. While feeds or events wait and no
+        record came for ``interval_s``, a pass appends a ``clock`` record with this host's
+        time, so that the last feeds' windows close after traffic stops too, and a redo reads
+        the same closing. Stopping between passes loses nothing; a kill in the middle of one is
+        the crash that ``run`` redoes. A bus that is unreachable for a pass (Redis restarting)
+        is reported to ``on_outage`` and tried again next pass; any other error ends the
+        job."""
         if not (math.isfinite(interval_s) and interval_s > 0):
             raise ValueError(f"sink follow: interval_s must be > 0, got {interval_s}")
         while True:
             try:
                 report = self.run()
+                self._advance_clock(report, interval_s)
                 retained = self.retain(keep_s) if keep_s is not None else None
             except EventBusUnavailable as e:
                 if on_outage is None:
@@ -374,6 +380,15 @@ class EventSink:
                 on_pass(report, retained)
             if stop.wait(interval_s):
                 return
+
+    def _advance_clock(self, report: SinkReport, idle_s: float) -> None:
+        """After a pass (``report``): append a ``clock`` record if something waits for its
+        window and the bus's newest record is older than ``idle_s``, since only bus records
+        move the sink's time."""
+        now = time.time()
+        waiting = report.pending_feeds or report.waiting_events
+        if waiting and report.bus_time < now - idle_s:
+            self.log.append([clock_record(now)])
 
     def retain(self, keep_s: float, *, now: float | None = None) -> tuple[int, int]:
         """Drop the bus records that the sink will not read again and that were received

@@ -27,8 +27,10 @@ MAX_DWELL_S = 86_400.0
 REQUEST_ID_PATTERN = r"^[0-9a-f]{32}$"
 VARIANT_PATTERN = r"^[a-z0-9][a-z0-9_-]{0,31}$"
 #: Record kinds on the bus. ``shadow``: a candidate model's feed for a served request, scored
-#: and logged but never shown (shadow traffic).
-SERVED, EVENT, SHADOW = "served", "event", "shadow"
+#: and logged but never shown (shadow traffic). ``clock``: no content, only a ``received_at``:
+#: bus time moving on while no traffic comes (a following sink writes one when feeds wait for
+#: their window to close), so that windows close on the bus, the same on every re-read.
+SERVED, EVENT, SHADOW, CLOCK = "served", "event", "shadow", "clock"
 #: Event types that are explicit feedback on a post (labels of the logs; the real-time
 #: signals remember the posts they were about).
 FEEDBACK_TYPES = ("like", "comment", "share", "hide")
@@ -127,6 +129,11 @@ def event_record(event: InteractionEvent | DwellEvent, received_at: float) -> di
     record["kind"] = EVENT
     record["received_at"] = received_at
     return record
+
+
+def clock_record(received_at: float) -> dict[str, Any]:
+    """The bus record saying that bus time has reached ``received_at`` (unix s)."""
+    return {"kind": CLOCK, "received_at": received_at}
 
 
 def served_record(
