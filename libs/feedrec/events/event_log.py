@@ -336,11 +336,12 @@ class EventLog:
             self._fsync_dir()
         self._segment, self._offset = path, self._offset + len(data)
 
-    def _fsync_dir(self) -> None:
-        """A new segment's directory entry must be durable too, or a crash loses the file."""
+    def _fsync_dir(self, folder: Path | None = None) -> None:
+        """A new file's directory entry (a segment's in ``root``, by default) must be durable
+        too, or a crash loses the file."""
         if not self.fsync:
             return
-        fd = os.open(self.root, os.O_RDONLY)
+        fd = os.open(folder or self.root, os.O_RDONLY)
         try:
             os.fsync(fd)
         finally:
@@ -371,12 +372,7 @@ class EventLog:
             if self.fsync:
                 os.fsync(f.fileno())
         os.replace(tmp, path)
-        if self.fsync:
-            fd = os.open(folder, os.O_RDONLY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
+        self._fsync_dir(folder)
         for older, old_path in self._snapshots(name):
             if older < seq:
                 old_path.unlink(missing_ok=True)
