@@ -119,9 +119,12 @@ def test_summary_and_report_without_an_oracle(tmp_path: Path) -> None:
             "popularity": full,
         },
         "oracle": {"available": False, "reason": "no ground truth (imported logs)"},
-        "training": {
-            name: [{"epoch": 0, "train_loss": 1.0, "valid_loss": 1.0}]
-            for name in ("ranker", "two_tower")
+        "training": {  # the report plots the validation quality by epoch too
+            "ranker": [
+                {"epoch": e, "train_loss": 1.0, "valid_loss": 1.0, "valid_auc_like": 0.7}
+                for e in (0, 1)
+            ],
+            "two_tower": [{"epoch": 0, "train_loss": 1.0, "valid_loss": 1.0}],
         },
         "test_days": [5],
     }

@@ -74,14 +74,31 @@ def _recall_plot(retrieval: dict[str, Any]) -> str:
 
 
 def _curves_plot(training: dict[str, list[dict[str, float]]]) -> str:
-    fig, axes = plt.subplots(1, 2, figsize=(9, 3.2))
-    for ax, (name, history) in zip(axes, training.items(), strict=True):
+    """Per model (a column): train and validation loss by epoch, and below them the
+    validation quality by epoch (the ranker's AUC per head, the two-tower's in-batch top-1)."""
+    fig, axes = plt.subplots(2, len(training), figsize=(9, 6.4), squeeze=False)
+    for col, (name, history) in enumerate(training.items()):
         epochs = [h["epoch"] + 1 for h in history]
+        ax = axes[0][col]
         ax.plot(epochs, [h["train_loss"] for h in history], marker="o", label="train loss")
         ax.plot(epochs, [h["valid_loss"] for h in history], marker="o", label="valid loss")
         ax.set_title(name)
         ax.set_xlabel("epoch")
+        ax.set_xticks(epochs)
         ax.legend()
+        ax = axes[1][col]
+        quality = sorted(
+            {k for h in history for k in h if k.startswith(("valid_auc_", "valid_inbatch"))}
+        )
+        for key in quality:
+            label = key.removeprefix("valid_").replace("_", " ")
+            ax.plot(epochs, [h.get(key, float("nan")) for h in history], marker="o", label=label)
+        ax.set_xlabel("epoch")
+        ax.set_xticks(epochs)
+        ax.set_title(f"{name}: validation")
+        if quality:
+            ax.legend(fontsize=8)
+    fig.tight_layout()
     return png_base64(fig)
 
 
