@@ -31,6 +31,7 @@ from feedrec.artifacts import ArtifactError
 from feedrec.artifacts.model_registry import MODEL_NAMES, ModelRegistry, RegistryError
 from feedrec.events.event_log import EventLogError
 from feedrec.events.feed_event import EventBatch, EventsAck
+from feedrec.runtime.ray_cluster import grpc_handle
 from feedrec.serving.admin_auth import AdminAuth, AdminAuthError
 from feedrec.serving.api import FeedRequest, FeedResponse, PromoteRequest, ShadowRequest
 from feedrec.serving.config import ServiceConfig
@@ -115,6 +116,8 @@ class Ingress:
     def __init__(self, retrieval: DeploymentHandle, config: dict[str, Any]) -> None:
         cfg = ServiceConfig(**config)
         store = _store(cfg)
+        # gRPC between replicas, not the options of the process that built the app.
+        retrieval = grpc_handle(retrieval)
 
         async def retrieve(user: UserFeatures, k: int, blocked: list[int]) -> Any:
             return await retrieval.candidates.remote(user, k, blocked)

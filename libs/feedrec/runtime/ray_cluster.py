@@ -7,9 +7,13 @@ import socket
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import ray
 from ray._private import ray_constants
+
+if TYPE_CHECKING:
+    from ray.serve.handle import DeploymentHandle
 
 #: Logical CPUs of a local cluster. More than the 2 physical cores of a laptop on purpose: two
 #: training workers at 1 CPU each would otherwise leave nothing for Ray Data and starve it.
@@ -22,6 +26,8 @@ LOCAL_LOGICAL_CPUS = 4
 #: no Python proxy sits on the request path; deployment handles call replicas over gRPC, user
 #: code and the router run on the replica's main event loop (no thread hop per call), request
 #: logs are buffered and not echoed to stderr, and the GC is frozen after start-up.
+#: (Handles handed to a deployment keep the options of the process that built the app, so the
+#: app sets the gRPC transport on them itself: :func:`grpc_handle`.)
 #: Measured on the chain at 20 req/s on ``posts_1m`` (2 cores, ``python -m bench.serve_cpu``):
 #: 38.1 ms of CPU per feed over all processes against 46.3-47.8 ms with Serve's Python proxy,
 #: whose 6.6 ms a feed HAProxy replaces with 0.3.
@@ -43,6 +49,31 @@ SERVE_ENV = {
 #: gives them fixed ports (9101, 8404) on every node, which a cluster's scraper expects; two
 #: local clusters on one machine (the demo while the tests run) would collide on them.
 HAPROXY_PORT_ENV = ("RAY_SERVE_HAPROXY_METRICS_PORT", "RAY_SERVE_HAPROXY_STATS_PORT")
+
+
+#: How one deployment calls another: Serve's inter-deployment gRPC transport
+#: (``_by_reference=False``; Ray actor calls otherwise) with the standard library's pickle
+#: (the calls carry numpy arrays, ints, lists and importable dataclasses; Serve's default,
+#: cloudpickle, took 126-141 us for a Retrieval call and its reply against 62).
+#: A ``DeploymentHandle`` pickles its options along, so a handle handed to the Ingress carries
+#: the defaults of the process that built the application, read from that process's
+#: environment when it imported Serve. ``feedrec serve up`` and the benchmarks import Serve
+#: before :func:`init_ray` sets ``SERVE_ENV``, so until 2026-12-07 the Ingress called the
+#: Retrieval replicas with actor calls on a laptop, while ``serve deploy`` on a cluster (whose
+#: controller builds the app with ``SERVE_ENV``) used gRPC. Now both use the same transport.
+#: It is not a saving on this host: ``python -m bench.serve_cpu`` on ``posts_1m`` at 35 req/s,
+#: four alternated runs of two rounds, gave the Ingress and Retrieval replicas 20.4 ms of CPU a
+#: feed over gRPC against 20.9 with actor calls, within the runs' spread (18.4-23.1).
+HANDLE_OPTIONS: dict[str, Any] = {
+    "_by_reference": False,
+    "request_serialization": "pickle",
+    "response_serialization": "pickle",
+}
+
+
+def grpc_handle(handle: DeploymentHandle) -> DeploymentHandle:
+    """``handle`` sending its calls with :data:`HANDLE_OPTIONS`, whichever process built it."""
+    return handle.options(**HANDLE_OPTIONS)
 
 
 def local_serve_env() -> dict[str, str]:
