@@ -62,8 +62,12 @@ def test_damage_in_the_middle_of_the_log_is_an_error_not_silence(tmp_path: Path)
     first.write_bytes(bytes(data))
     with pytest.raises(EventLogError, match="damaged"):
         list(EventLog(tmp_path).records())
+    # A new writer takes a full segment's keys from its key file, written when the segment
+    # was whole, and appends; readers (the sink, the real-time signals) still refuse it.
+    assert EventLog(tmp_path).append([{"idempotency_key": "after"}]).duplicates == (False,)
+    first.with_suffix(".keys").unlink()  # without it, the writer reads the records
     with pytest.raises(EventLogError, match="damaged"):
-        EventLog(tmp_path).append([{"idempotency_key": "after"}])
+        EventLog(tmp_path).append([{"idempotency_key": "after-2"}])
 
 
 def test_a_writer_catches_up_from_its_own_offset_and_cuts_a_torn_tail_there(
@@ -138,3 +142,79 @@ def test_a_saved_snapshot_replaces_the_older_files_and_leaves_no_tmp(tmp_path: P
     assert files == ["other-000000000005.bin", "signals-000000000030.bin"]
     assert log.load_snapshot("signals") == (30, b"30")
     assert [r.payload for r in log.records()] == [{"x": 1}]  # segments are untouched
+
+
+def _fill(root: Path, n: int) -> EventLog:
+    log = EventLog(root, segment_bytes=1024)
+    for i in range(n):
+        log.append([{"idempotency_key": f"key-{i:03d}", "pad": "x" * 40}])
+    return log
+
+
+def _count_parsed_keys(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    parsed = [0]
+    real = event_log._record_key
+
+    def counting(body: bytes) -> str | None:
+        parsed[0] += 1
+        return real(body)
+
+    monkeypatch.setattr(event_log, "_record_key", counting)
+    return parsed
+
+
+def test_full_segments_get_key_files_that_a_new_writer_reads_instead_of_the_records(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    log = _fill(tmp_path, 60)
+    segments = log.segments()
+    *full, (_, active) = segments
+    assert len(full) >= 3
+    for (first, path), (following, _) in zip(full, segments[1:], strict=True):
+        last_seq, keys = event_log._read_keys(path, path.stat().st_size) or (None, None)
+        assert last_seq == following - 1
+        assert keys == {f"key-{s:03d}": s for s in range(first, following)}
+    assert not active.with_suffix(".keys").exists()  # still being written
+    parsed = _count_parsed_keys(monkeypatch)
+    writer = EventLog(tmp_path, segment_bytes=1024)
+    result = writer.append([{"idempotency_key": "key-000"}, {"idempotency_key": "key-060"}])
+    assert result.duplicates == (True, False)
+    assert result.seqs == (0, 60)
+    assert parsed[0] == 60 - segments[-1][0]  # only the active segment's records
+    assert [int(k[4:]) for k in _keys(writer)] == list(range(61))
+
+
+@pytest.mark.parametrize("breakage", ["missing", "damaged", "other bytes"])
+def test_an_unusable_key_file_is_ignored_scanned_past_and_written_again(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, breakage: str
+) -> None:
+    log = _fill(tmp_path, 60)
+    (first, path), (following, _), *_ = log.segments()
+    key_file = path.with_suffix(".keys")
+    if breakage == "missing":  # the writer that started the next segment died first
+        key_file.unlink()
+    elif breakage == "damaged":
+        data = bytearray(key_file.read_bytes())
+        data[-3] ^= 0xFF
+        key_file.write_bytes(bytes(data))
+    else:  # written for another length of the segment
+        data = bytearray(key_file.read_bytes())
+        struct.pack_into("<Q", data, 12, path.stat().st_size + 1)
+        key_file.write_bytes(bytes(data))
+    parsed = _count_parsed_keys(monkeypatch)
+    writer = EventLog(tmp_path, segment_bytes=1024)
+    assert writer.append([{"idempotency_key": f"key-{first:03d}"}]).duplicates == (True,)
+    assert parsed[0] == (following - first) + (60 - log.segments()[-1][0])
+    assert event_log._read_keys(path, path.stat().st_size) == (
+        following - 1,
+        {f"key-{s:03d}": s for s in range(first, following)},
+    )
+
+
+def test_retention_deletes_key_files_with_their_segments(tmp_path: Path) -> None:
+    log = _fill(tmp_path, 60)
+    segments = log.segments()
+    assert log.retain(segments[2][0]) == 2
+    assert sorted(p.name for p in tmp_path.glob("*.keys")) == [
+        path.with_suffix(".keys").name for _, path in log.segments()[:-1]
+    ]

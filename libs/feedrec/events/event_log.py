@@ -5,6 +5,7 @@ Layout of ``root``::
     LOCK                          writers serialise on flock(LOCK)
     segment-000000000000.log      records with seq 0 ..
     segment-000000052113.log      records from seq 52113 (named after its first record)
+    segment-000000000000.keys     the idempotency keys of a full (sealed) segment
     snapshots/NAME-000000060000.bin   a reader's state after the records below seq 60000
 
 A record on disk is ``MAGIC | length u32 | crc32 u32 | seq u64 | payload`` (little endian), the
@@ -19,7 +20,11 @@ already in the log (or earlier in the same call) and reports it as a duplicate, 
 retries after a lost acknowledgement does not write an event twice. Every writer keeps the key
 index of the retained segments in memory and catches up with other writers' records (other
 processes, e.g. other Serve replicas) under the lock before it checks; :meth:`EventLog.retain`
-drops whole segments the sink has consumed, which bounds both the disk and the index.
+drops whole segments the sink has consumed, which bounds both the disk and the index. When a
+segment is full, the writer that starts the next one stores the full one's keys beside it
+(``.keys``: a checksummed JSON object), so a new writer (a replica starting) reads those
+instead of scanning every record of the retained log; a missing or damaged key file, or one
+written for other bytes, is ignored and the segment is scanned (and its key file written).
 """
 
 from __future__ import annotations
@@ -87,6 +92,10 @@ def _segment_name(first_seq: int) -> str:
 #: that a writer catching up reads the keys of other writers' records without parsing them.
 _KEY_PREFIX = b'{"' + KEY_FIELD.encode() + b'":'
 _DECODER = json.JSONDecoder()
+#: A key file: magic, crc32 of the body, body length, the segment's bytes and its last seq
+#: when the keys were taken, then the body: the JSON object key -> seq.
+_KEYS_MAGIC = b"FRK1"
+_KEYS_HEADER = struct.Struct("<4sIIQq")
 
 
 def _encode(seq: int, payload: Mapping[str, Any]) -> bytes:
@@ -120,6 +129,41 @@ def _scan(data: bytes, start: int = 0) -> Iterator[tuple[int, LogRecord]]:
     """:func:`_scan_raw` with the bodies parsed: (end offset, record)."""
     for end, seq, body in _scan_raw(data, start):
         yield end, LogRecord(seq, json.loads(body))
+
+
+def _keys_path(segment: Path) -> Path:
+    return segment.with_suffix(".keys")
+
+
+def _encode_keys(segment_bytes: int, last_seq: int, keys: Mapping[str, int]) -> bytes:
+    body = json.dumps(keys, separators=(",", ":")).encode()
+    return (
+        _KEYS_HEADER.pack(_KEYS_MAGIC, zlib.crc32(body), len(body), segment_bytes, last_seq) + body
+    )
+
+
+def _read_keys(segment: Path, segment_bytes: int) -> tuple[int, dict[str, int]] | None:
+    """(last seq, key -> seq) of ``segment`` from its key file; None if there is none, or it
+    is damaged, or it was written for a segment of other than ``segment_bytes`` bytes."""
+    try:
+        data = _keys_path(segment).read_bytes()
+    except FileNotFoundError:
+        return None
+    if len(data) < _KEYS_HEADER.size:
+        return None
+    magic, crc, length, size, last_seq = _KEYS_HEADER.unpack_from(data)
+    body = data[_KEYS_HEADER.size :]
+    if magic != _KEYS_MAGIC or length != len(body) or size != segment_bytes:
+        return None
+    if zlib.crc32(body) != crc:
+        return None
+    try:
+        keys = json.loads(body)
+    except ValueError:
+        return None
+    if not isinstance(keys, dict):
+        return None
+    return last_seq, keys
 
 
 def record_received_at(body: bytes | str) -> float | None:
@@ -255,13 +299,22 @@ class EventLog:
             self._keys.clear()
             self._segment, self._offset = None, 0
         self._segments_seen = names
-        for _, path in segments:
+        for i, (first, path) in enumerate(segments):
             if self._segment is not None and path.name < self._segment.name:
                 continue
+            sealed = i + 1 < len(segments)  # a later segment exists: nobody appends here
             # Only the bytes after this writer's offset: reading the whole active segment
             # (up to segment_bytes) on every append made each append cost O(segment), which
             # was most of the Ingress's CPU once the log had grown to tens of MB.
             start = self._offset if self._segment == path else 0
+            if sealed and start == 0:
+                size = path.stat().st_size
+                stored = _read_keys(path, size)
+                if stored is not None:  # a new writer: the keys without reading the records
+                    self._next_seq = stored[0] + 1
+                    self._keys.update(stored[1])
+                    self._segment, self._offset = path, size
+                    continue
             with open(path, "rb") as f:
                 f.seek(start)
                 data = f.read()
@@ -273,13 +326,17 @@ class EventLog:
                     self._keys[key] = seq
                 self._next_seq = seq + 1
             if end != start + len(data):
-                if path != segments[-1][1]:
+                if sealed:
                     raise EventLogError(f"{path.name} is damaged at byte {end}")
                 # A writer died mid-record: it was never acknowledged. Cut it off.
                 with open(path, "r+b") as f:
                     f.truncate(end)
                     os.fsync(f.fileno())
             self._segment, self._offset = path, end
+            # No usable key file (its writer died before storing it, or it is damaged): store
+            # one, so the next writer to start does not scan this segment again.
+            if sealed and (start == 0 or _read_keys(path, end) is None):
+                self._store_keys(first, path, end, self._next_seq - 1)
         if self._segment is None:  # empty log, or every record dropped by retention
             self._next_seq = max(self._next_seq, segments[-1][0] if segments else 0)
 
@@ -317,9 +374,27 @@ class EventLog:
                 self._next_seq = seq
             return AppendResult(tuple(seqs), tuple(duplicates))
 
+    def _store_keys(self, first: int, segment: Path, segment_bytes: int, last_seq: int) -> None:
+        """Under the lock: write the key file of the sealed ``segment`` (records ``first`` to
+        ``last_seq``, ``segment_bytes`` long) from this writer's index, which holds every
+        retained segment's keys. Durable (tmp, fsync, rename) but not needed: without it a
+        new writer scans the segment."""
+        keys = {k: s for k, s in self._keys.items() if first <= s <= last_seq}
+        path = _keys_path(segment)
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        with open(tmp, "wb") as f:
+            f.write(_encode_keys(segment_bytes, last_seq, keys))
+            if self.fsync:
+                os.fsync(f.fileno())
+        os.replace(tmp, path)
+        self._fsync_dir()
+
     def _write(self, data: bytes, first_seq: int) -> None:
         path = self._segment
         if path is None or self._offset >= self.segment_bytes:
+            if path is not None:  # it is full: store its keys for the writers that start later
+                full_first = int(path.stem.split("-", 1)[1])
+                self._store_keys(full_first, path, self._offset, first_seq - 1)
             path = self.root / _segment_name(first_seq)
             self._offset = 0
             self._segments_seen.add(path.name)
@@ -404,6 +479,7 @@ class EventLog:
             for (_, path), (following, _) in itertools.pairwise(segments):
                 if following > min_seq:
                     break
+                _keys_path(path).unlink(missing_ok=True)  # first: a segment may lack one
                 path.unlink()
                 dropped += 1
             if dropped:
