@@ -295,7 +295,9 @@ def _signals(doc: _Doc) -> Row:
         "none stated (a replica's start should not grow with the bus)",
         None,
         f"at {doc.num('scale'):.0f}x the bus the start grew {growth[0]:.2f}x from the snapshot, "
-        f"{growth[1]:.2f}x replaying; {_host(doc)}",
+        f"{growth[1]:.2f}x replaying; the writer's key index "
+        f"{doc.num('sizes.long.index.start_s'):.2f} s from the key files, "
+        f"{doc.num('sizes.long.index_scan.start_s'):.2f} s scanning the records; {_host(doc)}",
     )
 
 

@@ -16,7 +16,13 @@ Builds two embedded buses of served feeds (the shape the Ingress records, from
 Prints, per size, the start of each and their ratio (replay over restore), and the restore's
 start at the long bus over the short one: the replay grows with the bus, the restore with the
 feeds inside the attribution window (at most ``ATTRIBUTION_WINDOW_S`` x the feed rate) plus
-``SNAPSHOT_EVERY`` records. Writes ``bench/results/signals.json``.
+``SNAPSHOT_EVERY`` records.
+
+The replica's other start-up read of the bus is its writer's idempotency-key index
+(``EventLog.catch_up``). Measured the same way: **index** with the full segments' key files,
+then **index_scan** with them hidden, which reads every record as a writer did before key
+files (and writes the key files again, as a first start on an older bus does).
+Writes ``bench/results/signals.json``.
 """
 
 from __future__ import annotations
@@ -52,6 +58,14 @@ def child(mode: str, bus: Path) -> dict[str, Any]:
     from feedrec.serving.realtime_signals import SNAPSHOT_EVERY, SNAPSHOT_NAME
 
     log = EventLog(bus)
+    if mode in ("index", "index_scan"):
+        t = time.perf_counter()
+        log.catch_up()
+        return {
+            "start_s": round(time.perf_counter() - t, 3),
+            "keys": len(log._keys),
+            "peak_rss_mb": round(peak_rss_mb(), 1),
+        }
     signals = _signals()
     t = time.perf_counter()
     out: dict[str, Any] = {}
@@ -90,7 +104,11 @@ def main() -> None:
     parser.add_argument("--feeds", type=int, default=20_000, help="feeds on the short bus")
     parser.add_argument("--scale", type=int, default=4, help="the long bus: this many x")
     parser.add_argument("--out", type=Path, default=RESULTS)
-    parser.add_argument("--child", choices=("replay", "save", "restore"), help=argparse.SUPPRESS)
+    parser.add_argument(
+        "--child",
+        choices=("replay", "save", "restore", "index", "index_scan"),
+        help=argparse.SUPPRESS,
+    )
     parser.add_argument("--bus", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
@@ -114,13 +132,24 @@ def main() -> None:
             sizes[label] = {"feeds": n, "bus_mb": round(size / 2**20, 1), "replay": replay}
             sizes[label] |= {"save": save, "restore": restore}
             sizes[label]["replay_over_restore"] = round(replay["start_s"] / restore["start_s"], 2)
+            index = _measure("index", bus)
+            hidden = [p.rename(p.with_suffix(".hidden")) for p in bus.glob("segment-*.keys")]
+            index_scan = _measure("index_scan", bus)
+            for path in hidden:
+                path.unlink()
+            sizes[label] |= {"index": index, "index_scan": index_scan}
+            sizes[label]["index_speedup"] = round(index_scan["start_s"] / index["start_s"], 2)
             print(
                 f"{label}: {n} feeds, {replay['next_seq']:,} records, {size / 2**20:.0f} MB of "
                 f"bus; replay {replay['start_s']:.2f} s ({replay['peak_rss_mb']:.0f} MB); "
                 f"snapshot {save['snapshot_mb']:.1f} MB of {save['served_in_window']:,} feeds in "
                 f"the window, saved in {save['save_s']:.2f} s; restore + "
                 f"{replay['next_seq'] - save['seq']:,} records {restore['start_s']:.2f} s "
-                f"({restore['peak_rss_mb']:.0f} MB): {sizes[label]['replay_over_restore']:.1f}x",
+                f"({restore['peak_rss_mb']:.0f} MB): {sizes[label]['replay_over_restore']:.1f}x; "
+                f"writer's key index of {index['keys']:,} keys: {len(hidden)} key files "
+                f"{index['start_s']:.2f} s ({index['peak_rss_mb']:.0f} MB), scanning the "
+                f"records {index_scan['start_s']:.2f} s ({index_scan['peak_rss_mb']:.0f} MB): "
+                f"{sizes[label]['index_speedup']:.1f}x",
                 flush=True,
             )
     short, long = sizes["short"], sizes["long"]
@@ -133,8 +162,10 @@ def main() -> None:
         f"{growth['restore']:.2f}x; on the long bus the snapshot starts "
         f"{long['replay_over_restore']:.1f}x faster"
     )
+    print(f"writer's key index on the long bus: {long['index_speedup']:.1f}x faster with key files")
     result = {
         "speedup": long["replay_over_restore"],
+        "index_speedup": long["index_speedup"],
         "start_growth": growth,
         "scale": args.scale,
         "feeds_per_s": FEEDS_PER_S,

@@ -52,7 +52,15 @@ SINK = {
 SIGNALS = {
     "scale": 4,
     "start_growth": {"replay": 4.2, "restore": 1.4},
-    "sizes": {"long": {"feeds": 80_000, "replay": {"start_s": 20.0}, "restore": {"start_s": 4.0}}},
+    "sizes": {
+        "long": {
+            "feeds": 80_000,
+            "replay": {"start_s": 20.0},
+            "restore": {"start_s": 4.0},
+            "index": {"start_s": 0.25},
+            "index_scan": {"start_s": 1.5},
+        }
+    },
     "host": {"cpus": 2},
 }
 
@@ -115,6 +123,7 @@ def test_rows_compare_with_baselines_and_goals(tmp_path: Path) -> None:
     assert rows["signals"].ratio == pytest.approx(5.0) and rows["signals"].met is None
     assert "4.00 s on a 80,000-feed bus" in rows["signals"].headline
     assert "grew 1.40x from the snapshot, 4.20x replaying" in rows["signals"].detail
+    assert "key index 0.25 s from the key files, 1.50 s scanning" in rows["signals"].detail
 
 
 def test_a_sink_whose_memory_grows_with_the_backlog_misses_its_goal(tmp_path: Path) -> None:
