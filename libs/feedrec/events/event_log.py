@@ -88,6 +88,11 @@ def _segment_name(first_seq: int) -> str:
     return f"segment-{first_seq:012d}.log"
 
 
+def _segment_first(path: Path) -> int:
+    """The first seq of the segment at ``path`` (its name); ValueError if not a segment's."""
+    return int(path.stem.split("-", 1)[1])
+
+
 #: How an encoded record starts when it has a key: :func:`_encode` writes the key first, so
 #: that a writer catching up reads the keys of other writers' records without parsing them.
 _KEY_PREFIX = b'{"' + KEY_FIELD.encode() + b'":'
@@ -214,7 +219,7 @@ class EventLog:
         out = []
         for path in self.root.glob("segment-*.log"):
             try:
-                out.append((int(path.stem.split("-", 1)[1]), path))
+                out.append((_segment_first(path), path))
             except ValueError:
                 continue  # not ours (e.g. an editor's backup file)
         return sorted(out)
@@ -333,9 +338,11 @@ class EventLog:
                     f.truncate(end)
                     os.fsync(f.fileno())
             self._segment, self._offset = path, end
-            # No usable key file (its writer died before storing it, or it is damaged): store
-            # one, so the next writer to start does not scan this segment again.
-            if sealed and (start == 0 or _read_keys(path, end) is None):
+            # No usable key file: store one, so the next writer to start does not scan this
+            # segment again. From 0, the file was just found unusable; a writer that read the
+            # segment while it was active finds the one its roller wrote (whole: renamed into
+            # place), which a new writer checks in full when it reads it.
+            if sealed and (start == 0 or not _keys_path(path).exists()):
                 self._store_keys(first, path, end, self._next_seq - 1)
         if self._segment is None:  # empty log, or every record dropped by retention
             self._next_seq = max(self._next_seq, segments[-1][0] if segments else 0)
@@ -393,8 +400,7 @@ class EventLog:
         path = self._segment
         if path is None or self._offset >= self.segment_bytes:
             if path is not None:  # it is full: store its keys for the writers that start later
-                full_first = int(path.stem.split("-", 1)[1])
-                self._store_keys(full_first, path, self._offset, first_seq - 1)
+                self._store_keys(_segment_first(path), path, self._offset, first_seq - 1)
             path = self.root / _segment_name(first_seq)
             self._offset = 0
             self._segments_seen.add(path.name)
